@@ -1,0 +1,1 @@
+"""Quantized matmul and dequantization ops (torch reference, CPU and CUDA paths)."""

@@ -1,0 +1,1 @@
+"""The GLM network, tensor-parallel layers, checkpoints, tokenizer and generation."""

@@ -1,0 +1,1 @@
+"""Service processes and the glm command line."""

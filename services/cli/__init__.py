@@ -1,0 +1,1 @@
+"""The glm command line: one entry point, subcommands imported lazily."""
