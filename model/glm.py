@@ -1,0 +1,194 @@
+"""The GLM-130B network, tensor-parallel, exactly as the official SAT implementation.
+
+Per layer (DeepNorm, reference §1.2): ``a = LN_in(x); x' = a*alpha + Attn(a);
+m = LN_post(x'); x = m*alpha + MLP(m)`` with ``alpha = sqrt(2L)``; a final
+LayerNorm, then the tied, vocabulary-parallel LM head. Attention uses the fused,
+per-head interleaved ``[q; k; v]`` projection, 1-D rotary embedding over the
+whole head dim, and the official fp16-safe scaling (divide q by
+``sqrt(hn) * (layer+1)``, multiply the fp32 scores back before the fp32 softmax).
+The MLP is GeGLU over the *local* ``[value; gate]`` halves with exact-erf GELU.
+
+Tensors are batch-first: ``[b, s, h]``. Module attribute names are the official
+checkpoint names, so ``state_dict()`` keys are the checkpoint keys of this rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import GLMConfig
+from model.kv_cache import KVCache
+from model.parallel import (
+    ColumnParallelLinear,
+    ParallelContext,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+
+# Called as observer(layer_id, seconds) after each layer when timing is on.
+LayerObserver = Callable[[int, float], None]
+
+
+class RotaryEmbedding(nn.Module):
+    """GPT-NeoX style rotary embedding: element i pairs with i + hn/2, base 10000.
+
+    Angles are computed in fp32 (as FasterTransformer and later SAT do) and cast to
+    the activation dtype; SAT 0.2.12 computed them in fp16 (reference §1.5).
+    """
+
+    def __init__(self, head_dim: int, base: float, device=None) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq   # [b, s, hn/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                               # [b, s, hn]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [b, s, np, hn]; cos/sin: [b, s, hn] broadcast over heads
+    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GLMConfig, ctx: ParallelContext, layer_id: int, *, dtype, device) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = config.head_dim
+        self.heads_local = ctx.shard_size(config.num_attention_heads, "num_attention_heads")
+        h = config.hidden_size
+        self.query_key_value = ColumnParallelLinear(
+            h, 3 * h, ctx, dtype=dtype, device=device, what="3 * hidden_size (qkv)")
+        self.dense = RowParallelLinear(h, h, ctx, dtype=dtype, device=device, what="hidden_size")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        hn, np_ = self.head_dim, self.heads_local
+        qkv = self.query_key_value(x).view(b, s, np_, 3 * hn)                # [b, s, np, 3hn]
+        q, k, v = qkv.split(hn, dim=-1)                                        # [b, s, np, hn] each
+        q = apply_rotary(q, cos, sin).transpose(1, 2)                          # [b, np, s, hn]
+        k = apply_rotary(k, cos, sin).transpose(1, 2)                          # [b, np, s, hn]
+        v = v.transpose(1, 2)                                                  # [b, np, s, hn]
+        if cache is not None:
+            k, v = cache.write(self.layer_id, k, v)                            # [b, np, t, hn]
+        coeff = float(self.layer_id + 1)
+        q = q / (math.sqrt(hn) * coeff)
+        scores = torch.matmul(q, k.transpose(-1, -2))                          # [b, np, s, t]
+        scores = scores.masked_fill(mask, -10000.0)
+        probs = F.softmax(scores.float() * coeff, dim=-1).to(v.dtype)          # fp32 softmax
+        out = torch.matmul(probs, v)                                           # [b, np, s, hn]
+        out = out.transpose(1, 2).reshape(b, s, np_ * hn)                      # [b, s, h/tp]
+        return self.dense(out)
+
+
+class GEGLUMLP(nn.Module):
+    def __init__(self, config: GLMConfig, ctx: ParallelContext, *, dtype, device) -> None:
+        super().__init__()
+        h, inner = config.hidden_size, config.inner_hidden_size
+        self.dense_h_to_4h = ColumnParallelLinear(
+            h, 2 * inner, ctx, dtype=dtype, device=device, what="2 * inner_hidden_size")
+        self.dense_4h_to_h = RowParallelLinear(
+            inner, h, ctx, dtype=dtype, device=device, what="inner_hidden_size")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.dense_h_to_4h(x).chunk(2, dim=-1)                   # local halves
+        return self.dense_4h_to_h(value * F.gelu(gate))                        # exact erf GELU
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: GLMConfig, ctx: ParallelContext, layer_id: int, *, dtype, device) -> None:
+        super().__init__()
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        self.alpha = config.alpha
+        self.input_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype, device=device)
+        self.attention = SelfAttention(config, ctx, layer_id, dtype=dtype, device=device)
+        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype, device=device)
+        self.mlp = GEGLUMLP(config, ctx, dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin, mask, cache):
+        a = self.input_layernorm(x)
+        x = a * self.alpha + self.attention(a, cos, sin, mask, cache)
+        m = self.post_attention_layernorm(x)
+        return m * self.alpha + self.mlp(m)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: GLMConfig, ctx: ParallelContext, *, dtype, device) -> None:
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, ctx, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            GLMBlock(config, ctx, i, dtype=dtype, device=device) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(
+            config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype, device=device)
+
+
+class GLMModel(nn.Module):
+    """One tensor-parallel shard of a GLM network."""
+
+    def __init__(self, config: GLMConfig, ctx: ParallelContext | None = None, *,
+                 dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        ctx = ctx or ParallelContext()
+        config.check_tp(ctx.world_size)
+        self.config, self.ctx, self.dtype = config, ctx, dtype
+        self.transformer = Transformer(config, ctx, dtype=dtype, device=device)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base, device=device)
+        self.layer_observer: LayerObserver | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.word_embeddings.weight.device
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        heads_local = self.config.num_attention_heads // self.ctx.world_size
+        return KVCache(self.config.num_layers, batch, capacity, heads_local, self.config.head_dim,
+                       dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
+        """Logits ``[b, s, V]`` (or ``[b, 1, V]`` with ``last_only``) in fp32, full vocabulary.
+
+        ``input_ids``/``position_ids``: ``[b, s]``; ``attention_mask``: bool
+        ``[b, 1, s, t]``, True = masked, where ``t`` is ``s`` without a cache and the
+        cache's used length with one (``KVCache.extend`` returns that mask).
+        """
+        x = self.transformer.word_embeddings(input_ids)                        # [b, s, h]
+        cos, sin = self.rotary(position_ids, x.dtype)                           # [b, s, hn]
+        observer = self.layer_observer
+        for layer in self.transformer.layers:
+            if observer is None:
+                x = layer(x, cos, sin, attention_mask, cache)
+            else:
+                x = _timed(layer, observer, x, cos, sin, attention_mask, cache)
+        if last_only:
+            x = x[:, -1:]
+        x = self.transformer.final_layernorm(x)
+        return self.transformer.word_embeddings.logits(x).float()              # [b, s, V]
+
+
+def _timed(layer: GLMBlock, observer: LayerObserver, *args) -> torch.Tensor:
+    import time
+
+    if args[0].is_cuda:
+        torch.cuda.synchronize(args[0].device)
+    start = time.perf_counter()
+    out = layer(*args)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    observer(layer.attention.layer_id, time.perf_counter() - start)
+    return out

@@ -1,0 +1,125 @@
+"""Tensor-parallel building blocks over ``torch.distributed``.
+
+Each layer owns only its shard of the weights and does its collective inside
+``forward`` (no hooks): column-parallel linears need none, row-parallel linears
+all-reduce before adding their replicated bias, the vocabulary-parallel
+embedding all-reduces its masked lookup and all-gathers the tied LM-head logits.
+Parameter names are the official checkpoint names (``weight``, ``bias``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Which shard this process holds. ``group`` is None for a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.world_size > 1 and self.group is None and not dist.is_initialized():
+            raise ValueError("world_size > 1 needs an initialised torch.distributed group")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``x`` along the last dimension, in rank order."""
+        if not self.distributed:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Make every rank hold rank ``src``'s ``x`` (in place)."""
+        if self.distributed:
+            dist.broadcast(x, src=src, group=self.group)
+        return x
+
+    def shard_size(self, n: int, what: str) -> int:
+        if n % self.world_size:
+            raise ValueError(f"tensor-parallel size {self.world_size} does not divide {what} ({n})")
+        return n // self.world_size
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> nn.Parameter:
+    # Weights are always loaded from a checkpoint, so no initialisation is spent here.
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y_local = x @ W_local^T + b_local``: the output dim is split across ranks."""
+
+    def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *,
+                 dtype: torch.dtype, device=None, what: str = "output features") -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features_local = ctx.shard_size(out_features, what)
+        self.weight = _empty((self.out_features_local, in_features), dtype, device)
+        self.bias = _empty((self.out_features_local,), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = all_reduce(x_local @ W_local^T) + b``: the input dim is split; bias replicated."""
+
+    def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *,
+                 dtype: torch.dtype, device=None, what: str = "input features") -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.in_features_local = ctx.shard_size(in_features, what)
+        self.out_features = out_features
+        self.weight = _empty((out_features, self.in_features_local), dtype, device)
+        self.bias = _empty((out_features,), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        self.ctx.all_reduce(y)
+        return y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r holds vocabulary rows ``[r*V/tp, (r+1)*V/tp)``; also the tied LM head."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext, *,
+                 dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.vocab_size = vocab_size
+        self.vocab_local = ctx.shard_size(vocab_size, "vocab_size")
+        self.vocab_start = ctx.rank * self.vocab_local
+        self.weight = _empty((self.vocab_local, hidden_size), dtype, device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.ctx.distributed:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_local)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.ctx.all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head: ``hidden @ E^T`` gathered to the full vocabulary on every rank."""
+        return self.ctx.all_gather_last_dim(F.linear(hidden, self.weight))

@@ -1,0 +1,91 @@
+"""How a GLM prompt becomes model inputs: which mask is filled, positions, splicing.
+
+Follows the official ``generate.py`` (reference §1.6, §4.3): the generation mask
+is ``[MASK]`` if present, else ``[sMASK]``, else ``[gMASK]``; the input is
+``context + [sop]``; context tokens take positions ``0..n-2``; with ``[MASK]``
+or ``[sMASK]`` sop and every generated token take the mask's index, with
+``[gMASK]`` positions keep counting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.config import EOS_ID, GMASK_ID, MASK_ID, SMASK_ID, SOP_ID
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot run; the message names the problem."""
+
+
+def generation_mask(ids: list[int]) -> int | None:
+    """The mask id the official code fills in ``ids``, or None when there is none."""
+    for mask in (MASK_ID, SMASK_ID, GMASK_ID):
+        if mask in ids:
+            return mask
+    return None
+
+
+def prepare_text_ids(ids: list[int]) -> list[int]:
+    """The official wrapping of a tokenized text prompt: append ``[gMASK]`` when it
+    holds no mask, then ``eos`` when it does not end with a mask."""
+    ids = list(ids)
+    if generation_mask(ids) is None:
+        ids.append(GMASK_ID)
+    if ids[-1] not in (MASK_ID, SMASK_ID, GMASK_ID):
+        ids.append(EOS_ID)
+    return ids
+
+
+@dataclass(frozen=True)
+class Blank:
+    """One generation phase: ``context`` (with its masks) + ``sop``, filling ``mask_pos``."""
+
+    context: tuple[int, ...]
+    mask_pos: int
+    use_gmask: bool
+
+    @classmethod
+    def first(cls, ids: list[int], mask: int | None = None) -> "Blank":
+        mask = generation_mask(ids) if mask is None else mask
+        if mask is None or mask not in ids:
+            raise PromptError("prompt holds no mask id ([MASK] 150000, [sMASK] 150002 or [gMASK] 150001)")
+        return cls(tuple(ids), ids.index(mask), mask == GMASK_ID)
+
+    @property
+    def input_ids(self) -> list[int]:
+        return list(self.context) + [SOP_ID]
+
+    @property
+    def context_length(self) -> int:
+        return len(self.context)
+
+    def position(self, generated: int) -> int:
+        """Position id of sop (``generated == 0``) or of the token after ``generated`` new ones."""
+        if self.use_gmask:
+            return self.context_length + generated
+        return self.mask_pos
+
+    def context_positions(self) -> list[int]:
+        return list(range(self.context_length))
+
+    def splice(self, generated: list[int]) -> list[int]:
+        """The context with the mask replaced by ``generated`` (official ``fill_blanks``)."""
+        ctx = list(self.context)
+        return ctx[: self.mask_pos] + list(generated) + ctx[self.mask_pos + 1:]
+
+
+def check_length(ids: list[int], max_sequence_length: int) -> None:
+    """The official limit: context + sop must fit ``max_sequence_length``."""
+    if len(ids) + 1 > max_sequence_length:
+        raise PromptError(
+            f"prompt is too long: {len(ids)} tokens + sop exceeds max_sequence_length {max_sequence_length}"
+        )
+
+
+def check_ids(ids: list[int], vocab_size: int) -> None:
+    if not ids:
+        raise PromptError("prompt is empty")
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise PromptError(f"unknown token id {t} at index {i}: outside the vocabulary [0, {vocab_size})")
