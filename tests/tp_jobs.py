@@ -1,0 +1,48 @@
+"""Functions run on every rank of a real multi-process group by the TP tests
+(module level, so spawned processes can import them)."""
+
+from __future__ import annotations
+
+import torch
+
+from model.prompt import Blank
+from model.runner import load_model
+
+
+def sequence_inputs(blank: Blank, generated: list[int]):
+    """ids, positions, valid and prefix flags of ``context + sop + generated``."""
+    ids = blank.input_ids + list(generated)
+    pos = blank.context_positions() + [blank.position(k) for k in range(len(generated) + 1)]
+    prefix = [True] * blank.context_length + [False] * (len(generated) + 1)
+    return ids, pos, prefix
+
+
+def batch_logits(ctx, checkpoint: str, rows: list[tuple[list[int], list[int]]],
+                 dtype: str = "float32", split_at: int | None = None):
+    """Logits of every real position of each row (left-padded batch). With ``split_at``,
+    the first ``split_at`` tokens of every row go in one prefill and the rest one token
+    per step through the KV cache; otherwise everything is one pass."""
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = load_model(checkpoint, ctx, dtype=dt)
+    seqs = [sequence_inputs(Blank.first(ctx_ids), gen) for ctx_ids, gen in rows]
+    width = max(len(s[0]) for s in seqs)
+    b = len(seqs)
+    ids = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    valid = torch.zeros((b, width), dtype=torch.bool)
+    prefix = torch.zeros((b, width), dtype=torch.bool)
+    for r, (i, p, f) in enumerate(seqs):
+        pad = width - len(i)
+        ids[r, pad:], pos[r, pad:] = torch.tensor(i), torch.tensor(p)
+        valid[r, pad:], prefix[r, pad:] = True, torch.tensor(f)
+    cache = model.new_cache(b, width)
+    cut = width if split_at is None else split_at
+    chunks = [(0, cut)] + [(t, t + 1) for t in range(cut, width)]
+    out = []
+    for start, end in chunks:
+        mask = cache.extend(valid[:, start:end], prefix[:, start:end])
+        out.append(model(ids[:, start:end], pos[:, start:end], mask, cache))
+    logits = torch.cat(out, dim=1)                                   # [b, width, V]
+    if ctx.rank != 0:
+        return None
+    return [logits[r, width - len(s[0]):].clone() for r, s in enumerate(seqs)]
