@@ -8,12 +8,15 @@ The initialisation is chosen so that bugs change the output and greedy decoding 
 
 * LayerNorm weights ~ 1 + N(0, 0.1²); every bias ~ N(0, 0.02²) (nonzero, so a dropped bias or
   a bias added on every rank shows up);
-* linear weights ~ N(0, 1/fan_in), not the training-time 0.02: with 0.02 the attention and MLP
-  branches are ~1% of the DeepNorm residual (α·x) and a broken mask or rotary barely moves the
-  logits; at 1/fan_in each branch is about as large as the residual;
+* linear weights ~ N(0, (2/√fan_in)²), not the training-time 0.02: with small weights the
+  attention and MLP branches vanish next to the DeepNorm residual (α·x), the tied head then
+  returns the input token every step, and a broken mask or rotary barely moves the logits;
+  at this scale each branch outweighs the residual and greedy decoding wanders;
 * word embedding ~ N(0, (4/√h)²): the LM head is tied and applied after the final LayerNorm
   (unit-scale rows), so the next-token logits have a std of about 4 units, peaked enough that
-  greedy tokens do not hinge on near-ties.
+  greedy tokens do not hinge on near-ties. Rows of ids the demo tokenizer cannot show as text
+  (image ids, unused text ids, vocabulary padding) are scaled down 4x so that the demo model
+  mostly writes (random) words.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ import torch
 
 from model import reshard
 from model.checkpoint import CheckpointInfo, save_checkpoint
-from model.config import GLMConfig
+from model.config import EOP_ID, EOS_ID, MASK_ID, GLMConfig
+from model.tokenizer import NUM_IMAGE_TOKENS, demo_tokenizer
 
 TOKENIZER_FILE = "ice_text.model"
 EMBEDDING_SCALE = 4.0
+BRANCH_GAIN = 2.0
+QUIET_ROW_SCALE = 0.25
 
 
 def _draw(key: str, shape: tuple[int, ...], config: GLMConfig, gen: torch.Generator):
@@ -39,24 +45,29 @@ def _draw(key: str, shape: tuple[int, ...], config: GLMConfig, gen: torch.Genera
         return 1.0 + 0.1 * noise
     if key.endswith(".bias"):
         return 0.02 * noise
-    return noise / shape[1] ** 0.5  # linear weight [out, in]
+    return noise * (BRANCH_GAIN / shape[1] ** 0.5)  # linear weight [out, in]
 
 
-def random_state(config: GLMConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Global (TP=1) fp32 state dict, deterministic in ``seed``."""
+def random_state(config: GLMConfig, seed: int = 0, text_ids: range | None = None) -> dict[str, torch.Tensor]:
+    """Global (TP=1) fp32 state dict, deterministic in ``seed``. With ``text_ids``, the
+    embedding rows of every other id except the specials are scaled down."""
     gen = torch.Generator().manual_seed(seed)
-    return {
+    state = {
         key: _draw(key, shape, config, gen)
         for key, shape in reshard.global_shapes(config).items()
     }
+    if text_ids is not None:
+        quiet = torch.ones(config.vocab_size, dtype=torch.bool)
+        quiet[text_ids.start: text_ids.stop] = False
+        quiet[MASK_ID: EOP_ID + 1] = False
+        quiet[EOS_ID] = False
+        state["transformer.word_embeddings.weight"][quiet] *= QUIET_ROW_SCALE
+    return state
 
 
-def _write_tokenizer(directory: Path) -> None:
-    try:
-        from model.tokenizer import demo_tokenizer
-    except ImportError:  # the tokenizer module is optional for checkpoint-only tests
-        return
-    demo_tokenizer().save(directory / TOKENIZER_FILE)
+def _text_ids() -> range:
+    tokenizer = demo_tokenizer()
+    return range(NUM_IMAGE_TOKENS, NUM_IMAGE_TOKENS + tokenizer.num_text_tokens)
 
 
 def init_tiny(
@@ -72,10 +83,11 @@ def init_tiny(
     config.check_tp(tp)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {key: value.to(dtype) for key, value in random_state(config, seed).items()}
+    state = random_state(config, seed, _text_ids())
+    state = {key: value.to(dtype) for key, value in state.items()}
     shards = reshard.reshard_state([state], tp)
     del state
     info = save_checkpoint(directory, iteration, shards, config)
     config.write_json(directory)  # even for glm-130b shapes: a tiny checkpoint is explicit
-    _write_tokenizer(directory)
+    demo_tokenizer().save(directory / TOKENIZER_FILE)
     return info

@@ -1,0 +1,229 @@
+"""Per-row token sampling: penalties, temperature, official top-k / top-p, seeded draws.
+
+The filtering math is the official GLM-130B ``BaseStrategy`` + SwissArmyTransformer
+``top_k_logits`` (reference §4.2):
+
+* top-k keeps every logit ``>=`` the k-th largest (ties at the threshold survive);
+* top-p sorts the (top-k filtered) logits, takes the cumulative softmax, removes the
+  tokens where it exceeds p, shifted right by one so the first token above p is kept;
+* removed logits get the filter value -65504, then ``softmax(fp32)`` and ``multinomial``.
+
+The official top-p step flattens the logits to 1-D and so only works at batch 1. Here
+every row carries its own ``SamplingParams`` and its own seeded ``torch.Generator``, the
+filter is vectorised over rows (one sort per step), and a row's draw never depends on
+which other rows share the batch: a seeded request reproduces whatever it is batched
+with (and equals the official sampler at batch 1 after ``torch.manual_seed(seed)``).
+
+Extensions the official code lacks (issue #65): a CTRL/HF repetition penalty over
+prompt + output tokens and OpenAI presence/frequency penalties over output tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FILTER_VALUE = -65504.0  # the official filter value (fp16 lowest), not -inf
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its next token. ``temperature == 0`` means greedy."""
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 0 or 1 = off (the official top_p=0.0 means off)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"sampling: {name} {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.greedy, bool):
+            raise bad("greedy", "must be a bool")
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        if self.temperature < 0:
+            raise bad("temperature", "must be >= 0")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be an integer >= 0")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise bad("top_p", "must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "must be in [-2, 2]")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
+            raise bad("seed", "must be None or an integer in [0, 2**63)")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+    @property
+    def top_p_active(self) -> bool:
+        return 0.0 < self.top_p < 1.0
+
+
+def apply_top_k_top_p(
+    logits: Tensor, top_k: Tensor, top_p: Tensor, filter_value: float = FILTER_VALUE
+) -> Tensor:
+    """The official ``top_k_logits`` rule applied to every row with one sort.
+
+    logits [b, V] float; top_k LongTensor [b] (0 = off); top_p FloatTensor [b] (0 or 1 = off).
+    Returns new logits [b, V] with the removed entries set to ``filter_value``. Exact as
+    long as ``filter_value`` is below every kept logit (true for -65504 on real logits).
+    """
+    b, vocab = logits.shape
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # [b, V]
+    k = top_k.to(device=logits.device, dtype=torch.long).clamp(max=vocab)  # [b]
+    k_on = k > 0
+    # The k-th largest per row; rows with top-k off get a threshold nothing is below.
+    kth = sorted_logits.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # [b, 1]
+    kth = torch.where(k_on.unsqueeze(1), kth, torch.full_like(kth, -math.inf))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, filter_value)
+
+    p = top_p.to(device=logits.device, dtype=torch.float32)  # [b]
+    p_on = (p > 0) & (p < 1)
+    if bool(p_on.any()):
+        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)  # [b, V]
+        remove = cumulative > p.unsqueeze(1)
+        remove = torch.cat([torch.zeros_like(remove[:, :1]), remove[:, :-1]], dim=1)  # shift right
+        remove &= p_on.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(remove, filter_value)
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def apply_penalties(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+) -> Tensor:
+    """Repetition (CTRL/HF: prompt + output, >0 divided, <0 multiplied), then presence and
+    frequency penalties (OpenAI: output only, ``-= count * frequency + presence``).
+    logits [b, V] float32, modified in place and returned."""
+    rep_rows, rep_cols, rep_by = [], [], []
+    pen_rows, pen_cols, pen_by = [], [], []
+    for row, p in enumerate(params):
+        if p.repetition_penalty != 1.0:
+            seen = set(prompt_ids[row]) | set(output_ids[row])
+            rep_rows += [row] * len(seen)
+            rep_cols += sorted(seen)
+            rep_by += [p.repetition_penalty] * len(seen)
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            for token, count in Counter(output_ids[row]).items():
+                pen_rows.append(row)
+                pen_cols.append(token)
+                pen_by.append(count * p.frequency_penalty + p.presence_penalty)
+    device = logits.device
+    if rep_rows:
+        r, c = torch.tensor(rep_rows, device=device), torch.tensor(rep_cols, device=device)
+        by = torch.tensor(rep_by, device=device, dtype=logits.dtype)
+        values = logits[r, c]
+        logits[r, c] = torch.where(values > 0, values / by, values * by)
+    if pen_rows:
+        r, c = torch.tensor(pen_rows, device=device), torch.tensor(pen_cols, device=device)
+        logits[r, c] -= torch.tensor(pen_by, device=device, dtype=logits.dtype)
+    return logits
+
+
+class Sampler:
+    """Samples one token per row; row i follows ``params[i]`` with its own generator."""
+
+    def __init__(self, params: Sequence[SamplingParams], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.params: list[SamplingParams] = list(params)
+        # The seed actually used per row (drawn from the OS when the request gave none).
+        self.seeds: list[int] = [
+            p.seed if p.seed is not None else secrets.randbits(63) for p in self.params
+        ]
+        self.generators: list[torch.Generator] = [
+            torch.Generator(device=self.device).manual_seed(s) for s in self.seeds
+        ]
+
+    @classmethod
+    def _from_parts(cls, params, seeds, generators, device) -> "Sampler":
+        sampler = cls.__new__(cls)
+        sampler.device = torch.device(device)
+        sampler.params, sampler.seeds, sampler.generators = list(params), list(seeds), list(generators)
+        return sampler
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def rows(self, indices: Sequence[int]) -> "Sampler":
+        """A Sampler for a subset of rows; the generators (and their state) carry over."""
+        idx = list(indices)
+        return Sampler._from_parts(
+            [self.params[i] for i in idx], [self.seeds[i] for i in idx],
+            [self.generators[i] for i in idx], self.device,
+        )
+
+    select = rows
+
+    @classmethod
+    def concatenate(cls, samplers: Sequence["Sampler"]) -> "Sampler":
+        """Rows of ``samplers`` in order (for batches that grow)."""
+        if not samplers:
+            raise ValueError("concatenate needs at least one Sampler")
+        devices = {s.device for s in samplers}
+        if len(devices) != 1:
+            raise ValueError(f"cannot concatenate Samplers on different devices {devices}")
+        return cls._from_parts(
+            [p for s in samplers for p in s.params], [x for s in samplers for x in s.seeds],
+            [g for s in samplers for g in s.generators], samplers[0].device,
+        )
+
+    def sample(
+        self, logits: Tensor, prompt_ids: list[list[int]], output_ids: list[list[int]]
+    ) -> tuple[Tensor, Tensor]:
+        """logits [b, V] -> (tokens LongTensor [b], logprobs FloatTensor [b]).
+
+        The logprob is ``log_softmax`` of the raw logits (before any processing)."""
+        b, _ = logits.shape
+        if b != len(self.params) or len(prompt_ids) != b or len(output_ids) != b:
+            raise ValueError(
+                f"sample: {b} logit rows, {len(self.params)} params, "
+                f"{len(prompt_ids)} prompts, {len(output_ids)} outputs"
+            )
+        logits = logits.float()
+        raw_logprobs = F.log_softmax(logits, dim=-1)  # [b, V]
+        processed = apply_penalties(logits.clone(), self.params, prompt_ids, output_ids)
+
+        tokens = torch.argmax(processed, dim=-1)  # [b], greedy rows keep this
+        sampled = [i for i, p in enumerate(self.params) if not p.is_greedy]
+        if sampled:
+            rows = torch.tensor(sampled, device=logits.device)
+            chosen = [self.params[i] for i in sampled]
+            temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
+            scaled = processed[rows] / temperature.unsqueeze(1)  # [s, V]
+            if any(p.top_k > 0 or p.top_p_active for p in chosen):
+                scaled = apply_top_k_top_p(
+                    scaled,
+                    torch.tensor([p.top_k for p in chosen]),
+                    torch.tensor([p.top_p for p in chosen]),
+                )
+            probs = F.softmax(scaled.float(), dim=-1)  # [s, V]
+            for j, i in enumerate(sampled):
+                draw = torch.multinomial(probs[j : j + 1], 1, generator=self.generators[i])  # [1, 1]
+                tokens[i] = draw.view(())
+        logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [b]
+        return tokens, logprobs

@@ -1,0 +1,110 @@
+"""``glm``: one entry point. Parsers are declared here; each command's module is
+imported only when that command runs, so ``glm gateway`` never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from services.common.env import apply_env_defaults, debug_enabled
+
+# command -> (module under services.cli, help)
+COMMANDS = {
+    "generate": ("generate", "generate locally from a checkpoint (no services)"),
+    "convert": ("checkpoints", "reshard a checkpoint for another tensor-parallel size"),
+    "init-tiny": ("checkpoints", "write a small random checkpoint + tokenizer in the official layout"),
+}
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed as one line."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (official layout)")
+    p.add_argument("--tokenizer", help="ice_text.model (default: the one beside the checkpoint)")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel ranks (local processes)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text; may contain [MASK], [sMASK], [gMASK]")
+    src.add_argument("--prompt-ids", help="comma-separated context ids holding a mask id")
+    p.add_argument("--max-new-tokens", type=_non_negative_int, default=128)
+    p.add_argument("--min-new-tokens", type=_non_negative_int, default=0)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.7, help="0 or 1 = off (official default 0.7)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed (official default 1234)")
+    p.add_argument("--num-beams", type=_positive_int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=_non_negative_int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-folder", required=True)
+    p.add_argument("--output-folder", required=True)
+    p.add_argument("--target-tp", type=_positive_int, required=True)
+
+
+def _add_init_tiny(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory")
+    p.add_argument("--preset", default="glm-tiny", help="model preset (glm-tiny, glm-small, ...)")
+    p.add_argument("--tp", type=_positive_int, default=1, help="partitions to write")
+    p.add_argument("--seed", type=int, default=0)
+
+
+ADDERS = {"generate": _add_generate, "convert": _add_convert, "init-tiny": _add_init_tiny}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm", description="GLM-130B serving toolkit")
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        ADDERS[name](subs.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        apply_env_defaults(parser)
+    except ValueError as exc:
+        parser.error(str(exc))
+    args = parser.parse_args(argv)
+    module_name, _ = COMMANDS[args.command]
+    module = importlib.import_module(f"services.cli.{module_name}")
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"glm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug_enabled():
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"glm {args.command}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

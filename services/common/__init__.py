@@ -1,0 +1,1 @@
+"""Pieces every service shares: settings from the environment, tracing, Redis keys, errors."""

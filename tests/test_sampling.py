@@ -1,0 +1,165 @@
+"""model.sampling: official top-k/top-p per row, penalties, greedy, seeds, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.sampling import Sampler, SamplingParams, apply_penalties, apply_top_k_top_p
+
+
+def official_top_k_logits(logits, top_k=0, top_p=0.0, filter_value=-65504):
+    """SwissArmyTransformer ``top_k_logits``, batch 1 only (it flattens to 1-D)."""
+    logits = logits.clone()
+    if top_k > 0:
+        indices_to_remove = logits < torch.topk(logits, top_k)[0][..., -1, None]
+        logits[indices_to_remove] = filter_value
+    if top_p > 0.0:
+        logits = logits.view(logits.size()[1]).contiguous()
+        sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+        cumulative_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        sorted_indices_to_remove = cumulative_probs > top_p
+        sorted_indices_to_remove[..., 1:] = sorted_indices_to_remove[..., :-1].clone()
+        sorted_indices_to_remove[..., 0] = 0
+        indices_to_remove = sorted_indices[sorted_indices_to_remove]
+        logits[indices_to_remove] = filter_value
+        logits = logits.view(1, -1).contiguous()
+    return logits
+
+
+def official_sample(logits, temperature, top_k, top_p, seed):
+    """Official BaseStrategy.forward at batch 1 with the global generator."""
+    torch.manual_seed(seed)
+    logits = official_top_k_logits(logits / temperature, top_k, top_p)
+    probs = F.softmax(logits.float(), dim=-1)
+    return int(torch.multinomial(probs, num_samples=1))
+
+
+ROWS = [(0, 0.0), (5, 0.0), (0, 0.7), (20, 0.9), (1, 0.5), (3, 0.05), (0, 0.0), (200, 0.3)]
+
+
+def test_top_k_top_p_per_row_equals_official_batch1():
+    torch.manual_seed(0)
+    logits = torch.randn(len(ROWS), 1000) * 3
+    top_k = torch.tensor([k for k, _ in ROWS])
+    top_p = torch.tensor([p for _, p in ROWS])
+    ours = apply_top_k_top_p(logits, top_k, top_p)
+    for i, (k, p) in enumerate(ROWS):
+        expected = official_top_k_logits(logits[i : i + 1], k, p)
+        assert torch.equal(ours[i : i + 1], expected), f"row {i} (top_k={k}, top_p={p})"
+    assert torch.equal(logits, logits.clone())  # input untouched (sanity)
+
+
+def test_top_k_keeps_ties_at_threshold():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0]])
+    out = apply_top_k_top_p(logits, torch.tensor([2]), torch.tensor([1.0]))
+    assert (out > -65504).tolist() == [[False, True, True, True, False]]
+
+
+def test_top_p_keeps_first_token_above_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    out = apply_top_k_top_p(probs.log(), torch.tensor([0]), torch.tensor([0.6]))
+    assert (out > -65504).tolist() == [[True, True, False, False]]
+
+
+def test_penalties_hand_computed():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 4.0], [1.0, 1.0, 1.0, 1.0]])
+    params = [
+        SamplingParams(repetition_penalty=2.0),
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+    ]
+    out = apply_penalties(logits.clone(), params, prompt_ids=[[0], [0, 1]], output_ids=[[1, 1], [2, 2, 2, 3]])
+    # row 0: tokens {0, 1} seen; 2.0 / 2 = 1.0, -1.0 * 2 = -2.0; others untouched.
+    assert out[0].tolist() == [1.0, -2.0, 0.5, 4.0]
+    # row 1: output only (prompt ignored); token 2: 1 - (3*0.25 + 0.5), token 3: 1 - (0.25 + 0.5).
+    assert out[1].tolist() == [1.0, 1.0, -0.25, 0.25]
+
+
+def test_greedy_is_argmax_of_penalised_logits_lowest_index_on_ties():
+    logits = torch.tensor([[1.0, 5.0, 5.0, 0.0], [3.0, 2.9, 0.0, 0.0]])
+    sampler = Sampler([SamplingParams(greedy=True), SamplingParams(greedy=True, repetition_penalty=2.0)])
+    tokens, _ = sampler.sample(logits, [[], [0]], [[], []])
+    assert tokens.tolist() == [1, 1]  # row 1: 3.0 / 2 = 1.5 < 2.9
+
+
+def test_temperature_zero_is_greedy():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 500)
+    sampler = Sampler([SamplingParams(temperature=0.0, top_k=50, top_p=0.5, seed=s) for s in range(3)])
+    for _ in range(5):
+        tokens, _ = sampler.sample(logits, [[]] * 3, [[]] * 3)
+        assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_logprob_is_log_softmax_of_raw_logits():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 300)
+    params = [SamplingParams(temperature=0.5, top_k=10, seed=1, repetition_penalty=1.3),
+              SamplingParams(greedy=True, presence_penalty=1.0),
+              SamplingParams(top_p=0.8, seed=3)]
+    tokens, logprobs = Sampler(params).sample(logits, [[1, 2]] * 3, [[4, 5]] * 3)
+    expected = F.log_softmax(logits, dim=-1)[torch.arange(3), tokens]
+    assert logprobs.dtype == torch.float32
+    assert torch.equal(logprobs, expected)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.7), (0.8, 40, 0.0), (1.3, 10, 0.9), (1.0, 0, 0.0)])
+def test_seeded_row_matches_official_batch1_sampler(temperature, top_k, top_p):
+    torch.manual_seed(3)
+    logits = torch.randn(1, 2000) * 2
+    for seed in (0, 1234, 99):
+        expected = official_sample(logits, temperature, top_k, top_p, seed)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p if top_p else 1.0, seed=seed)
+        tokens, _ = Sampler([params]).sample(logits, [[]], [[]])
+        assert int(tokens[0]) == expected
+
+
+def _run(sampler, logits_steps, rows):
+    return [sampler.sample(step[rows], [[]] * len(rows), [[]] * len(rows))[0].tolist() for step in logits_steps]
+
+
+def test_seeded_output_independent_of_batch_composition():
+    torch.manual_seed(4)
+    steps = [torch.randn(4, 800) for _ in range(6)]
+    params = [SamplingParams(top_p=0.9, seed=7), SamplingParams(top_k=30, seed=8),
+              SamplingParams(temperature=0.7, seed=9), SamplingParams(greedy=True)]
+    alone = [row[0] for row in _run(Sampler([params[0]]), steps, [0])]
+    together = [row[0] for row in _run(Sampler(params), steps, [0, 1, 2, 3])]
+    assert together == alone
+    # Shrink after 3 steps (rows 0 and 2 stay), then grow again by concatenation.
+    full = Sampler(params)
+    first = [row[0] for row in _run(full, steps[:3], [0, 1, 2, 3])]
+    kept = full.rows([2, 0])
+    middle = [row[1] for row in _run(kept, steps[3:5], [2, 0])]
+    grown = Sampler.concatenate([Sampler([SamplingParams(seed=5)]), kept.select([1])])
+    last = [row[1] for row in _run(grown, steps[5:], [1, 0])]
+    assert first + middle + last == alone
+    assert full.seeds[:3] == [7, 8, 9] and grown.seeds == [5, 7]
+
+
+def test_unseeded_rows_get_a_recorded_random_seed():
+    sampler = Sampler([SamplingParams(), SamplingParams()])
+    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in sampler.seeds)
+    assert sampler.seeds[0] != sampler.seeds[1]
+    logits = torch.randn(1, 1000)
+    replay = Sampler([SamplingParams(seed=sampler.seeds[0])])
+    assert _run(sampler.rows([0]), [logits] * 3, [0]) == _run(replay, [logits] * 3, [0])
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("temperature", -0.1), ("temperature", math.inf), ("top_k", -1), ("top_k", 1.5), ("top_p", 1.5),
+     ("top_p", -0.1), ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5),
+     ("seed", -1), ("greedy", 1)],
+)
+def test_invalid_params_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_sample_rejects_mismatched_rows():
+    with pytest.raises(ValueError):
+        Sampler([SamplingParams()]).sample(torch.randn(2, 10), [[], []], [[], []])
