@@ -14,6 +14,7 @@ COMMANDS = {
     "generate": ("generate", "generate locally from a checkpoint (no services)"),
     "convert": ("checkpoints", "reshard a checkpoint for another tensor-parallel size"),
     "init-tiny": ("checkpoints", "write a small random checkpoint + tokenizer in the official layout"),
+    "plan": ("plan", "memory per GPU for a model x quantization x TP x context"),
 }
 
 
@@ -73,7 +74,26 @@ def _add_init_tiny(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-ADDERS = {"generate": _add_generate, "convert": _add_convert, "init-tiny": _add_init_tiny}
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="glm-130b",
+                   help="model preset (glm-130b, glm-small, ...) or a checkpoint folder")
+    p.add_argument("--quant", choices=["none", "fp16", "int8", "int4"], default="none",
+                   help="weight format of the four linears (fp16 = none)")
+    p.add_argument("--tp", type=_positive_int, required=True, help="tensor-parallel size (GPUs)")
+    p.add_argument("--gpu-memory-gib", type=float, required=True, help="memory of one GPU in GiB")
+    p.add_argument("--max-tokens", type=_positive_int, default=2048,
+                   help="tokens per sequence, prompt + output")
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences at once")
+    p.add_argument("--group-size", type=_positive_int, help="group-wise scales (default: per row)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+ADDERS = {
+    "generate": _add_generate,
+    "convert": _add_convert,
+    "init-tiny": _add_init_tiny,
+    "plan": _add_plan,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
