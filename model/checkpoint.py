@@ -27,6 +27,7 @@ import torch
 
 from model import reshard
 from model.config import CONFIG_FILE, PRESETS, GLMConfig
+from model.quantization import SCALE_SUFFIX, QuantSpec, is_quantized_weight, is_scale
 
 LATEST_FILE = "latest"
 _RANK_RE = re.compile(r"mp_rank_(\d{2})_model_states\.pt")
@@ -43,6 +44,7 @@ class CheckpointInfo:
     num_partitions: int
     files: tuple[Path, ...]
     config: GLMConfig
+    quant: QuantSpec | None = None  # set for a pre-quantized checkpoint
 
 
 def rank_file_name(rank: int) -> str:
@@ -85,16 +87,53 @@ def inspect_checkpoint(directory: str | Path) -> CheckpointInfo:
         raise CheckpointError(f"bad {CONFIG_FILE}: {exc}") from None
     _check_tp(config, len(ranks), f"{folder} has {len(ranks)} partitions")
     files = tuple(folder / rank_file_name(r) for r in ranks)
-    return CheckpointInfo(directory, int(text), len(ranks), files, config)
+    quant = detect_quantization(files[0], config, len(ranks))
+    return CheckpointInfo(directory, int(text), len(ranks), files, config, quant)
 
 
-def expected_shapes(config: GLMConfig, tp: int) -> dict[str, tuple[int, ...]]:
+def detect_quantization(path: Path, config: GLMConfig, tp: int) -> QuantSpec | None:
+    """The layout of a pre-quantized rank file (``<key>_scale`` keys), from its shapes."""
+    module = open_shard(path)
+    key = "transformer.layers.0.attention.query_key_value.weight"
+    if key + SCALE_SUFFIX not in module:
+        return None
+    weight, scale = module.get(key), module[key + SCALE_SUFFIX]
+    h = config.hidden_size
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != 2:
+        raise CheckpointError(f"{path}: {key} has a scale but is not a 2-D int8 tensor")
+    bits = {h: 8, h // 2: 4}.get(weight.shape[1])
+    if bits is None:
+        raise CheckpointError(f"{path}: {key} has {weight.shape[1]} columns, neither INT8 ({h}) nor INT4 ({h // 2})")
+    group = None
+    if scale.dim() == 2:
+        if scale.shape[1] == 0 or h % scale.shape[1]:
+            raise CheckpointError(f"{path}: {key}{SCALE_SUFFIX} has {scale.shape[1]} groups for {h} columns")
+        group = h // scale.shape[1]
+    try:
+        return QuantSpec(bits, group)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def expected_shapes(config: GLMConfig, tp: int, quant: QuantSpec | None = None) -> dict[str, tuple[int, ...]]:
     """Local shape of every required key on each rank of a ``tp``-way checkpoint."""
     _check_tp(config, tp, "expected_shapes")
     return {
-        key: reshard.local_shape(shape, reshard.split_of(key), tp)
-        for key, shape in reshard.global_shapes(config).items()
+        key: reshard.local_shape(shape, reshard.split_of(key, quant), tp)
+        for key, shape in reshard.global_shapes(config, quant).items()
     }
+
+
+def check_reshard(info: CheckpointInfo, tp: int) -> None:
+    """Refuse a TP change that a pre-quantized layout cannot express exactly."""
+    if info.quant is None or info.quant.group_size is not None or tp % info.num_partitions == 0:
+        return
+    raise CheckpointError(
+        f"{info.directory}: {info.quant.name} checkpoint with {info.num_partitions} partitions cannot be "
+        f"loaded at tensor-parallel size {tp}: the per-row scales of attention.dense and mlp.dense_4h_to_h "
+        f"belong to each {info.num_partitions}-way shard and merging them would mean re-quantizing; use a "
+        f"multiple of {info.num_partitions}, or the 16-bit checkpoint with quantization at load"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -127,9 +166,10 @@ def open_shard(path: Path) -> dict[str, torch.Tensor]:
     return module
 
 
-def validate_shard(path: Path, module: Mapping, config: GLMConfig, tp: int) -> None:
+def validate_shard(path: Path, module: Mapping, config: GLMConfig, tp: int,
+                   quant: QuantSpec | None = None) -> None:
     """Check a rank's keys and shapes against ``config`` at ``tp`` partitions."""
-    expected = expected_shapes(config, tp)
+    expected = expected_shapes(config, tp, quant)
     name = path.name.removesuffix("_model_states.pt")
     for key in module:
         if key not in expected and not reshard.is_optional_key(key, config.num_layers):
@@ -144,16 +184,21 @@ def validate_shard(path: Path, module: Mapping, config: GLMConfig, tp: int) -> N
             raise CheckpointError(
                 f"{key} in {name}: shape {list(value.shape)} but config expects {list(shape)}"
             )
+        if quant is not None and is_quantized_weight(key) and value.dtype != torch.int8:
+            raise CheckpointError(f"{key} in {name}: {value.dtype} but a quantized weight must be int8")
+        if quant is not None and is_scale(key) and not value.is_floating_point():
+            raise CheckpointError(f"{key} in {name}: {value.dtype} but a scale must be floating point")
 
 
 def _open_sources(info: CheckpointInfo, tp: int, rank: int) -> dict[int, dict]:
     _check_tp(info.config, tp, f"runtime tensor-parallel size for {info.directory}")
     if not 0 <= rank < tp:
         raise CheckpointError(f"rank {rank} is out of range for tensor-parallel size {tp}")
+    check_reshard(info, tp)
     sources = {}
     for s in reshard.source_ranks(info.num_partitions, tp, rank):
         module = open_shard(info.files[s])
-        validate_shard(info.files[s], module, info.config, info.num_partitions)
+        validate_shard(info.files[s], module, info.config, info.num_partitions, info.quant)
         sources[s] = module
     return sources
 
@@ -161,20 +206,27 @@ def _open_sources(info: CheckpointInfo, tp: int, rank: int) -> dict[int, dict]:
 CopyHook = Callable[[str, torch.Tensor], None]
 
 
-def _copy_all(
+def _copy_keys(
     info: CheckpointInfo, tp: int, rank: int, sources: dict[int, dict], dest: Mapping,
-    on_copy: CopyHook | None,
+    keys, on_copy: CopyHook | None = None,
 ) -> None:
-    shapes = reshard.global_shapes(info.config)
-    for key, shape in shapes.items():
-        split = reshard.split_of(key)
+    shapes = reshard.global_shapes(info.config, info.quant)
+    for key in keys:
+        split = reshard.split_of(key, info.quant)
         pieces = []
-        if split is not None:
-            pieces = reshard.plan(shape[split.dim], split, info.num_partitions, tp, rank)
+        if split is not None and not split.per_shard:
+            pieces = reshard.plan(shapes[key][split.dim], split, info.num_partitions, tp, rank)
         with torch.no_grad():
             reshard.copy_pieces(dest[key], {s: m[key] for s, m in sources.items()}, split, pieces)
         if on_copy is not None:
             on_copy(key, dest[key])
+
+
+def _copy_all(
+    info: CheckpointInfo, tp: int, rank: int, sources: dict[int, dict], dest: Mapping,
+    on_copy: CopyHook | None,
+) -> None:
+    _copy_keys(info, tp, rank, sources, dest, reshard.global_shapes(info.config, info.quant), on_copy)
 
 
 def load_rank_into(
@@ -191,7 +243,7 @@ def load_rank_into(
     source files are opened and validated before anything is copied.
     """
     _check_tp(info.config, tp, f"runtime tensor-parallel size for {info.directory}")
-    expected = expected_shapes(info.config, tp)
+    expected = expected_shapes(info.config, tp, info.quant)
     for key in dest:
         if key not in expected and not reshard.is_optional_key(key, info.config.num_layers):
             raise CheckpointError(f"destination key {key} is not in the checkpoint")
@@ -220,10 +272,22 @@ def read_rank_state(
     first = sources[min(sources)]
     dest = {
         key: torch.empty(shape, dtype=dtype or first[key].dtype)
-        for key, shape in expected_shapes(info.config, tp).items()
+        for key, shape in expected_shapes(info.config, tp, info.quant).items()
     }
     _copy_all(info, tp, rank, sources, dest, on_copy)
     return dest
+
+
+def iter_rank_tensors(info: CheckpointInfo, tp: int, rank: int):
+    """Yield ``(key, tensor)`` of rank ``rank``'s shard one key at a time, each freshly
+    assembled in the checkpoint's dtype: peak extra memory is one tensor (used to quantize
+    a 16-bit shard while loading it)."""
+    sources = _open_sources(info, tp, rank)
+    first = sources[min(sources)]
+    for key, shape in expected_shapes(info.config, tp, info.quant).items():
+        dest = {key: torch.empty(shape, dtype=first[key].dtype)}
+        _copy_keys(info, tp, rank, sources, dest, [key])
+        yield key, dest.pop(key)
 
 
 # ---------------------------------------------------------------- writing

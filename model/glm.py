@@ -23,6 +23,7 @@ from torch import nn
 
 from model.config import GLMConfig
 from model.kv_cache import KVCache
+from model.quantization import QuantSpec
 from model.parallel import (
     ColumnParallelLinear,
     ParallelContext,
@@ -63,15 +64,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: GLMConfig, ctx: ParallelContext, layer_id: int, *, dtype, device) -> None:
+    def __init__(self, config: GLMConfig, ctx: ParallelContext, layer_id: int, *, dtype, device,
+                 quant: QuantSpec | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.head_dim = config.head_dim
         self.heads_local = ctx.shard_size(config.num_attention_heads, "num_attention_heads")
         h = config.hidden_size
         self.query_key_value = ColumnParallelLinear(
-            h, 3 * h, ctx, dtype=dtype, device=device, what="3 * hidden_size (qkv)")
-        self.dense = RowParallelLinear(h, h, ctx, dtype=dtype, device=device, what="hidden_size")
+            h, 3 * h, ctx, dtype=dtype, device=device, what="3 * hidden_size (qkv)", quant=quant)
+        self.dense = RowParallelLinear(
+            h, h, ctx, dtype=dtype, device=device, what="hidden_size", quant=quant)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
@@ -95,13 +98,14 @@ class SelfAttention(nn.Module):
 
 
 class GEGLUMLP(nn.Module):
-    def __init__(self, config: GLMConfig, ctx: ParallelContext, *, dtype, device) -> None:
+    def __init__(self, config: GLMConfig, ctx: ParallelContext, *, dtype, device,
+                 quant: QuantSpec | None = None) -> None:
         super().__init__()
         h, inner = config.hidden_size, config.inner_hidden_size
         self.dense_h_to_4h = ColumnParallelLinear(
-            h, 2 * inner, ctx, dtype=dtype, device=device, what="2 * inner_hidden_size")
+            h, 2 * inner, ctx, dtype=dtype, device=device, what="2 * inner_hidden_size", quant=quant)
         self.dense_4h_to_h = RowParallelLinear(
-            inner, h, ctx, dtype=dtype, device=device, what="inner_hidden_size")
+            inner, h, ctx, dtype=dtype, device=device, what="inner_hidden_size", quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.dense_h_to_4h(x).chunk(2, dim=-1)                   # local halves
@@ -109,14 +113,15 @@ class GEGLUMLP(nn.Module):
 
 
 class GLMBlock(nn.Module):
-    def __init__(self, config: GLMConfig, ctx: ParallelContext, layer_id: int, *, dtype, device) -> None:
+    def __init__(self, config: GLMConfig, ctx: ParallelContext, layer_id: int, *, dtype, device,
+                 quant: QuantSpec | None = None) -> None:
         super().__init__()
         h, eps = config.hidden_size, config.layernorm_epsilon
         self.alpha = config.alpha
         self.input_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype, device=device)
-        self.attention = SelfAttention(config, ctx, layer_id, dtype=dtype, device=device)
+        self.attention = SelfAttention(config, ctx, layer_id, dtype=dtype, device=device, quant=quant)
         self.post_attention_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype, device=device)
-        self.mlp = GEGLUMLP(config, ctx, dtype=dtype, device=device)
+        self.mlp = GEGLUMLP(config, ctx, dtype=dtype, device=device, quant=quant)
 
     def forward(self, x, cos, sin, mask, cache):
         a = self.input_layernorm(x)
@@ -126,12 +131,14 @@ class GLMBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: GLMConfig, ctx: ParallelContext, *, dtype, device) -> None:
+    def __init__(self, config: GLMConfig, ctx: ParallelContext, *, dtype, device,
+                 quant: QuantSpec | None = None) -> None:
         super().__init__()
         self.word_embeddings = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, ctx, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
-            GLMBlock(config, ctx, i, dtype=dtype, device=device) for i in range(config.num_layers))
+            GLMBlock(config, ctx, i, dtype=dtype, device=device, quant=quant)
+            for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(
             config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype, device=device)
 
@@ -140,14 +147,21 @@ class GLMModel(nn.Module):
     """One tensor-parallel shard of a GLM network."""
 
     def __init__(self, config: GLMConfig, ctx: ParallelContext | None = None, *,
-                 dtype: torch.dtype = torch.float32, device=None) -> None:
+                 dtype: torch.dtype = torch.float32, device=None, quant: QuantSpec | None = None) -> None:
         super().__init__()
         ctx = ctx or ParallelContext()
         config.check_tp(ctx.world_size)
-        self.config, self.ctx, self.dtype = config, ctx, dtype
-        self.transformer = Transformer(config, ctx, dtype=dtype, device=device)
+        self.config, self.ctx, self.dtype, self.quant = config, ctx, dtype, quant
+        self.transformer = Transformer(config, ctx, dtype=dtype, device=device, quant=quant)
         self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base, device=device)
         self.layer_observer: LayerObserver | None = None
+
+    def prepare(self) -> "GLMModel":
+        """Build the quantized matmul ops once the weights are loaded (no-op when dense)."""
+        for module in self.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                module.prepare()
+        return self
 
     @property
     def device(self) -> torch.device:

@@ -4,7 +4,10 @@ Each layer owns only its shard of the weights and does its collective inside
 ``forward`` (no hooks): column-parallel linears need none, row-parallel linears
 all-reduce before adding their replicated bias, the vocabulary-parallel
 embedding all-reduces its masked lookup and all-gathers the tied LM-head logits.
-Parameter names are the official checkpoint names (``weight``, ``bias``).
+Parameter names are the official checkpoint names (``weight``, ``bias``); a
+weight-only quantized linear holds the official pre-quantized layout instead
+(``weight`` int8 values + ``weight_scale`` fp16) and, once loaded, a kernel op
+built from it by ``kernels.prepare`` (repacked once, never on the hot path).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+import kernels
+from model.quantization import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -66,35 +72,74 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
+class _ShardLinear(nn.Module):
+    """The local ``[out, in]`` weight of a linear shard: dense, or weight-only quantized."""
+
+    def _init_weight(self, out_local: int, in_local: int, *, dtype, device,
+                     quant: QuantSpec | None, what: str) -> None:
+        self.quant, self.dtype, self.in_local = quant, dtype, in_local
+        self.op = None
+        if quant is None:
+            self.weight = _empty((out_local, in_local), dtype, device)
+            return
+        quant.check_shard(what, in_local)
+        self.register_buffer("weight", torch.zeros(
+            (out_local, quant.packed_columns(in_local)), dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(
+            quant.scale_shape(out_local, in_local), dtype=torch.float16, device=device))
+
+    def quantized_weight(self) -> kernels.QuantizedWeight:
+        return kernels.QuantizedWeight(self.weight, self.weight_scale, self.quant.bits,
+                                       self.in_local, self.quant.group_size)
+
+    def prepare(self) -> None:
+        """Build the quantized matmul op from the loaded weight (once, after loading)."""
+        if self.quant is not None:
+            self.op = kernels.prepare(self.quantized_weight(), device=self.weight.device, dtype=self.dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is None:
+            return F.linear(x, self.weight)
+        if self.op is None:
+            raise RuntimeError("quantized linear used before prepare() (load the model first)")
+        return self.op(x)
+
+
+class ColumnParallelLinear(_ShardLinear):
     """``y_local = x @ W_local^T + b_local``: the output dim is split across ranks."""
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *,
-                 dtype: torch.dtype, device=None, what: str = "output features") -> None:
+                 dtype: torch.dtype, device=None, what: str = "output features",
+                 quant: QuantSpec | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features_local = ctx.shard_size(out_features, what)
-        self.weight = _empty((self.out_features_local, in_features), dtype, device)
+        self._init_weight(self.out_features_local, in_features, dtype=dtype, device=device,
+                          quant=quant, what=what)
         self.bias = _empty((self.out_features_local,), dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.quant is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.matmul(x) + self.bias
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardLinear):
     """``y = all_reduce(x_local @ W_local^T) + b``: the input dim is split; bias replicated."""
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *,
-                 dtype: torch.dtype, device=None, what: str = "input features") -> None:
+                 dtype: torch.dtype, device=None, what: str = "input features",
+                 quant: QuantSpec | None = None) -> None:
         super().__init__()
         self.ctx = ctx
         self.in_features_local = ctx.shard_size(in_features, what)
         self.out_features = out_features
-        self.weight = _empty((out_features, self.in_features_local), dtype, device)
+        self._init_weight(out_features, self.in_features_local, dtype=dtype, device=device,
+                          quant=quant, what=what)
         self.bias = _empty((out_features,), dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x)
         self.ctx.all_reduce(y)
         return y + self.bias
 

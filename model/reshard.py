@@ -21,14 +21,27 @@ from dataclasses import dataclass
 import torch
 
 from model.config import GLMConfig
+from model.quantization import (
+    QUANTIZED_SUFFIXES, ROW_PARALLEL_SUFFIXES, SCALE_SUFFIX, QuantSpec, is_scale, layer_suffix,
+)
 
 
 @dataclass(frozen=True)
 class Split:
-    """A partitioned key: split along ``dim``, in ``groups`` independently split groups."""
+    """A partitioned key: split along ``dim``, in ``groups`` independently split groups.
+
+    ``per_shard`` marks the per-row scales of a pre-quantized row-parallel weight: each
+    rank's tensor belongs to its shard (computed from that shard's input slice) and has no
+    dim to split or merge along. A target rank may take it whole from its single source
+    rank (splitting keeps the dequantized weights exact); merging would need re-quantizing.
+    """
 
     dim: int
     groups: int = 1
+    per_shard: bool = False
+
+
+PER_SHARD = Split(0, per_shard=True)
 
 
 # Per-layer key suffixes (after ``transformer.layers.{i}.``); None = replicated.
@@ -63,8 +76,14 @@ def is_optional_key(key: str, num_layers: int) -> bool:
     return bool(match) and match[2] == OPTIONAL_LAYER_KEY and int(match[1]) < num_layers
 
 
-def split_of(key: str) -> Split | None:
-    """The split of a checkpoint key (None = replicated); KeyError for an unknown key."""
+def split_of(key: str, quant: QuantSpec | None = None) -> Split | None:
+    """The split of a checkpoint key (None = replicated); KeyError for an unknown key.
+    ``quant`` describes the scales of a pre-quantized checkpoint."""
+    if quant is not None and is_scale(key):
+        weight = layer_suffix(key[: -len(SCALE_SUFFIX)])
+        if weight not in ROW_PARALLEL_SUFFIXES:
+            return LAYER_KEYS[weight]            # per-row scales follow the output rows
+        return Split(1) if quant.group_size else PER_SHARD
     if key in TOP_KEYS:
         return TOP_KEYS[key]
     match = _LAYER_RE.fullmatch(key)
@@ -75,8 +94,10 @@ def split_of(key: str) -> Split | None:
     raise KeyError(key)
 
 
-def global_shapes(config: GLMConfig) -> dict[str, tuple[int, ...]]:
-    """Logical (TP=1) shape of every required key, in a fixed order."""
+def global_shapes(config: GLMConfig, quant: QuantSpec | None = None) -> dict[str, tuple[int, ...]]:
+    """Logical (TP=1) shape of every required key, in a fixed order. With ``quant``, the
+    four linears hold packed int8 values followed by their ``_scale`` keys (per-row scales
+    of row-parallel weights are per shard: their "global" shape is the local one)."""
     h, inner = config.hidden_size, config.inner_hidden_size
     layer = {
         "input_layernorm.weight": (h,),
@@ -92,6 +113,11 @@ def global_shapes(config: GLMConfig) -> dict[str, tuple[int, ...]]:
         "mlp.dense_4h_to_h.weight": (h, inner),
         "mlp.dense_4h_to_h.bias": (h,),
     }
+    if quant is not None:
+        for name in QUANTIZED_SUFFIXES:
+            out, in_ = layer[name]
+            layer[name] = (out, quant.packed_columns(in_))
+            layer[name + SCALE_SUFFIX] = quant.scale_shape(out, in_)
     shapes = {"transformer.word_embeddings.weight": (config.vocab_size, h)}
     for i in range(config.num_layers):
         shapes.update({f"transformer.layers.{i}.{name}": s for name, s in layer.items()})
@@ -101,7 +127,7 @@ def global_shapes(config: GLMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def local_shape(shape: tuple[int, ...], split: Split | None, tp: int) -> tuple[int, ...]:
-    if split is None:
+    if split is None or split.per_shard:
         return tuple(shape)
     out = list(shape)
     out[split.dim] //= tp
@@ -148,7 +174,7 @@ def copy_pieces(
 ) -> None:
     """Fill ``dest`` from source shard tensors, slice by slice (``copy_`` converts dtype and
     device; no merged temporary is ever built)."""
-    if split is None:  # replicated: every source holds it, take the first
+    if split is None or split.per_shard:  # replicated, or the single source's own
         dest.copy_(shards[min(shards)])
         return
     for p in pieces:

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from model.checkpoint import CheckpointInfo, inspect_checkpoint, load_rank_into
+import kernels
+from model.checkpoint import CheckpointError, CheckpointInfo, inspect_checkpoint, iter_rank_tensors, load_rank_into
 from model.generation import GenerationOptions, Generator
 from model.glm import GLMModel
 from model.parallel import ParallelContext
+from model.quantization import SCALE_SUFFIX, QuantSpec, is_quantized_weight
 from model.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,15 +36,45 @@ def rank_device(device: str, ctx: ParallelContext) -> torch.device:
 
 
 def load_model(info: CheckpointInfo | str, ctx: ParallelContext | None = None, *,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GLMModel:
-    """Build this rank's shard and fill it from the checkpoint (resharded on the fly)."""
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               quant: QuantSpec | str | None = None) -> GLMModel:
+    """Build this rank's shard and fill it from the checkpoint (resharded on the fly).
+
+    A pre-quantized checkpoint loads as it is; a 16-bit one is quantized at load when
+    ``quant`` asks for it, tensor by tensor after sharding, never holding the whole
+    16-bit shard.
+    """
     ctx = ctx or ParallelContext()
     if not isinstance(info, CheckpointInfo):
         info = inspect_checkpoint(info)
+    if isinstance(quant, str) or quant is None:
+        quant = QuantSpec.parse(quant)
     info.config.check_tp(ctx.world_size)
-    model = GLMModel(info.config, ctx, dtype=dtype, device=device)
-    load_rank_into(info, ctx.world_size, ctx.rank, model.state_dict())
-    return model.eval()
+    if info.quant is not None:
+        if quant is not None and quant != info.quant:
+            raise CheckpointError(
+                f"{info.directory} is already quantized as {info.quant.name}; cannot load it as {quant.name}")
+        quant = info.quant
+    model = GLMModel(info.config, ctx, dtype=dtype, device=device, quant=quant)
+    state = model.state_dict()
+    if quant is None or info.quant is not None:
+        load_rank_into(info, ctx.world_size, ctx.rank, state)
+    else:
+        _load_quantizing(info, ctx, state, quant)
+    return model.eval().prepare()
+
+
+def _load_quantizing(info: CheckpointInfo, ctx: ParallelContext, state: dict, quant: QuantSpec) -> None:
+    """Fill ``state`` from a 16-bit checkpoint, quantizing the four linears of each layer
+    from this rank's own fp16 shard (the official quantize-after-sharding semantics)."""
+    for key, tensor in iter_rank_tensors(info, ctx.world_size, ctx.rank):
+        if is_quantized_weight(key):
+            qw = kernels.quantize(tensor, quant.bits, quant.group_size)
+            state[key].copy_(qw.values)
+            state[key + SCALE_SUFFIX].copy_(qw.scale)
+        else:
+            state[key].copy_(tensor)
+        del tensor
 
 
 @dataclass(frozen=True)
@@ -54,12 +86,13 @@ class GenerateJob:
     dtype: str = "float32"
     device: str = "cpu"
     all_blanks: bool = True
+    quant: QuantSpec | None = None
 
 
 def generate_on_rank(ctx: ParallelContext, job: GenerateJob) -> dict | None:
     """Run ``job`` on this rank; rank 0 returns ids, log-probs and finish reasons."""
     model = load_model(job.checkpoint, ctx, dtype=parse_dtype(job.dtype),
-                       device=rank_device(job.device, ctx))
+                       device=rank_device(job.device, ctx), quant=job.quant)
     result = Generator(model).fill_blanks(list(job.prompt_ids), job.sampling, job.options,
                                           all_blanks=job.all_blanks)
     if ctx.rank != 0:

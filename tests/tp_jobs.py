@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import dequantize
 from model.prompt import Blank
 from model.runner import load_model
 
@@ -18,12 +19,12 @@ def sequence_inputs(blank: Blank, generated: list[int]):
 
 
 def batch_logits(ctx, checkpoint: str, rows: list[tuple[list[int], list[int]]],
-                 dtype: str = "float32", split_at: int | None = None):
+                 dtype: str = "float32", split_at: int | None = None, quant: str | None = None):
     """Logits of every real position of each row (left-padded batch). With ``split_at``,
     the first ``split_at`` tokens of every row go in one prefill and the rest one token
     per step through the KV cache; otherwise everything is one pass."""
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = load_model(checkpoint, ctx, dtype=dt)
+    model = load_model(checkpoint, ctx, dtype=dt, quant=quant)
     seqs = [sequence_inputs(Blank.first(ctx_ids), gen) for ctx_ids, gen in rows]
     width = max(len(s[0]) for s in seqs)
     b = len(seqs)
@@ -46,3 +47,13 @@ def batch_logits(ctx, checkpoint: str, rows: list[tuple[list[int], list[int]]],
     if ctx.rank != 0:
         return None
     return [logits[r, width - len(s[0]):].clone() for r, s in enumerate(seqs)]
+
+
+def dequantized_state(ctx, checkpoint: str, quant: str | None):
+    """This rank's linears as the dense values its quantized model computes with."""
+    model = load_model(checkpoint, ctx, quant=quant)
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "quantized_weight") and module.quant is not None:
+            out[name + ".weight"] = dequantize(module.quantized_weight(), torch.float32)
+    return out

@@ -5,12 +5,16 @@ from __future__ import annotations
 import sys
 
 from model.convert import convert_checkpoint
+from model.quantization import QuantSpec
 from model.tiny import init_tiny
 
 
 def run(args) -> int:
     if args.command == "convert":
-        info = convert_checkpoint(args.input_folder, args.output_folder, args.target_tp, progress=True)
+        bits = args.quantization_bit_width
+        quant = QuantSpec.parse(f"int{bits}" if bits else None, args.quant_group_size)
+        info = convert_checkpoint(args.input_folder, args.output_folder, args.target_tp,
+                                  progress=True, quant=quant)
         print(f"wrote {info.num_partitions} partition(s) of iteration {info.iteration} to {info.directory}",
               file=sys.stderr)
         return 0

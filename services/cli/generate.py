@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from model.checkpoint import inspect_checkpoint
+from model.checkpoint import check_reshard, inspect_checkpoint
 from model.distributed import default_backend, run_local_ranks
 from model.generation import GenerationOptions
+from model.quantization import QuantSpec
 from model.prompt import PromptError, check_ids, check_length, generation_mask, prepare_text_ids
 from model.runner import GenerateJob, generate_on_rank
 from model.sampling import SamplingParams
@@ -52,6 +53,7 @@ def build_job(args, tokenizer_needed: bool):
     info = inspect_checkpoint(args.checkpoint)
     config = info.config
     config.check_tp(args.tp)
+    check_reshard(info, args.tp)
     tokenizer = _tokenizer(args, tokenizer_needed)
     if args.prompt is not None:
         if not args.prompt.strip():
@@ -78,6 +80,7 @@ def build_job(args, tokenizer_needed: bool):
     job = GenerateJob(
         checkpoint=str(args.checkpoint), prompt_ids=tuple(ids), sampling=sampling, options=options,
         dtype=args.dtype, device=_device(args.device), all_blanks=args.prompt is not None,
+        quant=QuantSpec.parse(args.quant, args.quant_group_size),
     )
     return job, tokenizer
 
