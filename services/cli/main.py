@@ -15,6 +15,7 @@ COMMANDS = {
     "convert": ("checkpoints", "reshard a checkpoint for another tensor-parallel size"),
     "init-tiny": ("checkpoints", "write a small random checkpoint + tokenizer in the official layout"),
     "plan": ("plan", "memory per GPU for a model x quantization x TP x context"),
+    "worker": ("worker", "serve one tensor-parallel rank of a pool over gRPC (the shard protocol)"),
 }
 
 
@@ -59,12 +60,24 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--no-repeat-ngram-size", type=_non_negative_int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_quant(p)
+
+
+def _add_quant(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantization at load (a pre-quantized checkpoint loads as it is)")
+    p.add_argument("--quant-group-size", type=_positive_int, default=None,
+                   help="group-wise scales every N input columns instead of the official per-row scales")
 
 
 def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-folder", required=True)
     p.add_argument("--output-folder", required=True)
     p.add_argument("--target-tp", type=_positive_int, required=True)
+    p.add_argument("--quantization-bit-width", type=int, choices=[4, 8], default=None,
+                   help="write the official pre-quantized layout (<key> int8 + <key>_scale fp16)")
+    p.add_argument("--quant-group-size", type=_positive_int, default=None,
+                   help="group-wise scales (beyond the official per-row scheme)")
 
 
 def _add_init_tiny(p: argparse.ArgumentParser) -> None:
@@ -88,11 +101,32 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_worker(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (official layout)")
+    p.add_argument("--tp", type=_positive_int, required=True, help="tensor-parallel size of the pool")
+    p.add_argument("--rank", type=_non_negative_int, required=True, help="this process's rank")
+    p.add_argument("--listen", required=True, help="unix:///path/to.sock or host:port")
+    p.add_argument("--dist-init", required=True, help="tcp://HOST:PORT rendezvous, the same for every rank")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda = this rank's GPU (rank %% GPUs); NCCL on cuda, gloo on cpu")
+    _add_quant(p)
+    p.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
+    p.add_argument("--collective-timeout-s", type=float, default=60.0,
+                   help="a collective waiting longer than this fails the rank")
+    p.add_argument("--otlp-endpoint", help="export traces over OTLP/gRPC to host:port (default: none)")
+    p.add_argument("--layer-trace-ratio", type=float, default=0.0,
+                   help="fraction of forwards that record a span per layer")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads for this rank")
+    p.add_argument("--model-name", help="name reported by Info (default: the checkpoint folder's name)")
+
+
 ADDERS = {
     "generate": _add_generate,
     "convert": _add_convert,
     "init-tiny": _add_init_tiny,
     "plan": _add_plan,
+    "worker": _add_worker,
 }
 
 

@@ -1,0 +1,105 @@
+"""``ShardClient``: the same call to every rank of a pool, concurrently, with a deadline.
+
+Every rank must run the same calls in the same order, so a call always goes to
+all ranks. The reply is rank 0's (the only one carrying generations); if any
+rank fails, the others' calls are cancelled and ``ShardCallError`` names the
+rank, the method and the gRPC status — a dead or stuck rank turns into an error
+within the deadline, never a hang. The caller's trace context travels in the
+metadata (W3C ``traceparent``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from services.common.tracing import metadata_from_context
+from services.proto_gen.glm.v1 import shard_pb2 as pb
+from services.proto_gen.glm.v1 import shard_pb2_grpc
+
+MAX_MESSAGE = 256 * 1024 * 1024
+
+
+class ShardCallError(RuntimeError):
+    def __init__(self, rank: int, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"rank {rank} {method}: {code.name}: {details}")
+        self.rank, self.method, self.code, self.details = rank, method, code, details
+
+
+class ShardClient:
+    """Async fan-out client over the ranks' addresses (``unix:///path`` or ``host:port``)."""
+
+    def __init__(self, addresses: list[str], *, timeout_s: float = 60.0) -> None:
+        if not addresses:
+            raise ValueError("ShardClient needs at least one rank address")
+        self.addresses = list(addresses)
+        self.timeout_s = timeout_s
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE),
+                   ("grpc.max_send_message_length", MAX_MESSAGE)]
+        self._channels = [grpc.aio.insecure_channel(a, options=options) for a in self.addresses]
+        self._stubs = [shard_pb2_grpc.ShardServiceStub(c) for c in self._channels]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    async def __aenter__(self) -> "ShardClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _one(self, rank: int, method: str, request, timeout_s: float):
+        try:
+            return await getattr(self._stubs[rank], method)(
+                request, timeout=timeout_s, metadata=metadata_from_context())
+        except grpc.aio.AioRpcError as exc:
+            raise ShardCallError(rank, method, exc.code(), exc.details() or "") from None
+
+    async def call_all(self, method: str, request, timeout_s: float | None = None) -> list[Any]:
+        """Every rank's reply, in rank order; the first failure cancels the rest and raises."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        tasks = [asyncio.ensure_future(self._one(r, method, request, timeout_s))
+                 for r in range(len(self._stubs))]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t for t in tasks if t in done and t.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            return [t.result() for t in tasks]
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def call(self, method: str, request, timeout_s: float | None = None):
+        return (await self.call_all(method, request, timeout_s))[0]
+
+    # -- the protocol --------------------------------------------------------------------
+    async def info(self) -> pb.InfoResponse:
+        return await self.call("Info", pb.InfoRequest())
+
+    async def health(self, timeout_s: float | None = None) -> list[pb.HealthResponse]:
+        return await self.call_all("Health", pb.HealthRequest(), timeout_s)
+
+    async def warmup(self, max_batch_size: int, max_input_tokens: int, max_total_tokens: int,
+                     timeout_s: float | None = None) -> pb.WarmupResponse:
+        req = pb.WarmupRequest(max_batch_size=max_batch_size, max_input_tokens=max_input_tokens,
+                               max_total_tokens=max_total_tokens)
+        return await self.call("Warmup", req, timeout_s)
+
+    async def prefill(self, batch: pb.Batch, timeout_s: float | None = None) -> pb.PrefillResponse:
+        return await self.call("Prefill", pb.PrefillRequest(batch=batch), timeout_s)
+
+    async def decode(self, batches: list[pb.CachedBatch], timeout_s: float | None = None) -> pb.DecodeResponse:
+        return await self.call("Decode", pb.DecodeRequest(batches=batches), timeout_s)
+
+    async def filter_batch(self, batch_id: int, keep_request_ids: list[int]) -> pb.FilterBatchResponse:
+        req = pb.FilterBatchRequest(batch_id=batch_id, keep_request_ids=keep_request_ids)
+        return await self.call("FilterBatch", req)
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        req = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(batch_id=batch_id)
+        await self.call("ClearCache", req)

@@ -1,0 +1,161 @@
+"""The gRPC face of one rank: a ``grpc.aio`` server around a ``Shard``.
+
+Model work runs on one dedicated thread, in arrival order, so the event loop
+stays free (Health answers during a long forward) and the collectives of
+consecutive calls never interleave. Errors map to gRPC status codes:
+``InvalidArgument`` -> INVALID_ARGUMENT, ``ResourceExhausted`` (KV capacity,
+out of memory) -> RESOURCE_EXHAUSTED, anything else inside a forward (e.g. a
+peer rank died and the collective failed or timed out) -> INTERNAL, and the rank
+is then *broken*: every later call, Health included, gets UNAVAILABLE with the
+reason. The caller (scheduler) sees the pool fail loudly instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from services.common.errors import ServiceError, Unavailable, one_line
+from services.common.tracing import context_from_metadata, setup_tracing
+from services.proto_gen.glm.v1 import shard_pb2 as pb
+from services.proto_gen.glm.v1 import shard_pb2_grpc
+from services.worker.shard import OutOfMemory, Shard
+
+log = logging.getLogger("glm.worker")
+MAX_MESSAGE = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    checkpoint: str
+    tp: int
+    rank: int
+    listen: str                        # unix:///path or host:port
+    dist_init: str                     # tcp://host:port, the same for every rank
+    dtype: str = "float32"
+    device: str = "cpu"
+    quant: str | None = None           # int8 | int4 (weight-only, quantized at load)
+    quant_group_size: int | None = None
+    kv_memory_gib: float | None = None
+    collective_timeout_s: float = 60.0
+    otlp_endpoint: str | None = None
+    layer_trace_ratio: float = 0.0
+    threads: int | None = None
+    model_name: str | None = None
+
+
+class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.rank = shard.ctx.rank
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"shard-{self.rank}")
+        self.broken: str | None = None
+
+    def _execute(self, method, request, parent, collective: bool):
+        """On the model thread. Marks the rank broken here, not in the handler: a
+        caller whose deadline passed has cancelled the handler, not the forward."""
+        if self.broken is not None:   # broken while this call waited for the thread
+            raise Unavailable(f"rank {self.rank} is broken: {self.broken}")
+        try:
+            return method(request, parent)
+        except OutOfMemory as exc:
+            if self.shard.ctx.distributed:
+                self.broken = one_line(exc)  # the other ranks are left inside a collective
+            raise
+        except ServiceError:
+            raise
+        except Exception as exc:
+            log.exception("rank %d: %s failed", self.rank, method.__name__)
+            if collective:
+                self.broken = one_line(exc)
+            raise
+
+    async def _run(self, context: grpc.aio.ServicerContext, method, request, *, collective: bool):
+        if self.broken is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"rank {self.rank} is broken: {self.broken}")
+        parent = context_from_metadata(context.invocation_metadata())
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor, self._execute, method, request, parent, collective)
+        except ServiceError as exc:
+            code, message = exc.code, one_line(exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, never swallowed
+            code, message = grpc.StatusCode.INTERNAL, f"rank {self.rank}: {one_line(exc)}"
+        await context.abort(code, message)
+
+    async def Info(self, request, context):
+        return self.shard.info()
+
+    async def Health(self, request, context):
+        if self.broken is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"rank {self.rank} is broken: {self.broken}")
+        return self.shard.health()
+
+    async def Warmup(self, request, context):
+        return await self._run(context, self.shard.warmup, request, collective=True)
+
+    async def Prefill(self, request, context):
+        return await self._run(context, self.shard.prefill, request, collective=True)
+
+    async def Decode(self, request, context):
+        return await self._run(context, self.shard.decode, request, collective=True)
+
+    async def FilterBatch(self, request, context):
+        return await self._run(context, self.shard.filter_batch, request, collective=False)
+
+    async def ClearCache(self, request, context):
+        return await self._run(context, self.shard.clear_cache, request, collective=False)
+
+
+def load_shard(opts: WorkerOptions, tracer) -> Shard:
+    """Join the process group and load this rank's shard (only its own weights)."""
+    from model.checkpoint import inspect_checkpoint
+    from model.distributed import default_backend, init_group
+    from model.quantization import QuantSpec
+    from model.runner import load_model, parse_dtype, rank_device
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    ctx = init_group(opts.rank, opts.tp, opts.dist_init, backend=default_backend(opts.device),
+                     timeout_s=opts.collective_timeout_s)
+    device = rank_device(opts.device, ctx)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    spec = QuantSpec.parse(opts.quant, opts.quant_group_size)
+    info = inspect_checkpoint(opts.checkpoint)
+    model = load_model(info, ctx, dtype=parse_dtype(opts.dtype), device=device, quant=spec)
+    spec = info.quant or spec                  # a pre-quantized checkpoint loads as it is
+    return Shard(model, model_name=opts.model_name or Path(opts.checkpoint).resolve().name,
+                 quantization=spec.name if spec else "none", kv_memory_gib=opts.kv_memory_gib, tracer=tracer,
+                 layer_trace_ratio=opts.layer_trace_ratio)
+
+
+async def serve(opts: WorkerOptions) -> None:
+    """Load the shard, serve until SIGTERM/SIGINT, then stop gracefully."""
+    provider = setup_tracing("glm-worker", otlp_endpoint=opts.otlp_endpoint,
+                             attributes={"glm.rank": opts.rank, "glm.tp": opts.tp},
+                             export_delay_ms=200)
+    shard = load_shard(opts, provider.get_tracer("services.worker"))
+    servicer = ShardServicer(shard)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE)])
+    shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, server)
+    if server.add_insecure_port(opts.listen) == 0 and not opts.listen.startswith("unix:"):
+        raise ValueError(f"--listen {opts.listen}: cannot bind")
+    await server.start()
+    log.info("rank %d/%d serving %s on %s", opts.rank, opts.tp, shard.model_name, opts.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=2.0)
+    servicer.executor.shutdown(wait=False, cancel_futures=True)
+    provider.shutdown()

@@ -1,0 +1,251 @@
+"""The state of one rank: its model shard, the cached batches, the KV capacity.
+
+Every method is synchronous and runs on the server's single model thread, in
+the order the calls arrive; the scheduler sends the same calls in the same
+order to every rank, so every rank runs the same collectives. Anything that can
+be refused is checked *before* the first collective (the same check on every
+rank gives the same answer), so a refusal never leaves ranks out of step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import torch
+import torch.distributed as dist
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from model.config import GMASK_ID
+from model.glm import GLMModel
+from model.sampling import Sampler
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.common.tracing import LayerSampler
+from services.proto_gen.glm.v1 import shard_pb2 as pb
+from services.worker.batch import ShardBatch
+from services.worker.kv_budget import kv_bytes_per_token, kv_memory_bytes
+from services.worker.step import StepResult, apply_step
+
+WARMUP_TOKEN = 20100  # any text id
+
+
+class OutOfMemory(ResourceExhausted):
+    """The device ran out of memory mid-forward; the batches involved are dropped."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    return (oom_type is not None and isinstance(exc, oom_type)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+class Shard:
+    def __init__(self, model: GLMModel, *, model_name: str, quantization: str = "none",
+                 kv_memory_gib: float | None = None, tracer: trace.Tracer | None = None,
+                 layer_trace_ratio: float = 0.0) -> None:
+        self.model, self.ctx, self.config = model, model.ctx, model.config
+        self.device = model.device
+        self.model_name, self.quantization = model_name, quantization
+        self.kv_memory_gib = kv_memory_gib
+        self.kv_bytes_per_token = kv_bytes_per_token(self.config, self.ctx.world_size, model.dtype)
+        self.capacity: int | None = None     # KV token slots, set by Warmup
+        self.batches: dict[int, ShardBatch] = {}
+        self.tracer = tracer or trace.NoOpTracer()
+        self.layer_sampler = LayerSampler(layer_trace_ratio)
+        self.digest = hashlib.sha256()
+        self.steps = 0
+
+    # -- info and health -------------------------------------------------------------------
+    def info(self) -> pb.InfoResponse:
+        c = self.config
+        return pb.InfoResponse(
+            model_name=self.model_name, dtype=str(self.model.dtype).removeprefix("torch."),
+            config=pb.ModelConfig(num_layers=c.num_layers, hidden_size=c.hidden_size,
+                                  num_attention_heads=c.num_attention_heads,
+                                  inner_hidden_size=c.inner_hidden_size, vocab_size=c.vocab_size,
+                                  max_sequence_length=c.max_sequence_length),
+            quantization=self.quantization, tp_size=self.ctx.world_size, rank=self.ctx.rank,
+            device=str(self.device), kv_bytes_per_token=self.kv_bytes_per_token,
+            max_batch_total_tokens=self.capacity or 0)
+
+    def health(self) -> pb.HealthResponse:
+        if self.device.type == "cuda":
+            torch.zeros((2, 2), device=self.device).sum().item()
+        return pb.HealthResponse(
+            rank=self.ctx.rank, steps=self.steps, token_digest=self.digest.copy().hexdigest(),
+            cached_batches=len(self.batches),
+            cached_tokens=sum(b.max_tokens for b in self.batches.values()))
+
+    # -- forwards --------------------------------------------------------------------------
+    def _forward(self, span: trace.Span, run):
+        """``run()`` with per-layer spans when this forward is sampled."""
+        self.steps += 1
+        if not self.layer_sampler.next():
+            return run()
+        parent = trace.set_span_in_context(span)
+        rank = self.ctx.rank
+
+        def observe(layer_id: int, seconds: float) -> None:
+            end = time.time_ns()
+            child = self.tracer.start_span("worker.layer", context=parent, start_time=end - int(seconds * 1e9),
+                                           attributes={"glm.layer": layer_id, "glm.rank": rank})
+            child.end(end_time=end)
+
+        self.model.layer_observer = observe
+        try:
+            return run()
+        finally:
+            self.model.layer_observer = None
+
+    def _prefill(self, batch: ShardBatch, span: trace.Span, record: bool = True) -> StepResult:
+        ids, pos, valid, prefix = batch.prefill_inputs(self.device)     # [b, w] each
+        cache = self.model.new_cache(len(batch.requests), batch.width + batch.max_remaining)
+        mask = cache.extend(valid, prefix)                               # [b, 1, w, w]
+        logits = self._forward(span, lambda: self.model(ids, pos, mask, cache, last_only=True))[:, -1]
+        batch.cache = cache
+        batch.sampler = Sampler([r.params for r in batch.requests], device=self.device)
+        return self._apply(batch, logits, record)
+
+    def _decode(self, batch: ShardBatch, span: trace.Span, record: bool = True) -> StepResult:
+        b = len(batch.requests)
+        ones = torch.ones((b, 1), dtype=torch.bool, device=self.device)
+        mask = batch.cache.extend(ones, ~ones)                           # [b, 1, 1, t]
+        tokens, pos = batch.pending.view(b, 1), batch.decode_positions(self.device)
+        logits = self._forward(span, lambda: self.model(tokens, pos, mask, batch.cache))[:, -1]
+        return self._apply(batch, logits, record)
+
+    def _apply(self, batch: ShardBatch, logits: torch.Tensor, record: bool) -> StepResult:
+        result = apply_step(self.ctx, batch, logits)
+        if record:
+            for rid, tok in result.chosen:
+                self.digest.update(f"{rid}:{tok};".encode())
+        return result
+
+    def _guarded(self, run, dropped: str):
+        try:
+            return run()
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(f"out of memory on rank {self.ctx.rank}; dropped {dropped}: {exc}") from None
+
+    # -- calls -----------------------------------------------------------------------------
+    def warmup(self, req: pb.WarmupRequest, parent: Context | None = None) -> pb.WarmupResponse:
+        n, inp, total = req.max_batch_size, req.max_input_tokens, req.max_total_tokens
+        limit = self.config.max_sequence_length
+        if n < 1:
+            raise InvalidArgument(f"warmup: max_batch_size must be >= 1, got {n}")
+        if not 2 <= inp < total <= limit:
+            raise InvalidArgument(
+                f"warmup: need 2 <= max_input_tokens ({inp}) < max_total_tokens ({total}) "
+                f"<= max_sequence_length ({limit})")
+        context = [WARMUP_TOKEN] * (inp - 2) + [GMASK_ID]                 # + sop = inp tokens
+        msg = pb.Batch(id=2**64 - 1, requests=[
+            pb.Request(id=i, input_ids=context, sampling=pb.SamplingParameters(greedy=True),
+                       stopping=pb.StoppingCriteria(max_new_tokens=total - inp)) for i in range(n)])
+        with self.tracer.start_as_current_span("worker.warmup", context=parent) as span:
+            batch = ShardBatch.from_pb(msg, self.config)
+            result = self._guarded(lambda: self._prefill(batch, span, record=False), "the warm-up batch")
+            if result.batch is not None:
+                self._guarded(lambda: self._decode(result.batch, span, record=False), "the warm-up batch")
+            del batch, result
+            memory = kv_memory_bytes(self.device, kv_memory_gib=self.kv_memory_gib,
+                                     local_ranks=self.ctx.world_size)
+            capacity = torch.tensor([memory // self.kv_bytes_per_token], dtype=torch.long, device=self.device)
+            if self.ctx.distributed:                                      # every rank: the smallest
+                dist.all_reduce(capacity, op=dist.ReduceOp.MIN, group=self.ctx.group)
+            self.capacity = int(capacity)
+            span.set_attribute("glm.kv_capacity_tokens", self.capacity)
+        if self.capacity < total:
+            raise ResourceExhausted(
+                f"warmup: KV memory holds {self.capacity} tokens, fewer than max_total_tokens {total}")
+        return pb.WarmupResponse(max_batch_total_tokens=self.capacity,
+                                 kv_bytes_per_token=self.kv_bytes_per_token, kv_memory_bytes=memory)
+
+    def _check_room(self, batch: ShardBatch) -> None:
+        """Refuse a batch whose merge with every cached batch could exceed the capacity."""
+        batches = [*self.batches.values(), batch]
+        rows = sum(len(b.requests) for b in batches)
+        width = max(b.width for b in batches)
+        need = rows * (width + max(b.max_remaining for b in batches))
+        if need > self.capacity:
+            raise ResourceExhausted(
+                f"batch {batch.id}: needs {need} KV token slots ({rows} rows x ({width} + {need // rows - width}) "
+                f"with the cached batches), capacity is {self.capacity}")
+
+    def prefill(self, req: pb.PrefillRequest, parent: Context | None = None) -> pb.PrefillResponse:
+        start = time.perf_counter_ns()
+        if self.capacity is None:
+            raise FailedPrecondition("prefill before warmup: call Warmup first")
+        if req.batch.id in self.batches:
+            raise InvalidArgument(f"batch {req.batch.id} is already cached")
+        batch = ShardBatch.from_pb(req.batch, self.config)
+        cached = {rid: b.id for b in self.batches.values() for rid in b.request_ids}
+        clash = [rid for rid in batch.request_ids if rid in cached]
+        if clash:
+            raise InvalidArgument(f"batch {batch.id}: request id {clash[0]} is already in cached batch {cached[clash[0]]}")
+        self._check_room(batch)
+        with self.tracer.start_as_current_span("worker.prefill", context=parent, attributes={
+                "glm.rank": self.ctx.rank, "glm.batch_id": batch.id, "glm.batch_size": len(batch.requests),
+                "glm.tokens": sum(len(r.prefill_ids) for r in batch.requests)}) as span:
+            t0 = time.perf_counter_ns()
+            result = self._guarded(lambda: self._prefill(batch, span), f"batch {batch.id}")
+            forward = time.perf_counter_ns() - t0
+        return self._store(pb.PrefillResponse, result, forward_ns=forward,
+                           total_ns=time.perf_counter_ns() - start)
+
+    def decode(self, req: pb.DecodeRequest, parent: Context | None = None) -> pb.DecodeResponse:
+        start = time.perf_counter_ns()
+        if not req.batches:
+            raise InvalidArgument("decode: no batches listed")
+        ids = [b.id for b in req.batches]
+        for listed in req.batches:
+            if ids.count(listed.id) > 1:
+                raise InvalidArgument(f"decode: batch {listed.id} is listed twice")
+            held = self.batches.get(listed.id)
+            if held is None:
+                raise InvalidArgument(f"decode: unknown batch id {listed.id} (cached: {sorted(self.batches)})")
+            if listed.request_ids and list(listed.request_ids) != held.request_ids:
+                raise InvalidArgument(f"decode: batch {listed.id} holds requests {held.request_ids}, "
+                                      f"the call lists {list(listed.request_ids)}")
+        batches = [self.batches.pop(i) for i in ids]          # dropped for good if the step fails
+        with self.tracer.start_as_current_span("worker.decode", context=parent, attributes={
+                "glm.rank": self.ctx.rank, "glm.batch_id": ids[0],
+                "glm.batch_size": sum(len(b.requests) for b in batches)}) as span:
+            t0 = time.perf_counter_ns()
+            batch = ShardBatch.concatenate(batches)
+            t1 = time.perf_counter_ns()
+            result = self._guarded(lambda: self._decode(batch, span), f"batch(es) {ids}")
+            forward = time.perf_counter_ns() - t1
+        return self._store(pb.DecodeResponse, result, forward_ns=forward, concat_ns=t1 - t0,
+                           total_ns=time.perf_counter_ns() - start)
+
+    def _store(self, response_type, result: StepResult, **timings):
+        out = response_type(generations=result.generations, **timings)
+        if result.batch is not None:
+            self.batches[result.batch.id] = result.batch
+            out.batch.CopyFrom(result.batch.to_pb())
+        return out
+
+    def filter_batch(self, req: pb.FilterBatchRequest, parent: Context | None = None) -> pb.FilterBatchResponse:
+        held = self.batches.get(req.batch_id)
+        if held is None:
+            raise InvalidArgument(f"filter: unknown batch id {req.batch_id} (cached: {sorted(self.batches)})")
+        kept = held.filter(list(req.keep_request_ids))
+        out = pb.FilterBatchResponse()
+        if kept is None:
+            del self.batches[req.batch_id]
+        else:
+            self.batches[req.batch_id] = kept
+            out.batch.CopyFrom(kept.to_pb())
+        return out
+
+    def clear_cache(self, req: pb.ClearCacheRequest, parent: Context | None = None) -> pb.ClearCacheResponse:
+        if req.HasField("batch_id"):
+            self.batches.pop(req.batch_id, None)
+        else:
+            self.batches.clear()
+        return pb.ClearCacheResponse()
