@@ -1,0 +1,123 @@
+"""The documents that cross Redis between the gateway and the pools' schedulers.
+
+A ``QueuedRequest`` is what the gateway appends to ``glm:queue:{model}`` once it
+has validated and tokenized a call. An ``Event`` is what a scheduler appends to
+``glm:req:{id}:events``: token deltas with consecutive sequence numbers, a
+``blank`` event when a blank is complete, then exactly one ``final`` or ``error``.
+A pool that resumes a request after another pool died rebuilds its state from
+these events (the tokens already published), so the caller's stream continues
+with the next sequence number: no gap, no duplicate.
+
+Both are JSON (compact keys would save little; clarity wins), stored under the
+single field ``redis_keys.FIELD`` of a stream entry. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+FINISH_STOP = "stop"          # eop/eos, or a stop text (then ``stop_sequence`` is set)
+FINISH_LENGTH = "length"      # max_new_tokens, or the model's max_sequence_length
+FINISH_CANCELLED = "cancelled"
+
+EVENT_TOKENS = "tokens"
+EVENT_BLANK = "blank"
+EVENT_FINAL = "final"
+EVENT_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0      # 0 = greedy
+    top_k: int = 0                # 0 = off
+    top_p: float = 1.0            # 0 or 1 = off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = 0                 # always set: the gateway draws one when the caller did not
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    id: str
+    model: str
+    prompt_ids: tuple[int, ...]   # the context after the official wrapping; holds the mask(s)
+    sampling: Sampling = field(default_factory=Sampling)
+    max_new_tokens: int = 128     # per blank
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    stream: bool = True
+    traceparent: str = ""         # W3C trace context of the gateway span
+    created_at: float = 0.0       # unix seconds
+    deadline: float = 0.0         # unix seconds; 0 = none
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "QueuedRequest":
+        data = json.loads(text)
+        data["sampling"] = Sampling(**data.get("sampling", {}))
+        data["prompt_ids"] = tuple(data["prompt_ids"])
+        data["stop"] = tuple(data.get("stop", ()))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a request's event stream.
+
+    ``tokens``: ``blank`` (0-based), ``index`` (position of ``token_ids[0]`` among all
+    generated tokens of the request), ``token_ids``, ``logprobs``, ``top_logprobs``
+    (per token: [[id, logprob], ...]), ``text`` (the text these tokens add).
+    ``blank``: ``blank``, ``text``, ``token_ids``, ``finish_reason``, ``stop_sequence``.
+    ``final``: ``finish_reason``, ``stop_sequence``, ``text``, ``blanks`` (texts),
+    ``output_text``, ``prompt_tokens``, ``generated_tokens``, ``seed``.
+    ``error``: ``code`` (a gRPC status name), ``message``.
+    """
+
+    type: str
+    seq: int
+    blank: int = 0
+    index: int = 0
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple = ()
+    text: str = ""
+    finish_reason: str = ""
+    stop_sequence: str = ""
+    blanks: tuple[str, ...] = ()
+    output_text: str = ""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seed: int = 0
+    code: str = ""
+    message: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in (EVENT_FINAL, EVENT_ERROR)
+
+    def to_json(self) -> str:
+        defaults = {f.name: f.default for f in fields(self)}
+        data = {k: v for k, v in asdict(self).items() if k in ("type", "seq") or v != defaults[k]}
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Event":
+        data = json.loads(text)
+        for name in ("token_ids", "logprobs", "blanks"):
+            if name in data:
+                data[name] = tuple(data[name])
+        if "top_logprobs" in data:
+            data["top_logprobs"] = tuple(tuple(map(tuple, row)) for row in data["top_logprobs"])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
