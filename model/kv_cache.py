@@ -46,13 +46,19 @@ class KVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def _grow(self, needed: int) -> None:
-        new_cap = max(needed, 2 * self.capacity)
-        pad = new_cap - self.capacity
-        self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
+    def reserve(self, extra: int) -> None:
+        """Make room for exactly ``extra`` more slots per row now (no doubling), so a
+        caller that budgets exact slots never sees the cache grow during decoding."""
+        pad = self.length + extra - self.capacity
+        if pad <= 0:
+            return
+        self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))      # [L, b, np, cap, hn]
         self.values = torch.nn.functional.pad(self.values, (0, 0, 0, pad))
-        self.valid = torch.nn.functional.pad(self.valid, (0, pad))
+        self.valid = torch.nn.functional.pad(self.valid, (0, pad))          # [b, cap]
         self.prefix = torch.nn.functional.pad(self.prefix, (0, pad))
+
+    def _grow(self, needed: int) -> None:
+        self.reserve(max(needed, 2 * self.capacity) - self.length)
 
     def extend(self, valid: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Claim ``s`` new slots for every row; returns the boolean attention mask

@@ -161,7 +161,7 @@ class ShardBatch:
             return ShardBatch(self.id, requests)
         index = torch.tensor(rows, dtype=torch.long, device=self.pending.device)
         cache = self.cache.select(index)
-        reserve(cache, max(r.remaining for r in requests))
+        cache.reserve(max(r.remaining for r in requests))
         return ShardBatch(self.id, requests, cache, self.sampler.rows(rows), self.pending[index])
 
     @staticmethod
@@ -175,7 +175,7 @@ class ShardBatch:
             raise ValueError("only prefilled batches can be concatenated")
         requests = [r for b in batches for r in b.requests]
         cache = KVCache.concatenate([b.cache for b in batches])
-        reserve(cache, max(r.remaining for r in requests))
+        cache.reserve(max(r.remaining for r in requests))
         return ShardBatch(batches[0].id, requests, cache, Sampler.concatenate([b.sampler for b in batches]),
                           torch.cat([b.pending for b in batches]))
 
@@ -200,16 +200,3 @@ class ShardBatch:
         """Position of each row's pending token ``[b, 1]``."""
         pos = [r.blank.position(len(r.generated)) for r in self.requests]
         return torch.tensor(pos, dtype=torch.long, device=device)[:, None]
-
-
-def reserve(cache: KVCache, extra: int) -> None:
-    """Make room for ``extra`` more slots per row now, exactly, so that decoding never
-    triggers the cache's doubling growth (the capacity check counts exact slots)."""
-    need = cache.length + extra
-    if cache.capacity >= need:
-        return
-    pad = need - cache.capacity
-    cache.keys = torch.nn.functional.pad(cache.keys, (0, 0, 0, pad))      # [L, b, np, cap, hn]
-    cache.values = torch.nn.functional.pad(cache.values, (0, 0, 0, pad))
-    cache.valid = torch.nn.functional.pad(cache.valid, (0, pad))          # [b, cap]
-    cache.prefix = torch.nn.functional.pad(cache.prefix, (0, pad))
