@@ -19,7 +19,7 @@ def sequence_inputs(blank: Blank, generated: list[int]):
 
 
 def batch_logits(ctx, checkpoint: str, rows: list[tuple[list[int], list[int]]],
-                 dtype: str = "float32", split_at: int | None = None, quant: str | None = None):
+                 dtype: str = "float32", split_at: int | None = None, quant=None):
     """Logits of every real position of each row (left-padded batch). With ``split_at``,
     the first ``split_at`` tokens of every row go in one prefill and the rest one token
     per step through the KV cache; otherwise everything is one pass."""
