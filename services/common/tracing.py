@@ -54,6 +54,14 @@ def context_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) ->
     return propagate.extract(carrier)
 
 
+def context_from_traceparent(traceparent: str, tracestate: str = "") -> otel_context.Context:
+    """The context a W3C ``traceparent`` string names (an empty context when it is blank)."""
+    carrier = {"traceparent": traceparent} if traceparent else {}
+    if traceparent and tracestate:
+        carrier["tracestate"] = tracestate
+    return propagate.extract(carrier)
+
+
 def metadata_from_context(ctx: otel_context.Context | None = None) -> list[tuple[str, str]]:
     """gRPC metadata carrying ``ctx`` (default: the current context)."""
     carrier: dict[str, str] = {}

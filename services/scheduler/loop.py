@@ -1,0 +1,268 @@
+"""One pool's asyncio loop (DESIGN §7): Redis and the workers around the pure core.
+
+Per step: the running requests' cancel keys (one MGET) → FilterBatch; admission
+(XREADGROUP only as far as the budget reaches, a short BLOCK when idle); Prefill;
+Decode of the running + new batches; the step's events appended in one
+pipeline, ended requests acked. Between steps, on timers: re-claim the held
+entries (so they never look idle), XAUTOCLAIM a dead pool's entries and resume
+them from their events, the heartbeat hash, a Health call while idle.
+
+A worker failure (any shard error but a request the workers reject) fails the
+pool loudly: ``PoolFailure`` is raised, nothing is acked, the entries stay
+pending for another pool. Every shard call has a deadline, so it never hangs.
+
+Tracing: one ``scheduler.request`` span per request (parent: the gateway's
+``traceparent``), one ``scheduler.prefill`` / ``scheduler.decode`` span per step
+linked to the request spans it serves; shard calls carry the step span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import redis.asyncio as aioredis
+from opentelemetry import trace
+
+from services.common import redis_keys as keys
+from services.common.messages import FINISH_LENGTH, FINISH_STOP
+from services.common.tracing import context_from_traceparent
+from services.proto_gen.glm.v1 import shard_pb2 as pb
+from services.scheduler.policy import BatchView, Limits, PrefillOp, Scheduler, StepOutput
+from services.scheduler.queue import Entry, PoolQueue
+from services.scheduler.request import Gen
+from services.worker.client import ShardCallError, ShardClient
+
+log = logging.getLogger("glm.scheduler")
+REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_REASONS = {pb.FINISH_REASON_STOP: FINISH_STOP, pb.FINISH_REASON_LENGTH: FINISH_LENGTH}
+
+
+class PoolFailure(RuntimeError):
+    """The workers failed; the pool stops and leaves its entries to another pool."""
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    redis_url: str
+    model: str
+    workers: tuple[str, ...]
+    pool_id: str
+    limits: Limits = field(default_factory=Limits)
+    idle_block_ms: int = 200              # XREADGROUP BLOCK while the pool is idle
+    shard_timeout_s: float = 60.0         # deadline of every shard call
+    warmup_timeout_s: float = 600.0
+    claim_idle_ms: int = keys.CLAIM_IDLE_MS
+    heartbeat_s: float = 5.0
+    health_every_s: float = 5.0           # Health while idle
+    drain_timeout_s: float = 30.0         # on stop: finish running requests this long at most
+
+    @property
+    def refresh_s(self) -> float:
+        return self.claim_idle_ms / 4000.0
+
+    @property
+    def claim_every_s(self) -> float:
+        return self.claim_idle_ms / 2000.0
+
+
+def _gens(reply) -> list[Gen]:
+    return [Gen(g.request_id, g.token_id, g.logprob, tuple((t.token_id, t.logprob) for t in g.top_tokens),
+                g.finished, _REASONS.get(g.finish_reason, "")) for g in reply.generations]
+
+
+def _view(reply) -> BatchView | None:
+    if not reply.HasField("batch"):
+        return None
+    b = reply.batch
+    return BatchView(b.id, tuple(b.request_ids), b.max_tokens) if b.request_ids else None
+
+
+def _batch_pb(op: PrefillOp) -> pb.Batch:
+    requests = []
+    for r in op.requests:
+        s = r.sampling
+        sampling = pb.SamplingParameters(
+            greedy=s.greedy, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty, seed=s.seed)
+        requests.append(pb.Request(
+            id=r.shard_id, input_ids=r.input_ids, generated_ids=r.generated_ids, sampling=sampling,
+            stopping=pb.StoppingCriteria(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens),
+            top_logprobs=r.top_logprobs))
+    return pb.Batch(id=op.batch_id, requests=requests)
+
+
+def _cached_pb(v: BatchView) -> pb.CachedBatch:
+    return pb.CachedBatch(id=v.id, request_ids=v.shard_ids, size=v.size, max_tokens=v.max_tokens)
+
+
+class PoolLoop:
+    def __init__(self, options: LoopOptions, *, decode, max_sequence_length: int,
+                 tracer: trace.Tracer | None = None) -> None:
+        self.options = options
+        self.decode = decode
+        self.max_sequence_length = max_sequence_length
+        self.tracer = tracer or trace.NoOpTracer()
+        self.stopping = asyncio.Event()
+        self.core: Scheduler | None = None
+        self.spans: dict[str, trace.Span] = {}
+        self.raw: dict[str, str] = {}             # request id -> its queue document (for the dead letter)
+        self.steps = 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        o = self.options
+        redis = aioredis.from_url(o.redis_url)
+        client = ShardClient(list(o.workers), timeout_s=o.shard_timeout_s)
+        self.queue = PoolQueue(redis, o.model, o.pool_id, claim_idle_ms=o.claim_idle_ms)
+        try:
+            try:
+                warm = await client.warmup(o.limits.max_batch_size, o.limits.max_input_tokens,
+                                           o.limits.max_total_tokens, timeout_s=o.warmup_timeout_s)
+            except ShardCallError as exc:
+                raise PoolFailure(f"warmup failed: {exc}") from None
+            await client.clear_cache()            # this scheduler owns the workers' cache from now on
+            self.core = Scheduler(o.limits, warm.max_batch_total_tokens,
+                                  max_sequence_length=self.max_sequence_length, decode=self.decode)
+            log.info("pool %s: model %s, KV capacity %d tokens, mode %s", o.pool_id, o.model,
+                     warm.max_batch_total_tokens, o.limits.mode)
+            await self.queue.ensure_group()
+            await self._serve(client)
+        except ShardCallError as exc:
+            log.error("pool %s: worker failure, stopping: %s", o.pool_id, exc)
+            raise PoolFailure(f"worker failure: {exc}") from None
+        finally:
+            for span in self.spans.values():
+                span.set_status(trace.StatusCode.ERROR, "pool stopped")
+                span.end()
+            await client.close()
+            try:
+                await self.queue.leave()
+            except Exception:          # Redis gone: the heartbeat expires by itself
+                pass
+            await redis.aclose()
+
+    async def _serve(self, client: ShardClient) -> None:
+        o, core = self.options, self.core
+        last = {"refresh": 0.0, "claim": 0.0, "heartbeat": 0.0, "health": time.monotonic()}
+        drain_until = None
+        while True:
+            now = time.monotonic()
+            if self.stopping.is_set():
+                drain_until = drain_until or now + o.drain_timeout_s
+                if core.idle or now > drain_until:
+                    return
+            if now - last["heartbeat"] >= o.heartbeat_s:
+                last["heartbeat"] = now
+                await self.queue.heartbeat({"model": o.model, "capacity": core.capacity, "mode": o.limits.mode,
+                                            "running": len(core.by_shard), "waiting": len(core.waiting)})
+            if core.requests and now - last["refresh"] >= o.refresh_s:
+                last["refresh"] = now
+                await self.queue.refresh(core.tags())
+            if drain_until is None and now - last["claim"] >= o.claim_every_s:
+                last["claim"] = now
+                await self._claim()
+            if core.requests:
+                ids = core.ids()
+                for rid, flag in zip(ids, await self.queue.cancelled(ids)):
+                    if flag:
+                        core.cancel(rid)
+            room = 0 if drain_until is not None else core.room()
+            if room:
+                block = o.idle_block_ms if core.idle else None
+                for entry in await self.queue.read(room, block):
+                    await self._add(entry)
+            if core.idle:
+                if now - last["health"] >= o.health_every_s:
+                    last["health"] = now
+                    await client.health(timeout_s=o.shard_timeout_s)
+                if not room:
+                    await asyncio.sleep(o.idle_block_ms / 1000.0)
+                continue
+            last["health"] = now
+            await self._step(client)
+
+    # -- requests in ------------------------------------------------------------------------
+    async def _claim(self) -> None:
+        room = self.core.room()
+        if not room:
+            return
+        for entry in await self.queue.claim_idle(room):
+            log.warning("pool %s: claimed %s (delivery %d)", self.options.pool_id, entry.entry_id,
+                        entry.deliveries)
+            await self._add(entry)
+
+    async def _add(self, entry: Entry) -> None:
+        if entry.request is None:
+            log.error("pool %s: dead-lettering entry %s: %s", self.options.pool_id, entry.entry_id, entry.problem)
+            await self.queue.drop_malformed(entry)
+            return
+        req = entry.request
+        events = await self.queue.events(req.id) if entry.deliveries > 1 else []
+        reject = ""
+        if entry.deliveries > keys.MAX_DELIVERIES:
+            reject = f"delivered {entry.deliveries} times without ending (a pool failed each time)"
+        parent = context_from_traceparent(req.traceparent)
+        span = self.tracer.start_span("scheduler.request", context=parent, attributes={
+            "glm.request_id": req.id, "glm.pool": self.options.pool_id, "glm.deliveries": entry.deliveries,
+            "glm.prompt_tokens": len(req.prompt_ids), "glm.resumed_events": len(events)})
+        self.spans[req.id] = span
+        self.raw[req.id] = entry.raw
+        out = self.core.add(req, time.time(), tag=entry.entry_id, events=events, reject=reject)
+        await self._publish(out)
+
+    # -- one step ---------------------------------------------------------------------------
+    def _links(self, request_ids) -> list[trace.Link]:
+        return [trace.Link(self.spans[r].get_span_context()) for r in request_ids if r in self.spans]
+
+    async def _step(self, client: ShardClient) -> None:
+        core = self.core
+        plan = core.plan(time.time())
+        await self._publish(plan)
+        if plan.filter:
+            reply = await client.filter_batch(plan.filter.batch_id, list(plan.filter.keep))
+            core.filtered(_view(reply))
+        if plan.prefill:
+            op = plan.prefill
+            with self.tracer.start_as_current_span("scheduler.prefill", links=self._links(op.request_ids),
+                                                   attributes={"glm.batch_id": op.batch_id,
+                                                               "glm.batch_size": len(op.requests),
+                                                               "glm.tokens": op.tokens}):
+                try:
+                    reply = await client.prefill(_batch_pb(op))
+                except ShardCallError as exc:
+                    if exc.code not in REQUEST_ERRORS or exc.method != "Prefill":
+                        raise
+                    log.warning("pool %s: prefill refused: %s", self.options.pool_id, exc)
+                    named = re.search(r"request (\d+)", exc.details)
+                    await self._publish(core.prefill_refused(op, exc.code.name, exc.details,
+                                                             int(named.group(1)) if named else None))
+                    reply = None
+            if reply is not None:
+                await self._publish(core.prefilled(op, _gens(reply), _view(reply)))
+        batches = core.decode_batches()
+        if batches:
+            ids = {core.by_shard[s].id for v in batches for s in v.shard_ids if s in core.by_shard}
+            with self.tracer.start_as_current_span("scheduler.decode", links=self._links(ids), attributes={
+                    "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
+                reply = await client.decode([_cached_pb(v) for v in batches])
+            await self._publish(core.decoded(_gens(reply), _view(reply)))
+        self.steps += 1
+
+    async def _publish(self, out: StepOutput) -> None:
+        raw = {o.request_id: self.raw.get(o.request_id, "") for o in out.ended if o.dead}
+        await self.queue.publish(out.events, out.ended, raw)
+        for outcome in out.ended:
+            self.raw.pop(outcome.request_id, None)
+            span = self.spans.pop(outcome.request_id, None)
+            if span is not None:
+                if outcome.code:
+                    span.set_status(trace.StatusCode.ERROR, f"{outcome.code}: {outcome.message}")
+                span.end()

@@ -1,0 +1,204 @@
+"""One request inside a pool: its blanks, the tokens of the current one, its events.
+
+A request fills the blanks of its generation mask left to right, one generation
+phase per blank (the official ``fill_blanks``): when a blank ends, its content
+ids (a trailing end token dropped) are spliced into the context and the next
+blank of the same mask kind becomes a new phase. Every event it appends gets
+the next sequence number; ``tokens`` events carry tokens with exactly the text
+they add (``text.BlankText``), then one ``blank`` event per blank, then exactly
+one ``final`` or ``error``. Pure: the policy drives it, the loop publishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from model.config import END_IDS, EOS_ID
+from model.prompt import Blank, generation_mask
+from services.common.messages import (EVENT_BLANK, EVENT_ERROR, EVENT_FINAL, EVENT_TOKENS, FINISH_CANCELLED,
+                                      FINISH_LENGTH, FINISH_STOP, Event, QueuedRequest)
+from services.scheduler.text import BlankText
+
+WAITING, RUNNING, DONE = "waiting", "running", "done"
+
+
+@dataclass(frozen=True)
+class Gen:
+    """One generated token of a phase (from the shard protocol's ``Generation``)."""
+
+    shard_id: int
+    token_id: int
+    logprob: float = 0.0
+    top: tuple[tuple[int, float], ...] = ()
+    finished: bool = False
+    reason: str = ""            # FINISH_STOP | FINISH_LENGTH when finished
+
+
+@dataclass
+class BlankDone:
+    token_ids: list[int]        # published ids, the end token included when it stopped on one
+    text: str
+    finish_reason: str
+    stop_sequence: str = ""
+
+    @property
+    def content_ids(self) -> list[int]:
+        if self.token_ids and self.token_ids[-1] in END_IDS:
+            return self.token_ids[:-1]
+        return list(self.token_ids)
+
+
+@dataclass
+class Outcome:
+    """A request that ended: the loop acks its queue entry (and dead-letters it when ``dead``)."""
+
+    request_id: str
+    tag: Any
+    code: str = ""              # "" = ended normally (final event), else the error's status name
+    message: str = ""
+    dead: bool = False          # poison: goes to the dead-letter stream
+
+
+@dataclass
+class RequestState:
+    req: QueuedRequest
+    decode: Callable[[Sequence[int]], str]
+    max_sequence_length: int
+    max_total_tokens: int
+    arrival: int = 0
+    tag: Any = None                               # the queue entry id
+    context: list[int] = field(default_factory=list)
+    mask: int = 0
+    done: list[BlankDone] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)      # current blank: every id received
+    logprobs: list[float] = field(default_factory=list)
+    tops: list[tuple] = field(default_factory=list)
+    received: int = 0                             # tokens the workers generated for this phase
+    text: BlankText | None = None
+    seq: int = 0                                  # next event's sequence number
+    index: int = 0                                # published tokens of the request
+    status: str = WAITING
+    shard_id: int = 0                             # the current phase's id on the workers
+    cancelled: str = ""                           # "" or why: FINISH_CANCELLED | "deadline"
+    solo: bool = False                            # prefill alone (a batch holding it was rejected)
+    span: Any = None                              # the loop's scheduler.request span
+
+    def __post_init__(self) -> None:
+        if not self.context:
+            self.context = list(self.req.prompt_ids)
+            self.mask = generation_mask(self.context) or 0
+        self.text = BlankText(self.decode, self.req.stop)
+
+    @property
+    def id(self) -> str:
+        return self.req.id
+
+    # -- the current phase ----------------------------------------------------------------
+    @property
+    def blank(self) -> Blank:
+        return Blank.first(self.context, self.mask)
+
+    @property
+    def input_len(self) -> int:
+        return len(self.context) + 1                               # + sop
+
+    @property
+    def allowed(self) -> int:
+        """New tokens this blank may have: max_new_tokens, clamped to the sequence and total limits."""
+        room = min(self.max_sequence_length, self.max_total_tokens) - self.input_len
+        return max(0, min(self.req.max_new_tokens, room))
+
+    @property
+    def remaining(self) -> int:
+        """Tokens the workers may still generate for this phase (their KV accounting)."""
+        return max(0, self.allowed - self.received)
+
+    @property
+    def prefill_width(self) -> int:
+        return self.input_len + len(self.tokens)
+
+    @property
+    def phase_complete(self) -> bool:
+        return (bool(self.tokens) and self.tokens[-1] in END_IDS) or len(self.tokens) >= self.allowed
+
+    # -- events ----------------------------------------------------------------------------
+    def _event(self, kind: str, **fields) -> Event:
+        event = Event(kind, self.seq, **fields)
+        self.seq += 1
+        return event
+
+    def _tokens_event(self, start: int, n: int, text: str) -> list[Event]:
+        if n == 0 and not text:
+            return []
+        ids = self.tokens[start:start + n]
+        event = self._event(
+            EVENT_TOKENS, blank=len(self.done), index=self.index, token_ids=tuple(ids), text=text,
+            logprobs=tuple(self.logprobs[start:start + n]) if self.req.logprobs else (),
+            top_logprobs=tuple(self.tops[start:start + n]) if self.req.top_logprobs else ())
+        self.index += n
+        return [event]
+
+    def on_token(self, gen: Gen) -> tuple[list[Event], bool]:
+        """Take one generated token; (events to publish, whether this blank ended)."""
+        self.tokens.append(gen.token_id)
+        self.received += 1
+        self.logprobs.append(gen.logprob)
+        self.tops.append(tuple(tuple(t) for t in gen.top))
+        if gen.token_id in END_IDS:
+            return self.end_blank(FINISH_STOP, end_token_new=True), True
+        start = self.text.emitted_tokens
+        release = self.text.push(gen.token_id)
+        events = self._tokens_event(start, release.tokens, release.text)
+        if release.stop:
+            keep = self.text.emitted_tokens
+            self.tokens, self.logprobs, self.tops = self.tokens[:keep], self.logprobs[:keep], self.tops[:keep]
+            return events + self._blank_event(FINISH_STOP, release.stop), True
+        if gen.finished or self.received >= self.allowed:
+            return events + self.end_blank(gen.reason or FINISH_LENGTH), True
+        return events, False
+
+    def end_blank(self, reason: str, end_token_new: bool = False) -> list[Event]:
+        """The blank ended on an end token or its length: publish what was held, then the blank."""
+        start = self.text.emitted_tokens
+        has_end = bool(self.tokens) and self.tokens[-1] in END_IDS
+        release = self.text.finish(self.tokens[:-1] if has_end else self.tokens)
+        n = release.tokens + (1 if end_token_new else 0)
+        return self._tokens_event(start, n, release.text) + self._blank_event(reason)
+
+    def _blank_event(self, reason: str, stop: str = "") -> list[Event]:
+        done = BlankDone(list(self.tokens), self.text.text, reason, stop)
+        self.done.append(done)
+        return [self._event(EVENT_BLANK, blank=len(self.done) - 1, text=done.text, token_ids=tuple(done.token_ids),
+                            finish_reason=reason, stop_sequence=stop)]
+
+    def next_phase(self) -> bool:
+        """Splice the finished blank; True when another blank of the mask kind is left."""
+        self.context = self.blank.splice(self.done[-1].content_ids)
+        self.tokens, self.logprobs, self.tops, self.received = [], [], [], 0
+        self.text = BlankText(self.decode, self.req.stop)
+        return self.mask in self.context
+
+    def final(self) -> Event:
+        last = self.done[-1] if self.done else BlankDone([], "", FINISH_LENGTH)
+        output = list(self.context)
+        if output and output[-1] == EOS_ID:
+            output = output[:-1]
+        self.status = DONE
+        return self._event(
+            EVENT_FINAL, finish_reason=last.finish_reason, stop_sequence=last.stop_sequence,
+            text="".join(b.text for b in self.done), blanks=tuple(b.text for b in self.done),
+            output_text=self.decode(output), prompt_tokens=len(self.req.prompt_ids),
+            generated_tokens=sum(len(b.token_ids) for b in self.done), seed=self.req.sampling.seed)
+
+    def cancelled_final(self) -> Event:
+        """The caller went away: what was published stays; the stream ends with finish_reason cancelled."""
+        self.status = DONE
+        return self._event(
+            EVENT_FINAL, finish_reason=FINISH_CANCELLED, text="".join(b.text for b in self.done) + self.text.text,
+            blanks=tuple(b.text for b in self.done), prompt_tokens=len(self.req.prompt_ids),
+            generated_tokens=self.index, seed=self.req.sampling.seed)
+
+    def error(self, code: str, message: str) -> Event:
+        self.status = DONE
+        return self._event(EVENT_ERROR, code=code, message=message)
