@@ -1,0 +1,492 @@
+"""The Kubernetes manifests (DESIGN §11), checked offline.
+
+Every kustomization (the base and each overlay) is rendered with ``kubectl kustomize``;
+every rendered document is validated against the Kubernetes 1.30 schemas in strict mode
+(``kubernetes-validate``), or, for KEDA's ScaledObject (a CRD those schemas lack),
+against a small JSON schema of the fields we use. Every container that runs ``glm`` --
+directly or through a script mounted from a ConfigMap -- is parsed by the real CLI
+parser, with its ``GLM_*`` variables applied as the CLI applies them, so a manifest
+cannot name a subcommand, flag or variable that does not exist. Then the invariants:
+GPUs = tp = scheduler's rank addresses, NetworkPolicies, PDBs, probes, drain times,
+security contexts, the KEDA trigger's stream and group, the dashboard's metric names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="pyyaml is in the test extra")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the test extra")
+jsonschema = pytest.importorskip("jsonschema", reason="installed with kubernetes-validate")
+
+from services.cli.main import build_parser  # noqa: E402
+from services.common import redis_keys  # noqa: E402
+from services.common.env import apply_env_defaults, env_name  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+K8S_VERSION = "1.30.0"
+OVERLAYS = {  # overlay -> (tp, GLM_QUANT)
+    "int4-tp4": (4, "int4"),
+    "int8-tp8": (8, "int8"),
+    "fp16-tp8": (8, "none"),
+}
+TARGETS = ["base"] + [f"overlays/{name}" for name in OVERLAYS]
+# Shell variables of the mounted scripts and a value of the right shape for each.
+SCRIPT_VARS = {"rank": "0", "sockets": "/run/glm", "port": "29500"}
+OUR_IMAGES = ("glm-serve-cpu", "glm-serve-cuda")
+
+KUBECTL = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (kubectl kustomize renders k8s/)")
+
+# The ScaledObject fields we use (keda.sh/v1alpha1), closed to anything else.
+SCALED_OBJECT_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string"}, "namespace": {"type": "string"},
+                           "labels": {"type": "object", "additionalProperties": {"type": "string"}}},
+            "additionalProperties": False,
+        },
+        "spec": {
+            "type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object", "required": ["name"], "additionalProperties": False,
+                    "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                   "name": {"type": "string"}},
+                },
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "advanced": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"horizontalPodAutoscalerConfig": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"behavior": {"type": "object"}}}},
+                },
+                "triggers": {
+                    "type": "array", "minItems": 1,
+                    "items": {
+                        "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+                        "properties": {
+                            "type": {"const": "redis-streams"},
+                            "metadata": {
+                                "type": "object", "additionalProperties": False,
+                                "required": ["address", "stream", "consumerGroup", "lagCount"],
+                                "properties": {
+                                    "address": {"type": "string", "pattern": r"^[a-z0-9.-]+:\d+$"},
+                                    "stream": {"type": "string"},
+                                    "consumerGroup": {"type": "string"},
+                                    # KEDA reads trigger metadata as strings.
+                                    "lagCount": {"type": "string", "pattern": r"^\d+$"},
+                                    "activationLagCount": {"type": "string", "pattern": r"^\d+$"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+@lru_cache(maxsize=None)
+def _rendered(target: str) -> tuple[dict, ...]:
+    out = subprocess.run([KUBECTL, "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize k8s/{target} failed:\n{out.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+
+
+def _docs(target: str, kind: str | None = None) -> list[dict]:
+    return [d for d in _rendered(target) if kind is None or d["kind"] == kind]
+
+
+def _one(target: str, kind: str, name: str) -> dict:
+    found = [d for d in _docs(target, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"k8s/{target}: expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def _configmap(target: str, name: str) -> dict[str, str]:
+    """Data of a ConfigMap by its rendered name (generated names carry a hash suffix)."""
+    return next(d for d in _docs(target, "ConfigMap") if d["metadata"]["name"] == name).get("data", {})
+
+
+def _workloads(target: str) -> list[dict]:
+    return [d for d in _rendered(target) if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
+
+
+def _containers(pod: dict) -> list[dict]:
+    return list(pod.get("initContainers", [])) + list(pod["containers"])
+
+
+def _container(target: str, deployment: str, name: str) -> dict:
+    pod = _one(target, "Deployment", deployment)["spec"]["template"]["spec"]
+    return next(c for c in _containers(pod) if c["name"] == name)
+
+
+def _env(target: str, container: dict) -> dict[str, str]:
+    env = {}
+    for source in container.get("envFrom", []):
+        env.update(_configmap(target, source["configMapRef"]["name"]))
+    for var in container.get("env", []):
+        assert "value" in var, f"{container['name']}: env {var['name']} must be a plain value here"
+        env[var["name"]] = var["value"]
+    return env
+
+
+def _mounted_file(target: str, pod: dict, container: dict, path: str) -> str | None:
+    """The text of ``path`` when it lies in a ConfigMap volume mounted in ``container``."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        volume = volumes[mount["name"]]
+        if path.startswith(prefix) and "configMap" in volume:
+            return _configmap(target, volume["configMap"]["name"]).get(path[len(prefix):])
+    return None
+
+
+def _script_glm_lines(script: str) -> list[list[str]]:
+    """The ``glm ...`` invocations of a shell script, as argv lists with variables filled in."""
+    text = script.replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words and words[0] == "exec":
+            words = words[1:]
+        if not words or words[0] != "glm":
+            continue
+        if words[-1] == "&":
+            words = words[:-1]
+
+        def fill(match: re.Match) -> str:
+            name = match.group(1) or match.group(2)
+            assert name in SCRIPT_VARS, f"script variable ${name} in a glm command has no test value"
+            return SCRIPT_VARS[name]
+
+        commands.append([re.sub(r"\$\{(\w+)\}|\$(\w+)", fill, w) for w in words])
+    return commands
+
+
+def _glm_invocations(target: str, pod: dict, container: dict) -> list[list[str]]:
+    """Every ``glm`` argv a container runs: its command+args, or the scripts they execute."""
+    argv = list(container.get("command", [])) + list(container.get("args", []))
+    if argv and argv[0] == "glm":
+        return [argv]
+    found = []
+    for word in argv:
+        script = _mounted_file(target, pod, container, word) if word.startswith("/") else None
+        if script is not None:
+            found += _script_glm_lines(script)
+    return found
+
+
+def _subparser(command: str) -> argparse.ArgumentParser:
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert command in subs.choices, f"`glm {command}` is not a subcommand of the CLI ({sorted(subs.choices)})"
+    return subs.choices[command]
+
+
+def _parse(argv: list[str], env: dict[str, str]) -> argparse.Namespace:
+    """Parse ``glm`` argv exactly as ``glm`` would in that environment; fail with its message."""
+    assert len(argv) >= 2, f"{argv}: no subcommand"
+    sub = _subparser(argv[1])
+    flags = {s: env_name(a.dest) for a in sub._actions for s in a.option_strings}
+    variables = {env_name(a.dest) for a in sub._actions if a.option_strings and a.dest != "help"}
+    for word in argv[2:]:
+        if word.startswith("--"):
+            assert word.split("=")[0] in flags, f"`glm {argv[1]}` has no flag {word}"
+    unknown = sorted(k for k in env if k.startswith("GLM_") and k not in variables)
+    assert not unknown, f"`glm {argv[1]}` has no flag for {unknown}"
+    parser = build_parser()
+    apply_env_defaults(parser, environ=env)  # ValueError names a bad value
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            return parser.parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"glm {' '.join(argv[1:])} (env {sorted(env)}) does not parse: {err.getvalue()}")
+
+
+# ---- rendering and schemas ----
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_document_is_valid(target):
+    docs = _rendered(target)
+    assert docs
+    for doc in docs:
+        where = f"k8s/{target}: {doc['kind']} {doc['metadata']['name']}"
+        if doc["apiVersion"].startswith("keda.sh/"):
+            try:
+                jsonschema.validate(doc, SCALED_OBJECT_SCHEMA)
+            except jsonschema.ValidationError as exc:
+                pytest.fail(f"{where}: {exc.message} at {list(exc.absolute_path)}")
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{where}: {exc.message} at {list(exc.path)}")
+
+
+def test_scaled_object_schema_rejects_unknown_fields():
+    doc = next(d for d in _docs("base", "ScaledObject"))
+    bad = json.loads(json.dumps(doc))
+    bad["spec"]["triggers"][0]["metadata"]["lagcount"] = "5"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, SCALED_OBJECT_SCHEMA)
+
+
+# ---- the commands against the real CLI ----
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_glm_commands_parse_with_the_real_cli(target):
+    ran = set()
+    for workload in _workloads(target):
+        pod = workload["spec"]["template"]["spec"]
+        for container in _containers(pod):
+            invocations = _glm_invocations(target, pod, container)
+            if container["image"].split("/")[-1].split(":")[0] in OUR_IMAGES:
+                assert invocations, f"{container['name']}: runs our image but no glm command was found"
+                # Service links would inject GLM_<SERVICE>_PORT=tcp://... into a glm process.
+                assert pod.get("enableServiceLinks") is False, workload["metadata"]["name"]
+            env = _env(target, container)
+            for argv in invocations:
+                _parse(argv, env)
+                ran.add(argv[1])
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                command = container.get(probe, {}).get("exec", {}).get("command", [])
+                for word in command:
+                    if word.startswith("/opt/"):
+                        assert _mounted_file(target, pod, container, word), f"{probe} runs missing {word}"
+    assert ran == {"gateway", "scheduler", "worker"}
+
+
+def test_script_extraction_sees_the_worker_flags():
+    pod = _one("base", "Deployment", "glm-pool")["spec"]["template"]["spec"]
+    [argv] = _glm_invocations("base", pod, _container("base", "glm-pool", "worker"))
+    assert argv[:2] == ["glm", "worker"] and "--listen" in argv and "--dist-init" in argv
+    env = _env("base", _container("base", "glm-pool", "worker"))
+    with pytest.raises(AssertionError, match="no flag --no-such-flag"):
+        _parse(argv + ["--no-such-flag"], env)
+    with pytest.raises(AssertionError, match="no flag for"):
+        _parse(argv, {**env, "GLM_NO_SUCH_FLAG": "1"})
+    with pytest.raises(pytest.fail.Exception, match="does not parse"):
+        _parse(argv, {k: v for k, v in env.items() if k != "GLM_CHECKPOINT"})   # a required flag
+
+
+def test_launcher_script_is_valid_bash():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    out = subprocess.run([bash, "-n", str(K8S / "base/files/pool-launcher.sh")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+# ---- the pool: GPUs, tp, ranks ----
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pool_gpus_equal_tp_and_rank_addresses(target):
+    worker = _container(target, "glm-pool", "worker")
+    scheduler = _container(target, "glm-pool", "scheduler")
+    tp = int(_env(target, worker)["GLM_TP"])
+    res = worker["resources"]
+    assert int(res["limits"]["nvidia.com/gpu"]) == tp
+    assert int(res["requests"]["nvidia.com/gpu"]) == tp
+    assert "nvidia.com/gpu" not in scheduler.get("resources", {}).get("limits", {})
+    workers = _env(target, scheduler)["GLM_WORKERS"].split(",")
+    assert workers == [f"unix:///run/glm/rank-{r}.sock" for r in range(tp)]
+    assert worker.get("restartPolicy") == "Always", "the worker is a native sidecar (starts first, stops last)"
+    pod = _one(target, "Deployment", "glm-pool")["spec"]["template"]["spec"]
+    [term] = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    count = next(e for e in term["matchExpressions"] if e["key"] == "nvidia.com/gpu.count")
+    assert count["operator"] == "Gt" and int(count["values"][0]) == tp - 1
+    assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"])
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_overlay_sets_its_tp_and_quantization(name):
+    target = f"overlays/{name}"
+    tp, quant = OVERLAYS[name]
+    env = _env(target, _container(target, "glm-pool", "worker"))
+    assert (int(env["GLM_TP"]), env["GLM_QUANT"]) == (tp, quant)
+    assert int(_container(target, "glm-pool", "worker")["resources"]["limits"]["nvidia.com/gpu"]) == tp
+    checkpoint = env["GLM_CHECKPOINT"]
+    assert _env(target, _container(target, "glm-pool", "scheduler"))["GLM_CHECKPOINT"] == checkpoint
+    gateway = _env(target, _container(target, "glm-gateway", "gateway"))["GLM_MODEL"]
+    assert gateway.split("=", 1)[1] == checkpoint
+
+
+# ---- autoscaling ----
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_keda_scales_pools_on_the_queue_lag(target):
+    [scaled] = _docs(target, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "glm-pool"
+    [trigger] = scaled["spec"]["triggers"]
+    meta = trigger["metadata"]
+    model = _env(target, _container(target, "glm-pool", "scheduler"))["GLM_MODEL"]
+    assert meta["stream"] == redis_keys.queue(model)
+    assert meta["consumerGroup"] == redis_keys.GROUP
+    assert int(meta["lagCount"]) >= 1
+    namespace = _one(target, "Service", "glm-redis")["metadata"].get("namespace", "default")
+    assert meta["address"] == f"glm-redis.{namespace}.svc.cluster.local:6379"
+    [hpa] = _docs(target, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "glm-gateway"
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+# ---- network, disruption, probes, shutdown, security ----
+
+def _policy(target: str, app: str) -> dict:
+    for pol in _docs(target, "NetworkPolicy"):
+        if pol["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == app:
+            return pol
+    pytest.fail(f"k8s/{target}: no NetworkPolicy selects {app}")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_network_policies(target):
+    policies = _docs(target, "NetworkPolicy")
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and "Ingress" in p["spec"]["policyTypes"]
+            and not p["spec"].get("ingress")]
+    assert deny, "no default deny-ingress policy"
+    # Only the gateway accepts traffic from outside the namespace, on its gRPC port.
+    [rule] = _policy(target, "glm-gateway")["spec"]["ingress"]
+    assert "from" not in rule and [p["port"] for p in rule["ports"]] == [50051]
+    for pol in policies:
+        app = pol["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name")
+        for rule in pol["spec"].get("ingress", []):
+            if app != "glm-gateway":
+                assert rule.get("from"), f"{pol['metadata']['name']}: a rule open to everyone"
+            for peer in rule.get("from", []):
+                assert "ipBlock" not in peer
+                if "namespaceSelector" in peer:  # only KEDA's operator, to read the lag
+                    assert app == "glm-redis"
+                    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "keda-operator"}
+    # Redis: gateway and pools (and KEDA) only.
+    [rule] = _policy(target, "glm-redis")["spec"]["ingress"]
+    pods = {p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in rule["from"]
+            if "namespaceSelector" not in p}
+    assert pods == {"glm-gateway", "glm-pool"}
+    assert [p["port"] for p in rule["ports"]] == [6379]
+    # The collector: every pod of the application.
+    [rule] = _policy(target, "glm-otel-collector")["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "glm-serve"}}}]
+    # The pools: no policy opens them, no Service reaches them, no container port.
+    assert not any(p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "glm-pool"
+                   for p in policies)
+    for svc in _docs(target, "Service"):
+        assert svc["spec"]["selector"].get("app.kubernetes.io/name") != "glm-pool"
+    pool = _one(target, "Deployment", "glm-pool")["spec"]["template"]["spec"]
+    assert not any(c.get("ports") for c in _containers(pool))
+    for workload in _workloads(target):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert labels.get("app.kubernetes.io/part-of") == "glm-serve"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_disruption_budgets(target):
+    selected = {p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]: p["spec"]
+                for p in _docs(target, "PodDisruptionBudget")}
+    assert set(selected) >= {"glm-gateway", "glm-pool"}
+    hpa = _one(target, "HorizontalPodAutoscaler", "glm-gateway")
+    assert selected["glm-gateway"]["minAvailable"] < hpa["spec"]["minReplicas"], "a gateway PDB that blocks drains"
+    assert selected["glm-pool"]["maxUnavailable"] >= 1
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_probes(target):
+    gateway = _container(target, "glm-gateway", "gateway")
+    port = int(_env(target, gateway)["GLM_PORT"])
+    assert gateway["readinessProbe"]["grpc"]["port"] == port == 50051
+    assert "livenessProbe" in gateway and "startupProbe" in gateway
+    [svc_port] = _one(target, "Service", "glm-gateway")["spec"]["ports"]
+    assert svc_port["port"] == 50051
+    worker = _container(target, "glm-pool", "worker")
+    for probe in ("startupProbe", "livenessProbe"):
+        assert worker[probe]["exec"]["command"] == ["python", "/opt/glm/pool_health.py"]
+    assert worker["startupProbe"]["failureThreshold"] * worker["startupProbe"]["periodSeconds"] >= 1200
+    for deployment, container in (("glm-redis", "redis"), ("glm-otel-collector", "collector")):
+        c = _container(target, deployment, container)
+        assert "readinessProbe" in c and "livenessProbe" in c
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_graceful_shutdown_leaves_time_to_drain(target):
+    gateway_pod = _one(target, "Deployment", "glm-gateway")["spec"]["template"]["spec"]
+    gateway = _container(target, "glm-gateway", "gateway")
+    grace = float(_env(target, gateway)["GLM_GRACE_PERIOD_S"])
+    pre_stop = gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert gateway_pod["terminationGracePeriodSeconds"] >= grace + pre_stop + 10
+    pool_pod = _one(target, "Deployment", "glm-pool")["spec"]["template"]["spec"]
+    drain = float(_env(target, _container(target, "glm-pool", "scheduler"))["GLM_DRAIN_TIMEOUT_S"])
+    assert drain >= 120, "a long generation needs minutes to finish"
+    assert pool_pod["terminationGracePeriodSeconds"] >= drain + 30   # + the ranks' own stop
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_security_contexts_and_resources(target):
+    for workload in _workloads(target):
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod.get("automountServiceAccountToken") is False
+        for c in _containers(pod):
+            where = f"{workload['metadata']['name']}/{c['name']}"
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"], where
+            assert c["resources"]["requests"]["cpu"], where
+
+
+# ---- observability ----
+
+DOCUMENTED_METRIC = re.compile(r"^\| `(glm_[a-z0-9_]+)` \|", re.M)
+
+
+def test_dashboard_uses_documented_metric_names():
+    documented = set(DOCUMENTED_METRIC.findall((ROOT / "docs/deploy.md").read_text()))
+    assert documented, "docs/deploy.md lists no metric"
+    for name in documented:
+        assert re.fullmatch(r"glm_(gateway|scheduler|worker)_[a-z0-9_]+", name), name
+    dashboard = json.loads((K8S / "base/files/glm-dashboard.json").read_text())
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"glm_[a-z0-9_]+", target["expr"])}
+    assert used and used <= documented, f"undocumented: {sorted(used - documented)}"
+    config_map = _one("base", "ConfigMap", "glm-grafana-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["glm-dashboard.json"]) == dashboard
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_service_exports_traces_to_the_collector(target):
+    collector = _one(target, "Service", "glm-otel-collector")
+    [port] = collector["spec"]["ports"]
+    endpoint = f"glm-otel-collector:{port['port']}"
+    for deployment, container in (("glm-gateway", "gateway"), ("glm-pool", "scheduler"), ("glm-pool", "worker")):
+        assert _env(target, _container(target, deployment, container))["GLM_OTLP_ENDPOINT"] == endpoint
