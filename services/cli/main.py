@@ -6,16 +6,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from services.common.env import apply_env_defaults, debug_enabled
 
 # command -> (module under services.cli, help)
 COMMANDS = {
+    "serve": ("serve", "all in one: gateway + scheduler + worker pool (+ Redis, + demo model)"),
     "generate": ("generate", "generate locally from a checkpoint (no services)"),
     "convert": ("checkpoints", "reshard a checkpoint for another tensor-parallel size"),
     "init-tiny": ("checkpoints", "write a small random checkpoint + tokenizer in the official layout"),
     "plan": ("plan", "memory per GPU for a model x quantization x TP x context"),
     "worker": ("worker", "serve one tensor-parallel rank of a pool over gRPC (the shard protocol)"),
+    "scheduler": ("scheduler", "run one pool's scheduler: Redis queue -> continuous batching over the workers"),
+    "gateway": ("gateway", "serve the public gRPC API: validate, enqueue on Redis, relay tokens"),
+    "client": ("client", "call a gateway from the command line"),
 }
 
 
@@ -121,12 +126,136 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", help="name reported by Info (default: the checkpoint folder's name)")
 
 
+class _Repeatable(argparse.Action):
+    """A repeatable flag collecting a list. Its ``GLM_`` variable holds the values
+    comma-separated; flags given on the command line replace the variable's."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = getattr(namespace, self.dest)
+        if items is self.default or not isinstance(items, list):
+            items = []
+        setattr(namespace, self.dest, items + [values])
+
+
+def repeated(value) -> list[str]:
+    """The list a ``_Repeatable`` flag holds (a ``GLM_`` variable's value is split on commas)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return list(value)
+
+
+def _add_gateway(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action=_Repeatable, metavar="NAME=CHECKPOINT_DIR", required=True,
+                   help="a model to serve (repeatable; the first is the default); only the "
+                        "checkpoint's config.json and ice_text.model are read")
+    p.add_argument("--tokenizer", help="ice_text.model for every model (default: beside each checkpoint)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=_non_negative_int, default=50051, help="0 = any free port")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--redis-timeout-s", type=float, default=2.0,
+                   help="Redis connect/read timeout; past it calls fail with UNAVAILABLE")
+    p.add_argument("--max-queue-depth", type=_positive_int, default=1024,
+                   help="requests waiting per model (XLEN of its queue) before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-new-tokens-limit", type=_positive_int, default=2048)
+    p.add_argument("--default-max-new-tokens", type=_positive_int, default=128,
+                   help="per blank, when a request does not say")
+    p.add_argument("--max-stop-sequences", type=_non_negative_int, default=8)
+    p.add_argument("--max-stop-chars", type=_positive_int, default=256, help="length of one stop text")
+    p.add_argument("--api-key", action=_Repeatable, metavar="KEY",
+                   help="require 'authorization: Bearer KEY' (repeatable; health and reflection stay open)")
+    p.add_argument("--api-keys-file", help="file with one API key per line")
+    p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--grace-period-s", type=float, default=30.0,
+                   help="on SIGTERM, how long in-flight calls may run on")
+    p.add_argument("--otlp-endpoint", help="export traces over OTLP/gRPC to host:port (default: none)")
+
+
+def _add_client(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="127.0.0.1:50051", help="the gateway, HOST:PORT")
+    p.add_argument("--model", default="", help="model name (default: the gateway's default)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="prompt text; may contain [MASK], [sMASK], [gMASK]")
+    what.add_argument("--prompt-ids", help="comma-separated context ids holding a mask id")
+    what.add_argument("--tokenize", metavar="TEXT", help="print the ids TEXT becomes")
+    what.add_argument("--list-models", action="store_true", help="print the models served")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="per blank (default: the server's)")
+    p.add_argument("--min-new-tokens", type=_non_negative_int, default=0)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default 1)")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, help="0 or 1 = off")
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=_non_negative_int, help="default: drawn by the gateway")
+    p.add_argument("--stop", action=_Repeatable, metavar="TEXT", help="stop text (repeatable)")
+    p.add_argument("--logprobs", action="store_true", help="log-probability of each token")
+    p.add_argument("--top-logprobs", type=_non_negative_int, default=0, help="alternatives per token (0-5)")
+    p.add_argument("--request-id", default="", help="idempotency key: a retry re-attaches")
+    p.add_argument("--timeout-s", type=float, help="deadline of the call")
+    p.add_argument("--api-key", help="sent as 'authorization: Bearer KEY'")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--tls-ca", help="PEM root certificate(s) to trust (default: the system's)")
+    p.add_argument("--tls-server-name", help="expected name in the server certificate")
+
+
+def _add_scheduler(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--model", required=True, help="model name: reads glm:queue:{model}")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (only config.json and ice_text.model)")
+    p.add_argument("--workers", required=True, help="comma-separated rank addresses, rank 0 first")
+    p.add_argument("--pool-id", help="consumer name in the queue's group (default: host-pid)")
+    p.add_argument("--mode", choices=["continuous", "static", "sequential"], default="continuous")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-input-tokens", type=_positive_int, help="context + sop (default: max_sequence_length/2)")
+    p.add_argument("--max-total-tokens", type=_positive_int, help="input + new (default: max_sequence_length)")
+    p.add_argument("--max-prefill-tokens", type=_positive_int, default=4096, help="padded tokens of one prefill")
+    p.add_argument("--max-waiting-tokens", type=_positive_int, default=20,
+                   help="decode steps after which waiting requests are prefilled anyway")
+    p.add_argument("--waiting-served-ratio", type=float, default=0.3,
+                   help="waiting requests per running one that justify pausing decodes for a prefill")
+    p.add_argument("--shard-timeout-s", type=float, default=60.0, help="deadline of every shard call")
+    p.add_argument("--warmup-timeout-s", type=float, default=600.0)
+    p.add_argument("--claim-idle-ms", type=_positive_int, default=None,
+                   help="pending entries idle this long belong to a dead pool (default: redis_keys.CLAIM_IDLE_MS)")
+    p.add_argument("--idle-block-ms", type=_positive_int, default=200, help="XREADGROUP BLOCK while idle")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0, help="on SIGTERM: finish running requests")
+    p.add_argument("--otlp-endpoint", help="export traces over OTLP/gRPC to host:port (default: none)")
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=_non_negative_int, default=50051, help="the gateway's port")
+    p.add_argument("--host", default="127.0.0.1", help="the gateway's address")
+    p.add_argument("--redis-url", help="an existing Redis (default: start a private one)")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the demo model, created on first use)")
+    p.add_argument("--model-name", help="name clients use (default: glm-demo, or the checkpoint folder's name)")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "glm"), help="where the demo model lives")
+    p.add_argument("--tp", type=_positive_int, default=1, help="ranks per pool")
+    p.add_argument("--pools", type=_positive_int, default=1, help="pools sharing the queue")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none")
+    p.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
+    p.add_argument("--mode", choices=["continuous", "static", "sequential"], default="continuous",
+                   help="batching: continuous (iteration-level), static, or one request at a time")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32)
+    p.add_argument("--no-demo-call", action="store_true", help="do not make the example client call")
+
+
 ADDERS = {
+    "serve": _add_serve,
     "generate": _add_generate,
     "convert": _add_convert,
     "init-tiny": _add_init_tiny,
     "plan": _add_plan,
     "worker": _add_worker,
+    "scheduler": _add_scheduler,
+    "gateway": _add_gateway,
+    "client": _add_client,
 }
 
 

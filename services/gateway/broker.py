@@ -1,0 +1,155 @@
+"""The gateway's side of the Redis contract (DESIGN §9, ``services.common.redis_keys``).
+
+* ``submit``: one Lua script, so it is atomic: an existing idempotency record means
+  a retry (same fingerprint: re-attach; else ALREADY_EXISTS); a queue at its depth
+  limit refuses (RESOURCE_EXHAUSTED, nothing written); otherwise it creates the
+  consumer group if missing, writes ``glm:req:{id}`` and appends the request.
+* ``events``: blocking XREAD of ``glm:req:{id}:events`` from the start, until the
+  caller's deadline.
+* ``cancel``: ``glm:req:{id}:cancel``, read by the scheduler every step.
+
+Redis being unreachable is never a hang: the client has short connect/read
+timeouts and no retries, and every failure becomes UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.common import redis_keys as keys
+from services.common.errors import ResourceExhausted, ServiceError, Unavailable
+from services.common.messages import Event, QueuedRequest
+
+log = logging.getLogger("glm.gateway")
+SUBMIT_SCRIPT = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {'attached', existing} end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return {'full', ''} end
+redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+return {'queued', redis.call('XADD', KEYS[2], '*', ARGV[6], ARGV[3])}
+"""
+READ_COUNT = 256
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@dataclass(frozen=True)
+class Submitted:
+    request_id: str
+    attached: bool          # True: a retry of a request already enqueued; nothing was added
+    entry_id: str = ""      # the queue entry, when this call enqueued it
+
+
+def connect(url: str, timeout_s: float = 2.0) -> aioredis.Redis:
+    """A client that fails fast: short timeouts, no retries (the caller retries)."""
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0), retry_on_timeout=False, decode_responses=False)
+
+
+class Broker:
+    def __init__(self, client: aioredis.Redis, *, max_queue_depth: int, timeout_s: float = 2.0,
+                 on_failure=None) -> None:
+        self.redis = client
+        self.max_queue_depth = max_queue_depth
+        # A blocking XREAD must return before the socket read timeout fires.
+        self.block_ms = max(10, min(1000, int(timeout_s * 500)))
+        self._submit = client.register_script(SUBMIT_SCRIPT)
+        self._on_failure = on_failure or (lambda exc: None)   # e.g. flip health
+
+    def _unavailable(self, exc: RedisError) -> ServiceError:
+        self._on_failure(exc)
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+            return Unavailable(f"the request queue (Redis) is unreachable: {exc}")
+        return ServiceError(f"Redis: {exc}")
+
+    async def ping(self) -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
+
+    async def submit(self, queued: QueuedRequest, fingerprint: str) -> Submitted:
+        try:
+            status, value = await self._submit(
+                keys=[keys.request(queued.id), keys.queue(queued.model)],
+                args=[fingerprint, keys.ACTIVE_TTL_S, queued.to_json(), self.max_queue_depth,
+                      keys.GROUP, keys.FIELD])
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
+        status, value = status.decode(), value.decode()
+        if status == "full":
+            raise ResourceExhausted(f"the queue of model {queued.model!r} is full "
+                                    f"({self.max_queue_depth} requests waiting); retry later")
+        if status == "attached":
+            if value != fingerprint:
+                raise AlreadyExists(f"request_id: {queued.id!r} is already used by a different "
+                                    "request; use a new id")
+            return Submitted(queued.id, attached=True)
+        return Submitted(queued.id, attached=False, entry_id=value)
+
+    async def events(self, request_id: str, deadline: float | None = None) -> AsyncIterator[Event]:
+        """Every event of the request from the first one, until a terminal event.
+
+        ``deadline`` is ``time.monotonic()`` seconds; past it, ``DeadlineExceeded``."""
+        stream, last = keys.events(request_id), b"0-0"
+        while True:
+            block = self.block_ms
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(f"request {request_id}: deadline passed")
+                block = max(1, min(block, int(left * 1000)))
+            try:
+                reply = await self.redis.xread({stream: last}, count=READ_COUNT, block=block)
+            except (RedisError, OSError) as exc:
+                raise self._unavailable(exc) from None
+            for _key, entries in reply or ():
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = Event.from_json(fields[keys.FIELD.encode()])
+                    yield event
+                    if event.terminal:
+                        return
+
+    async def cancel(self, request_id: str) -> None:
+        try:
+            await self.redis.set(keys.cancel(request_id), b"1", ex=keys.CANCEL_TTL_S)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
+
+    async def queue_depth(self, model: str) -> int:
+        try:
+            return int(await self.redis.xlen(keys.queue(model)))
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+async def cancel_quietly(broker: Broker, request_id: str) -> None:
+    """Best effort: a cancel that cannot reach Redis is logged, not raised."""
+    try:
+        await broker.cancel(request_id)
+    except (ServiceError, asyncio.CancelledError) as exc:
+        log.warning("request %s: could not set the cancel key: %s", request_id, exc)

@@ -1,0 +1,195 @@
+"""The gateway process: a ``grpc.aio`` server with the public API, the standard
+health service and server reflection, optional API keys and TLS.
+
+Health follows Redis: NOT_SERVING while the queue cannot be reached (a
+background ping every ``health_interval_s``, and at once when a call fails),
+SERVING again when it answers. On SIGTERM/SIGINT the server reports
+NOT_SERVING, stops accepting calls and lets in-flight ones finish for up to
+``grace_period_s``; calls still running then are cancelled (their requests'
+cancel keys are set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import ServiceError
+from services.common.tracing import setup_tracing
+from services.gateway.auth import ApiKeyInterceptor
+from services.gateway.broker import Broker, connect
+from services.gateway.catalog import Catalog, Limits, load_model
+from services.gateway.service import TextGenerationService
+from services.proto_gen.glm.v1 import generation_pb2 as pb
+from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("glm.gateway")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    models: tuple[tuple[str, str], ...]           # (name, checkpoint dir); the first is the default
+    host: str = "0.0.0.0"
+    port: int = 50051                             # 0 = any free port (see Gateway.port)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    tokenizer: str | None = None                  # overrides each checkpoint's ice_text.model
+    limits: Limits = field(default_factory=Limits)
+    max_queue_depth: int = 1024
+    api_keys: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    grace_period_s: float = 30.0
+    redis_timeout_s: float = 2.0
+    health_interval_s: float = 1.0
+    otlp_endpoint: str | None = None
+
+
+class RedisHealth:
+    """The health status of every service, in step with Redis reachability."""
+
+    def __init__(self, servicer: health.aio.HealthServicer) -> None:
+        self.servicer = servicer
+        self.serving: bool | None = None
+        self.closed = False
+        self._tasks: set[asyncio.Task] = set()
+
+    async def set(self, serving: bool) -> None:
+        if self.closed or serving == self.serving:
+            return
+        self.serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.servicer.set(name, status)
+        log.log(logging.INFO if serving else logging.WARNING,
+                "health: %s", "SERVING" if serving else "NOT_SERVING (Redis unreachable)")
+
+    def mark(self, serving: bool) -> None:
+        """Synchronous hook for the broker; the change is applied on the loop."""
+        if self.closed or serving == self.serving:
+            return
+        task = asyncio.ensure_future(self.set(serving))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self.closed = True
+        await self.servicer.enter_graceful_shutdown()
+
+
+class Gateway:
+    def __init__(self, options: GatewayOptions, *, span_exporter=None) -> None:
+        self.options = options
+        catalog = Catalog([load_model(name, directory, options.limits, options.tokenizer)
+                           for name, directory in options.models])
+        self.catalog = catalog
+        self.tracing = setup_tracing("glm-gateway", otlp_endpoint=options.otlp_endpoint,
+                                     exporter=span_exporter)
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._monitor: asyncio.Task | None = None
+        self._health: RedisHealth | None = None
+        self._broker: Broker | None = None
+        self._service: TextGenerationService | None = None
+
+    async def start(self) -> int:
+        options = self.options
+        health_servicer = health.aio.HealthServicer()
+        self._health = RedisHealth(health_servicer)
+        self._broker = Broker(connect(options.redis_url, options.redis_timeout_s),
+                              max_queue_depth=options.max_queue_depth,
+                              timeout_s=options.redis_timeout_s,
+                              on_failure=lambda exc: self._health.mark(False))
+        interceptors = [ApiKeyInterceptor(list(options.api_keys))] if options.api_keys else []
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        tracer = self.tracing.get_tracer("glm.gateway")
+        self._service = TextGenerationService(self.catalog, self._broker, tracer)
+        pb_grpc.add_TextGenerationServicer_to_server(self._service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{options.host}:{options.port}"
+        if options.tls_cert or options.tls_key:
+            if not (options.tls_cert and options.tls_key):
+                raise ValueError("--tls-cert and --tls-key go together")
+            credentials = grpc.ssl_server_credentials(
+                [(_read(options.tls_key, "--tls-key"), _read(options.tls_cert, "--tls-cert"))])
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
+        await self._check_redis()
+        await server.start()
+        self._server = server
+        self._monitor = asyncio.create_task(self._watch_redis())
+        return self.port
+
+    async def _check_redis(self) -> None:
+        try:
+            await self._broker.ping()
+            serving = True
+        except ServiceError as exc:
+            log.warning("%s", exc)
+            serving = False
+        await self._health.set(serving)
+
+    async def _watch_redis(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.health_interval_s)
+            await self._check_redis()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls; in-flight ones get ``grace`` seconds to finish."""
+        if self._server is None:
+            return
+        grace = self.options.grace_period_s if grace is None else grace
+        await self._health.close()
+        if self._monitor:
+            self._monitor.cancel()
+        await self._server.stop(grace)
+        await self._service.drain()   # cancel keys of the calls the stop cut short
+        await self._broker.close()
+        self.tracing.shutdown()
+        self._server = None
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+async def serve(options: GatewayOptions, ready=None) -> None:
+    """Run until SIGTERM/SIGINT, then drain for ``grace_period_s``."""
+    gateway = Gateway(options)
+    port = await gateway.start()
+    scheme = "tls" if options.tls_cert else "plaintext"
+    log.info("listening on %s:%d (%s), models %s", options.host, port, scheme,
+             ", ".join(m.name for m in gateway.catalog))
+    if ready is not None:
+        ready(port)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task] = []
+
+    def on_signal(signum: int) -> None:
+        if not stopping:
+            log.info("signal %d: draining for up to %.0f s", signum, options.grace_period_s)
+            stopping.append(asyncio.ensure_future(gateway.stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await gateway.wait()
+    if stopping:
+        await stopping[0]

@@ -1,0 +1,144 @@
+"""The ``glm.v1.TextGeneration`` servicer: validate, enqueue, relay, cancel.
+
+A call is validated and tokenized (``validation.admit``), enqueued once per
+request id (``Broker.submit``; a retry with the same id re-attaches), then its
+event stream is relayed from the first event. When the call ends before the
+request does (the caller went away, its deadline passed), a done-callback on
+the call sets the request's cancel key so the pool drops it within one step;
+the callback fires however the handler was left, even when the caller vanished
+while the handler was suspended outside our code. Every call runs in a ``gateway.generate`` span whose W3C
+context comes from the caller's metadata and travels in the queued request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import AsyncIterator
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from model.prompt import prepare_text_ids
+from services.common.errors import InvalidArgument, ServiceError, abort_code, one_line
+from services.common.tracing import context_from_metadata, metadata_from_context
+from services.gateway.broker import Broker, Submitted, cancel_quietly
+from services.gateway.catalog import Catalog
+from services.gateway.relay import Relay
+from services.gateway.validation import Admission, admit, request_id_of
+from services.proto_gen.glm.v1 import generation_pb2 as pb
+from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("glm.gateway")
+
+
+def _deadline(context) -> float | None:
+    """The caller's deadline on the ``time.monotonic()`` clock (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class TextGenerationService(pb_grpc.TextGenerationServicer):
+    def __init__(self, catalog: Catalog, broker: Broker, tracer: trace.Tracer) -> None:
+        self.catalog = catalog
+        self.broker = broker
+        self.tracer = tracer
+        self._background: set[asyncio.Task] = set()
+
+    # ---- generation ------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        span = self._span(context)
+        try:
+            admission, relay = await self._submit(request, context, span)
+            async for event in self.broker.events(admission.queued.id, _deadline(context)):
+                relay.accept(event)
+            return relay.response()
+        except ServiceError as exc:
+            await self._abort(context, span, exc)
+        finally:
+            span.end()
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        span = self._span(context)
+        try:
+            admission, relay = await self._submit(request, context, span)
+            async for event in self.broker.events(admission.queued.id, _deadline(context)):
+                if relay.accept(event) and (message := relay.stream_message(event)) is not None:
+                    yield message
+        except ServiceError as exc:
+            await self._abort(context, span, exc)
+        finally:
+            span.end()
+
+    def _span(self, context) -> trace.Span:
+        parent = context_from_metadata(context.invocation_metadata())
+        return self.tracer.start_span("gateway.generate", context=parent, kind=SpanKind.SERVER)
+
+    async def _submit(self, request, context, span) -> tuple[Admission, Relay]:
+        served = self.catalog.get(request.model)
+        admission = admit(request, served, request_id_of(request))
+        traceparent = dict(metadata_from_context(trace.set_span_in_context(span))).get("traceparent", "")
+        remaining = context.time_remaining()
+        now = time.time()
+        queued = replace(admission.queued, traceparent=traceparent, created_at=now,
+                         deadline=now + remaining if remaining is not None else 0.0)
+        submitted: Submitted = await self.broker.submit(queued, admission.fingerprint)
+        span.set_attributes({"glm.request_id": queued.id, "glm.model": served.name,
+                             "glm.prompt_tokens": len(queued.prompt_ids),
+                             "glm.max_new_tokens": queued.max_new_tokens,
+                             "glm.reattached": submitted.attached})
+        relay = Relay(queued.id, served.name, served.tokenizer, logprobs=queued.logprobs,
+                      prompt_tokens=len(queued.prompt_ids), seed=queued.sampling.seed)
+        self._cancel_if_abandoned(context, queued.id, relay)
+        return replace(admission, queued=queued), relay
+
+    def _cancel_if_abandoned(self, context, request_id: str, relay: Relay) -> None:
+        """When the call ends before the request did (the caller went away, its
+        deadline passed, Redis failed, the server stopped), set the cancel key so
+        the pool drops the request within one step."""
+        loop = asyncio.get_running_loop()
+
+        def on_done(_context) -> None:
+            if not relay.ended:
+                loop.call_soon_threadsafe(self._cancel, request_id)
+
+        context.add_done_callback(on_done)
+
+    def _cancel(self, request_id: str) -> None:
+        log.info("request %s: the call ended first; cancelling the generation", request_id)
+        task = asyncio.ensure_future(cancel_quietly(self.broker, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for the cancel keys still being written (at shutdown)."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5)
+
+    async def _abort(self, context, span, exc: ServiceError) -> None:
+        span.set_status(Status(StatusCode.ERROR, one_line(exc)))
+        await context.abort(abort_code(exc), one_line(exc))
+
+    # ---- model info --------------------------------------------------------------------
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        try:
+            served = self.catalog.get(request.model)
+            if not request.prompt:
+                raise InvalidArgument("prompt: empty")
+            ids = prepare_text_ids(served.tokenizer.tokenize(request.prompt))
+        except ServiceError as exc:
+            await context.abort(abort_code(exc), one_line(exc))
+        return pb.TokenizeResponse(token_ids=ids,
+                                   pieces=[served.tokenizer.id_to_piece(i) for i in ids])
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[served.spec() for served in self.catalog])
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelSpec:
+        try:
+            return self.catalog.get(request.model).spec()
+        except ServiceError as exc:
+            await context.abort(abort_code(exc), one_line(exc))

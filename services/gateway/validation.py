@@ -1,0 +1,164 @@
+"""A ``GenerateRequest`` checked, tokenized and turned into the ``QueuedRequest`` a
+pool runs. Pure: no Redis, no gRPC context; every failure is an ``InvalidArgument``
+whose message starts with the field at fault (``sampling.top_p: ...``).
+
+Text prompts get the official wrapping (``model.prompt.prepare_text_ids``: ``[gMASK]``
+appended when there is no mask, then ``eos`` when the ids do not end with a mask);
+``prompt_token_ids`` are taken as the context itself and must hold a mask id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import secrets
+import uuid
+from dataclasses import asdict, dataclass
+
+from model.config import MASK_IDS
+from model.prompt import prepare_text_ids
+from services.common.errors import InvalidArgument
+from services.common.messages import QueuedRequest, Sampling
+from services.gateway.catalog import ServedModel
+from services.proto_gen.glm.v1 import generation_pb2 as pb
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_TEMPERATURE = 100.0
+PENALTY_RANGE = (-2.0, 2.0)
+SEED_BITS = 63                       # fits every generator's seed type (int64 and uint64)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A valid call: what to enqueue, and how to recognise a retry of it."""
+
+    queued: QueuedRequest
+    fingerprint: str                 # the same call (request_id aside) gives the same value
+    seed_drawn: bool                 # the caller gave no seed; the gateway drew one
+
+
+def request_id_of(request: pb.GenerateRequest) -> str:
+    if not request.request_id:
+        return uuid.uuid4().hex
+    if not REQUEST_ID.fullmatch(request.request_id):
+        raise InvalidArgument(
+            f"request_id: {request.request_id[:40]!r} does not match [A-Za-z0-9._:-]{{1,128}}")
+    return request.request_id
+
+
+def prompt_ids_of(request: pb.GenerateRequest, served: ServedModel) -> list[int]:
+    """The context the model sees; the field named in errors is the one the caller set."""
+    if request.prompt and request.prompt_token_ids:
+        raise InvalidArgument("prompt, prompt_token_ids: give exactly one of them, not both")
+    if request.prompt:
+        field = "prompt"
+        ids = prepare_text_ids(served.tokenizer.tokenize(request.prompt))
+    elif request.prompt_token_ids:
+        field = "prompt_token_ids"
+        ids = list(request.prompt_token_ids)
+        for i, token in enumerate(ids):
+            if token >= served.vocab_size:
+                raise InvalidArgument(f"prompt_token_ids[{i}]: unknown token id {token}, "
+                                      f"outside the vocabulary [0, {served.vocab_size})")
+        if not any(mask in ids for mask in MASK_IDS):
+            raise InvalidArgument("prompt_token_ids: hold no mask id "
+                                  "([MASK] 150000, [gMASK] 150001 or [sMASK] 150002)")
+    else:
+        raise InvalidArgument("prompt: empty; give prompt or prompt_token_ids")
+    if len(ids) + 1 > served.max_sequence_length:
+        raise InvalidArgument(f"{field}: too long: {len(ids)} tokens + sop exceed the model's "
+                              f"max_sequence_length {served.max_sequence_length}")
+    return ids
+
+
+def _float(value: float) -> float:
+    """proto floats are float32: 0.7 arrives as 0.699999988; keep what the caller meant."""
+    return float(f"{value:.7g}")
+
+
+def _in_range(field: str, value: float, low: float, high: float) -> float:
+    if not low <= value <= high:  # also catches NaN
+        raise InvalidArgument(f"{field}: {value:g} is outside [{low:g}, {high:g}]")
+    return _float(value)
+
+
+def sampling_of(options: pb.SamplingOptions, served: ServedModel) -> tuple[Sampling, bool]:
+    temperature = options.temperature if options.HasField("temperature") else 1.0
+    temperature = _in_range("sampling.temperature", temperature, 0.0, MAX_TEMPERATURE)
+    top_p = options.top_p if options.HasField("top_p") else 1.0
+    top_p = _in_range("sampling.top_p", top_p, 0.0, 1.0)
+    if options.top_k > served.vocab_size:
+        raise InvalidArgument(
+            f"sampling.top_k: {options.top_k} exceeds the vocabulary size {served.vocab_size}")
+    repetition = options.repetition_penalty if options.HasField("repetition_penalty") else 1.0
+    if not (repetition > 0 and math.isfinite(repetition)):
+        raise InvalidArgument(f"sampling.repetition_penalty: {repetition:g} must be > 0 (1 = off)")
+    presence = _in_range("sampling.presence_penalty", options.presence_penalty, *PENALTY_RANGE)
+    frequency = _in_range("sampling.frequency_penalty", options.frequency_penalty, *PENALTY_RANGE)
+    drawn = not options.HasField("seed")
+    seed = secrets.randbits(SEED_BITS) if drawn else options.seed
+    return Sampling(temperature, options.top_k, top_p, _float(repetition), presence, frequency,
+                    seed), drawn
+
+
+def stopping_of(options: pb.StoppingOptions, served: ServedModel,
+                prompt_len: int) -> tuple[int, int, tuple[str, ...]]:
+    limits = served.limits
+    room = served.max_sequence_length - prompt_len - 1      # after context + sop
+    if options.HasField("max_new_tokens"):
+        max_new = options.max_new_tokens
+        if max_new == 0:
+            raise InvalidArgument("stopping.max_new_tokens: must be >= 1")
+        if max_new > limits.max_new_tokens_limit:
+            raise InvalidArgument(f"stopping.max_new_tokens: {max_new} exceeds the limit "
+                                  f"{limits.max_new_tokens_limit}")
+        if max_new > room:
+            raise InvalidArgument(
+                f"stopping.max_new_tokens: {max_new} + prompt {prompt_len} tokens + sop exceed "
+                f"the model's max_sequence_length {served.max_sequence_length} (room for {room})")
+    else:
+        max_new = max(1, min(limits.default_max_new_tokens, room))
+    if options.min_new_tokens > max_new:
+        raise InvalidArgument(f"stopping.min_new_tokens: {options.min_new_tokens} exceeds "
+                              f"max_new_tokens {max_new}")
+    stops = tuple(options.stop)
+    if len(stops) > limits.max_stop_sequences:
+        raise InvalidArgument(f"stopping.stop: {len(stops)} stop sequences, at most "
+                              f"{limits.max_stop_sequences}")
+    for i, text in enumerate(stops):
+        if not text:
+            raise InvalidArgument(f"stopping.stop[{i}]: empty")
+        if len(text) > limits.max_stop_chars:
+            raise InvalidArgument(f"stopping.stop[{i}]: {len(text)} characters, at most "
+                                  f"{limits.max_stop_chars}")
+    return max_new, options.min_new_tokens, stops
+
+
+def fingerprint(queued: QueuedRequest, seed_drawn: bool) -> str:
+    """What makes two calls "the same request": everything the generation depends on,
+    with the seed as the caller gave it (a drawn seed differs on every retry)."""
+    doc = asdict(queued)
+    for volatile in ("id", "stream", "traceparent", "created_at", "deadline"):
+        doc.pop(volatile)
+    if seed_drawn:
+        doc["sampling"]["seed"] = None
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def admit(request: pb.GenerateRequest, served: ServedModel, request_id: str) -> Admission:
+    ids = prompt_ids_of(request, served)
+    sampling, drawn = sampling_of(request.sampling, served)
+    max_new, min_new, stops = stopping_of(request.stopping, served, len(ids))
+    top_logprobs = request.output.top_logprobs
+    if top_logprobs > served.limits.max_top_logprobs:
+        raise InvalidArgument(f"output.top_logprobs: {top_logprobs} exceeds "
+                              f"{served.limits.max_top_logprobs}")
+    queued = QueuedRequest(
+        id=request_id, model=served.name, prompt_ids=tuple(ids), sampling=sampling,
+        max_new_tokens=max_new, min_new_tokens=min_new, stop=stops,
+        logprobs=request.output.logprobs or top_logprobs > 0, top_logprobs=top_logprobs,
+        stream=True,   # both RPCs relay token events; a retry may come through either
+    )
+    return Admission(queued, fingerprint(queued, drawn), drawn)

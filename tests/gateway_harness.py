@@ -1,0 +1,152 @@
+"""Test harness for the gateway: a real ``grpc.aio`` gateway on its own event-loop
+thread, and a scripted fake pool that takes entries from the real Redis queue and
+writes events the way a scheduler does (the real scheduler is tested on its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from dataclasses import replace
+
+import redis
+
+from services.common import redis_keys as keys
+from services.common.messages import (EVENT_BLANK, EVENT_FINAL, EVENT_TOKENS, Event,
+                                      QueuedRequest)
+from services.gateway.server import Gateway, GatewayOptions
+
+REDIS_DB = 12                                   # this module's own database
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+
+
+class LoopThread:
+    """An asyncio loop on a daemon thread; ``run`` executes a coroutine on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 15.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class RunningGateway:
+    def __init__(self, loop: LoopThread, options: GatewayOptions) -> None:
+        self.loop = loop
+        self.options = options
+        self.gateway = Gateway(options)
+        self.port = loop.run(self.gateway.start())
+        self.address = f"127.0.0.1:{self.port}"
+        self.model = options.models[0][0]
+
+    def stop(self, grace: float = 0.0) -> None:
+        self.loop.run(self.gateway.stop(grace), timeout=grace + 10)
+
+
+def unique_model() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 3.0, interval: float = 0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def default_script(tokenizer):
+    """Events of a plain one-blank generation: two token deltas, the blank, the final."""
+
+    def script(queued: QueuedRequest):
+        pieces = ["Hello", " world"]
+        ids = [tokenizer.encode(p) for p in pieces]
+        events, seq, index = [], 0, 0
+        for piece, piece_ids in zip(pieces, ids):
+            events.append(Event(EVENT_TOKENS, seq, blank=0, index=index, token_ids=tuple(piece_ids),
+                                logprobs=tuple(-0.5 for _ in piece_ids) if queued.logprobs else (),
+                                top_logprobs=tuple(((t, -0.5), (20005, -1.5)) for t in piece_ids)
+                                if queued.top_logprobs else (),
+                                text=piece))
+            seq, index = seq + 1, index + len(piece_ids)
+        all_ids = tuple(i for piece_ids in ids for i in piece_ids)
+        events.append(Event(EVENT_BLANK, seq, blank=0, text="Hello world", token_ids=all_ids,
+                            finish_reason="stop"))
+        events.append(Event(EVENT_FINAL, seq + 1, finish_reason="stop", text="Hello world",
+                            blanks=("Hello world",), output_text="Say Hello world",
+                            prompt_tokens=len(queued.prompt_ids), generated_tokens=len(all_ids),
+                            seed=queued.sampling.seed))
+        return events
+
+    return script
+
+
+class FakePool:
+    """Consumes ``glm:queue:{model}`` in group ``pools`` and plays ``script(queued)``:
+    an ``Event`` is appended to the request's event stream, a float sleeps, a
+    ``threading.Event`` is waited on (a stalled pool)."""
+
+    def __init__(self, model: str, script, delay: float = 0.0) -> None:
+        self.model = model
+        self.script = script
+        self.delay = delay
+        self.seen: list[QueuedRequest] = []
+        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.stopped = threading.Event()
+        try:
+            self.redis.xgroup_create(keys.queue(model), keys.GROUP, id="0", mkstream=True)
+        except redis.ResponseError:
+            pass  # BUSYGROUP
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        queue = keys.queue(self.model)
+        while not self.stopped.is_set():
+            reply = self.redis.xreadgroup(keys.GROUP, "fake", {queue: ">"}, count=1, block=50)
+            for _key, entries in reply or ():
+                for entry_id, fields in entries:
+                    queued = QueuedRequest.from_json(fields[keys.FIELD.encode()])
+                    self.seen.append(queued)
+                    time.sleep(self.delay)
+                    self._play(queued)
+                    self.redis.xack(queue, keys.GROUP, entry_id)
+                    self.redis.xdel(queue, entry_id)
+
+    def _play(self, queued: QueuedRequest) -> None:
+        for step in self.script(queued):
+            if isinstance(step, float):
+                time.sleep(step)
+            elif isinstance(step, threading.Event):
+                step.wait(10)
+            else:
+                self.redis.xadd(keys.events(queued.id), {keys.FIELD: step.to_json()})
+                self.redis.expire(keys.events(queued.id), keys.RESULT_TTL_S)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.redis.close()
+
+
+def options(checkpoint, model: str | None = None, **overrides) -> GatewayOptions:
+    base = GatewayOptions(models=((model or unique_model(), str(checkpoint)),), host="127.0.0.1",
+                          port=0, redis_url=REDIS_URL, grace_period_s=1.0)
+    return replace(base, **overrides)
