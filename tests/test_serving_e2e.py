@@ -1,0 +1,269 @@
+"""The whole system on loopback, as `glm serve` runs it: a real gateway, real
+schedulers and real worker processes, over real Redis servers (a private one
+for the single-pool stack, the machine's Redis 7 for the two-pool stack).
+
+32 concurrent greedy streams equal `glm generate`; a cancelled request leaves
+quickly; backpressure; two pools share one queue; `kill -9` of the pool holding a
+long generation → the other pool finishes it and the client's stream has no gap
+and no duplicate; gateway restart; Redis unreachable → UNAVAILABLE promptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+import redis
+
+from model.prompt import prepare_text_ids
+from model.runner import load_model
+from model.generation import GenerationOptions, Generator
+from model.sampling import SamplingParams
+from model.tiny import init_tiny
+from model.tokenizer import GLMTokenizer
+from services.client import AsyncGLMClient, GLMClient, GLMError
+from services.common import redis_keys as keys
+from services.common.messages import Event
+from services.local import LocalStack, StackOptions
+
+PROMPTS = [
+    "The river runs past the old mill and [MASK] into the valley.",
+    "今天的天气很好，我们去公园散步吧。",
+    "A [MASK] holds one slice of every weight matrix.",
+    "Stream the tokens [gMASK]",
+    "Short [MASK]",
+    "一个很长的句子，里面有很多很多的字，用来测试不同长度的提示词是否能被正确地批处理。[MASK]",
+]
+MACHINE_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def greedy_reference(checkpoint: str, prompts: list[str], max_new: int) -> dict[str, list[int]]:
+    tok = GLMTokenizer.from_file(f"{checkpoint}/ice_text.model")
+    gen = Generator(load_model(checkpoint))
+    out = {}
+    for p in prompts:
+        result = gen.fill_blanks(prepare_text_ids(tok.tokenize(p)), SamplingParams(greedy=True),
+                                 GenerationOptions(max_new_tokens=max_new))
+        out[p] = [t for b in result.blanks for t in b.token_ids]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e-tiny")
+    init_tiny(d, preset="glm-tiny", seed=7)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny, tmp_path_factory):
+    options = StackOptions(
+        checkpoint=tiny, model_name=f"e2e-{uuid.uuid4().hex[:8]}", port=free_port(), tp=1, pools=1,
+        gateway_args=("--max-queue-depth", "40"), workdir=str(tmp_path_factory.mktemp("logs")))
+    s = LocalStack(options).start()
+    yield s
+    s.stop()
+
+
+def collect(stream) -> tuple[list[int], list[int], str]:
+    ids, indexes, finish = [], [], ""
+    for message in stream:
+        indexes.extend(range(message.index, message.index + len(message.token_ids)))
+        ids.extend(message.token_ids)
+        finish = message.finish_reason or finish
+    return ids, indexes, finish
+
+
+def test_32_concurrent_greedy_streams_equal_glm_generate(stack, tiny):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
+    expected = greedy_reference(tiny, PROMPTS, 6)
+
+    async def one(client, prompt):
+        ids, indexes = [], []
+        finish = ""
+        async for message in client.generate_stream(prompt, model=stack.options.model_name,
+                                                    max_new_tokens=6, temperature=0, timeout=120):
+            indexes.extend(range(message.index, message.index + len(message.token_ids)))
+            ids.extend(message.token_ids)
+            finish = message.finish_reason or finish
+        return ids, indexes, finish
+
+    async def main():
+        async with AsyncGLMClient(stack.address) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    results = asyncio.run(main())
+    for prompt, (ids, indexes, finish) in zip(prompts, results):
+        assert ids == expected[prompt], prompt
+        assert indexes == list(range(len(ids)))          # no gap, no duplicate
+        assert finish in ("length", "stop")
+
+
+def test_cancelled_request_leaves_quickly(stack):
+    request_id = f"cancel-{uuid.uuid4().hex}"
+    r = redis.Redis.from_url(stack.redis_url)
+    with GLMClient(stack.address) as client:
+        stream = client.generate_stream("Stream the tokens [gMASK]", model=stack.options.model_name,
+                                        max_new_tokens=400, temperature=0, request_id=request_id, timeout=60)
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break
+        stream.close()                                     # the client goes away
+        cancelled_at = time.monotonic()
+    final = None
+    while final is None and time.monotonic() - cancelled_at < 5:
+        for _, fields in r.xrange(keys.events(request_id)):
+            event = Event.from_json(fields[keys.FIELD.encode()])
+            if event.terminal:
+                final = event
+        time.sleep(0.05)
+    assert final is not None, "no final event after the cancel"
+    assert final.finish_reason == "cancelled"
+    assert time.monotonic() - cancelled_at < 5
+    assert final.generated_tokens < 400
+    assert r.exists(keys.cancel(request_id))
+
+
+def test_backpressure_refuses_past_the_queue_limit(stack):
+    async def one(client, i):
+        try:
+            await client.generate("Short [MASK]", model=stack.options.model_name, max_new_tokens=100,
+                                  temperature=0, timeout=60)
+            return "ok"
+        except GLMError as exc:
+            return exc.code
+
+    async def main():
+        async with AsyncGLMClient(stack.address) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(60)))
+
+    outcomes = asyncio.run(main())
+    assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0
+    assert outcomes.count("ok") >= 1
+    assert set(outcomes) <= {"ok", grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def test_gateway_restart_keeps_requests(stack):
+    request_id = f"restart-{uuid.uuid4().hex}"
+    with GLMClient(stack.address) as client:
+        first = client.generate("A [MASK] holds one slice", model=stack.options.model_name,
+                                max_new_tokens=5, temperature=0, request_id=request_id, timeout=60)
+    stack.gateway.terminate()
+    stack.gateway.wait(timeout=30)
+    stack.start_gateway()
+    stack.wait_ready(60)
+    with GLMClient(stack.address) as client:
+        again = client.generate("A [MASK] holds one slice", model=stack.options.model_name,
+                                max_new_tokens=5, temperature=0, request_id=request_id, timeout=60)
+        fresh = client.generate("Short [MASK]", model=stack.options.model_name, max_new_tokens=3,
+                                temperature=0, timeout=60)
+    assert list(again.token_ids) == list(first.token_ids) and again.text == first.text
+    assert len(fresh.token_ids) >= 1
+
+
+def test_redis_unreachable_gives_unavailable_promptly(stack):
+    # last test of the single-pool stack: it stops that stack's private Redis
+    stack.redis.stop()
+    start = time.monotonic()
+    with GLMClient(stack.address) as client, pytest.raises(GLMError) as err:
+        client.generate("Short [MASK]", model=stack.options.model_name, max_new_tokens=3, timeout=30)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - start < 5
+
+
+# ---- two pools on the machine's Redis ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e-small")
+    init_tiny(d, preset="glm-small", seed=3)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def two_pools(small, tmp_path_factory):
+    options = StackOptions(
+        checkpoint=small, model_name=f"e2e2-{uuid.uuid4().hex[:8]}", port=free_port(), tp=1, pools=2,
+        redis_url=MACHINE_REDIS, scheduler_args=("--claim-idle-ms", "2000", "--max-batch-size", "4"),
+        workdir=str(tmp_path_factory.mktemp("logs2")))
+    s = LocalStack(options).start()
+    yield s
+    s.stop()
+    r = redis.Redis.from_url(MACHINE_REDIS)
+    r.delete(keys.queue(options.model_name))
+
+
+def pending_by_consumer(r: redis.Redis, model: str) -> dict[str, int]:
+    try:
+        summary = r.xpending(keys.queue(model), keys.GROUP)
+    except redis.ResponseError:          # no group before the first request
+        return {}
+    return {c["name"].decode(): int(c["pending"]) for c in summary.get("consumers", [])}
+
+
+def test_two_pools_share_one_queue(two_pools):
+    r = redis.Redis.from_url(MACHINE_REDIS)
+    model = two_pools.options.model_name
+    seen: dict[str, int] = {}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for name, n in pending_by_consumer(r, model).items():
+                seen[name] = max(seen.get(name, 0), n)
+            time.sleep(0.02)
+
+    async def main():
+        async with AsyncGLMClient(two_pools.address) as client:
+            return await asyncio.gather(*(
+                client.generate(PROMPTS[i % len(PROMPTS)], model=model, max_new_tokens=12, temperature=0,
+                                timeout=120) for i in range(8)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        replies = asyncio.run(main())
+    finally:
+        done.set()
+        watcher.join()
+    assert all(len(reply.token_ids) >= 1 for reply in replies)
+    assert len([name for name, n in seen.items() if n > 0]) == 2, seen   # both pools took work
+
+
+def test_kill_9_of_a_pool_mid_generation_is_invisible_to_the_client(two_pools, small):
+    r = redis.Redis.from_url(MACHINE_REDIS)
+    model = two_pools.options.model_name
+    request_id = f"failover-{uuid.uuid4().hex}"
+    prompt = "The river runs past the old mill and [MASK] into the valley."
+    expected = greedy_reference(small, [prompt], 160)[prompt]
+    ids, indexes, finish = [], [], ""
+    killed = None
+    with GLMClient(two_pools.address) as client:
+        for message in client.generate_stream(prompt, model=model, max_new_tokens=160, temperature=0,
+                                              request_id=request_id, timeout=180):
+            indexes.extend(range(message.index, message.index + len(message.token_ids)))
+            ids.extend(message.token_ids)
+            finish = message.finish_reason or finish
+            if killed is None and len(ids) >= 10:
+                owner = [name for name, n in pending_by_consumer(r, model).items() if n > 0]
+                assert len(owner) == 1, owner
+                index = next(i for i, p in enumerate(two_pools.pools) if owner[0].endswith(f"-{p.pids[0]}"))
+                for pid in [two_pools.schedulers[index].pid] + two_pools.pools[index].pids:
+                    os.kill(pid, signal.SIGKILL)
+                killed = index
+    assert killed is not None
+    assert indexes == list(range(len(ids)))                 # no gap, no duplicate
+    assert ids == expected and finish in ("length", "stop")
