@@ -43,6 +43,9 @@ class StackOptions:
     gateway_args: tuple[str, ...] = ()
     scheduler_args: tuple[str, ...] = ()
     workdir: str | None = None
+    tokenizer: str | None = None
+    otlp_endpoint: str | None = None       # every service exports traces here (OTLP/gRPC)
+    layer_trace_ratio: float = 0.0         # fraction of forwards the workers trace per layer
 
 
 def glm_command(*args: str) -> list[str]:
@@ -94,20 +97,25 @@ class LocalStack:
             from services.worker.pool import start_pool
         o = self.options
         pool = start_pool(o.checkpoint, o.tp, dtype=o.dtype, device=o.device, quant=o.quant,
-                          kv_memory_gib=o.kv_memory_gib)
+                          kv_memory_gib=o.kv_memory_gib, otlp_endpoint=o.otlp_endpoint,
+                          layer_trace_ratio=o.layer_trace_ratio)
         self.pools.append(pool)
         pool_id = f"{o.model_name}-pool-{index}-{pool.pids[0]}"
         self.pool_ids.append(pool_id)
         cmd = glm_command(
             "scheduler", "--redis-url", self.redis_url, "--model", o.model_name, "--checkpoint", o.checkpoint,
             "--workers", ",".join(pool.addresses), "--pool-id", pool_id,
-            "--mode", o.mode, "--max-batch-size", str(o.max_batch_size), *o.scheduler_args)
+            "--mode", o.mode, "--max-batch-size", str(o.max_batch_size), *self._tracing_args(),
+            *o.scheduler_args)
         self.schedulers.append(self._spawn(f"scheduler-{index}", cmd))
+
+    def _tracing_args(self) -> list[str]:
+        return ["--otlp-endpoint", self.options.otlp_endpoint] if self.options.otlp_endpoint else []
 
     def start_gateway(self) -> None:
         o = self.options
         cmd = glm_command("gateway", "--host", o.host, "--port", str(o.port), "--redis-url", self.redis_url,
-                          "--model", f"{o.model_name}={o.checkpoint}", *o.gateway_args)
+                          "--model", f"{o.model_name}={o.checkpoint}", *self._tracing_args(), *o.gateway_args)
         self.gateway = self._spawn("gateway", cmd)
         self.address = f"{'127.0.0.1' if o.host in ('0.0.0.0', '::') else o.host}:{o.port}"
 

@@ -207,6 +207,7 @@ def _add_scheduler(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--model", required=True, help="model name: reads glm:queue:{model}")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (only config.json and ice_text.model)")
+    p.add_argument("--tokenizer", help="ice_text.model (default: the one beside the checkpoint)")
     p.add_argument("--workers", required=True, help="comma-separated rank addresses, rank 0 first")
     p.add_argument("--pool-id", help="consumer name in the queue's group (default: host-pid)")
     p.add_argument("--mode", choices=["continuous", "static", "sequential"], default="continuous")
@@ -232,6 +233,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="the gateway's address")
     p.add_argument("--redis-url", help="an existing Redis (default: start a private one)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the demo model, created on first use)")
+    p.add_argument("--tokenizer", help="ice_text.model (default: the one beside the checkpoint)")
     p.add_argument("--model-name", help="name clients use (default: glm-demo, or the checkpoint folder's name)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "glm"), help="where the demo model lives")
     p.add_argument("--tp", type=_positive_int, default=1, help="ranks per pool")
@@ -244,6 +246,11 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="batching: continuous (iteration-level), static, or one request at a time")
     p.add_argument("--max-batch-size", type=_positive_int, default=32)
     p.add_argument("--no-demo-call", action="store_true", help="do not make the example client call")
+    p.add_argument("--otlp-endpoint",
+                   help="every service (gateway, schedulers, every rank) exports traces over OTLP/gRPC "
+                        "to host:port (default: none)")
+    p.add_argument("--layer-trace-ratio", type=float, default=0.0,
+                   help="fraction of forwards whose workers record a span per layer (0-1)")
 
 
 ADDERS = {

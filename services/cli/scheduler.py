@@ -52,9 +52,9 @@ async def _main(loop_: PoolLoop) -> None:
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s")
     config = GLMConfig.for_checkpoint(args.checkpoint)
-    tokenizer_path = Path(args.checkpoint) / TOKENIZER_FILE
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / TOKENIZER_FILE
     if not tokenizer_path.exists():
-        raise ValueError(f"no tokenizer: {tokenizer_path} does not exist")
+        raise ValueError(f"no tokenizer: {tokenizer_path} does not exist; pass --tokenizer PATH to ice_text.model")
     tokenizer = GLMTokenizer.from_file(tokenizer_path)
     options = options_from_args(args, config)
     provider = setup_tracing("glm-scheduler", otlp_endpoint=args.otlp_endpoint,

@@ -38,13 +38,16 @@ def _show_client_call(address: str, model: str) -> None:
 
 
 def run(args) -> int:
+    if not 0.0 <= args.layer_trace_ratio <= 1.0:
+        raise ValueError(f"--layer-trace-ratio must be in [0, 1], got {args.layer_trace_ratio}")
     checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoint(Path(args.cache_dir))
     name = args.model_name or ("glm-demo" if not args.checkpoint else checkpoint.resolve().name)
     options = StackOptions(
         checkpoint=str(checkpoint), model_name=name, host=args.host, port=args.port,
         redis_url=args.redis_url, tp=args.tp, pools=args.pools, dtype=args.dtype, device=args.device,
         quant=None if args.quant == "none" else args.quant, kv_memory_gib=args.kv_memory_gib,
-        mode=args.mode, max_batch_size=args.max_batch_size,
+        mode=args.mode, max_batch_size=args.max_batch_size, tokenizer=args.tokenizer,
+        otlp_endpoint=args.otlp_endpoint, layer_trace_ratio=args.layer_trace_ratio,
     )
     stack = LocalStack(options)
     stopping = False
