@@ -1,0 +1,159 @@
+"""``glm bench serve``: load a server with concurrent streaming clients (Poisson arrivals, mixed
+prompt and output lengths) and report throughput, TTFT and inter-token latency.
+
+Without ``--address`` it starts one local stack per batching mode in turn (continuous, static,
+sequential = the official one-request-at-a-time behaviour), each with the same checkpoint and
+the same seeded load, and prints a table and the ratios between the modes. With ``--address``
+it measures that running server only, in whatever mode it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from services.bench.driver import run_load
+from services.bench.stats import ratios, summarise
+from services.bench.workload import make_workload
+from services.local import LocalStack, StackError, StackOptions
+
+MODES = ("continuous", "static", "sequential")
+
+
+def machine() -> dict:
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log(args, text: str) -> None:
+    print(f"glm bench: {text}", file=sys.stderr, flush=True)
+
+
+def measure(address: str, args, model: str = "") -> dict:
+    """Warm the server up, then run the seeded workload against it; one mode's report."""
+    workload = make_workload(args.requests, rate=args.rate, min_new_tokens=args.min_new_tokens,
+                             max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.warmup:
+        warm = make_workload(args.warmup, rate=0, min_new_tokens=2, max_new_tokens=4, seed=args.seed + 1)
+        asyncio.run(run_load(address, warm, model=model, concurrency=args.warmup, duration_s=600,
+                             temperature=args.temperature))
+    started = time.perf_counter()
+    results = asyncio.run(run_load(address, workload, model=model, concurrency=args.concurrency,
+                                   duration_s=args.duration_s, temperature=args.temperature))
+    report = summarise(results)
+    report["wall_s"] = time.perf_counter() - started
+    return report
+
+
+def bench_local(args, checkpoint: str) -> dict[str, dict]:
+    """One stack per mode, started and stopped in turn."""
+    reports = {}
+    logs = tempfile.mkdtemp(prefix="glm-bench-logs-")
+    for mode in args.modes:
+        options = StackOptions(
+            checkpoint=checkpoint, model_name="glm-bench", port=_free_port(), tp=args.tp,
+            dtype=args.dtype, device=args.device, mode=mode, max_batch_size=args.max_batch_size,
+            kv_memory_gib=args.kv_memory_gib, workdir=logs,
+            gateway_args=("--max-queue-depth", str(max(1024, args.requests))))
+        _log(args, f"{mode}: starting a stack ({checkpoint})")
+        stack = LocalStack(options).start()
+        try:
+            _log(args, f"{mode}: {args.requests} requests at {args.rate}/s, concurrency {args.concurrency}")
+            reports[mode] = measure(stack.address, args, model="glm-bench")
+            stack.check_alive()
+        except StackError as exc:
+            raise StackError(f"{exc} (logs in {logs})") from None
+        finally:
+            stack.stop()
+        _log(args, f"{mode}: {reports[mode]['completed']}/{args.requests} completed")
+    shutil.rmtree(logs, ignore_errors=True)
+    return reports
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f}"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(reports: dict[str, dict], compared: dict[str, dict]) -> str:
+    head = (f"{'mode':<12}{'done':>7}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
+            f"{'ITL p50':>9}{'ITL p99':>9}{'lat p50':>9}   (times in ms)")
+    lines = [head]
+    for mode, r in reports.items():
+        lines.append(
+            f"{mode:<12}{r['completed']:>3}/{r['requests']:<3}{_num(r['throughput_rps']):>8}"
+            f"{_num(r['throughput_tok_s'], 1):>8}{_ms(r['ttft_s']['p50']):>10}{_ms(r['ttft_s']['p99']):>10}"
+            f"{_ms(r['itl_s']['p50']):>9}{_ms(r['itl_s']['p99']):>9}{_ms(r['latency_s']['p50']):>9}")
+    for name, row in compared.items():
+        lines.append(
+            f"{name.replace('_', ' ')}: throughput x{_num(row['throughput_tok_s'])} tokens/s, "
+            f"x{_num(row['throughput_rps'])} requests/s; TTFT p50 x{_num(row['ttft_p50'])}, "
+            f"p99 x{_num(row['ttft_p99'])}; ITL p50 x{_num(row['itl_p50'])}")
+    if compared:
+        lines.append("(ratios are continuous / other: above 1 is better for throughput, below 1 for latency)")
+    return "\n".join(lines)
+
+
+def serve(args) -> int:
+    if args.requests < 1 or args.concurrency < 1 or args.duration_s <= 0:
+        raise ValueError("--requests, --concurrency and --duration-s must be positive")
+    if not 1 <= args.min_new_tokens <= args.max_new_tokens:
+        raise ValueError("need 1 <= --min-new-tokens <= --max-new-tokens")
+    if args.address:
+        reports = {args.label: measure(args.address, args, model=args.model)}
+        checkpoint = None
+    else:
+        args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        unknown = [m for m in args.modes if m not in MODES]
+        if unknown or not args.modes:
+            raise ValueError(f"--modes: choose from {', '.join(MODES)}, got {unknown or 'nothing'}")
+        if args.checkpoint:
+            checkpoint = args.checkpoint
+        else:
+            from services.cli.serve import demo_checkpoint
+            checkpoint = str(demo_checkpoint(Path(args.cache_dir)))
+        reports = bench_local(args, checkpoint)
+    compared = ratios(reports)
+    if args.json:
+        settings = {k: getattr(args, k) for k in (
+            "requests", "rate", "concurrency", "min_new_tokens", "max_new_tokens", "duration_s",
+            "seed", "temperature", "max_batch_size", "tp", "dtype", "device", "address")}
+        print(json.dumps({"machine": machine(), "checkpoint": checkpoint, "settings": settings,
+                          "modes": reports, "ratios": compared}, indent=2))
+    else:
+        print(format_table(reports, compared))
+    bad = [m for m, r in reports.items() if r["failed"] and r["errors"] != ["cut at --duration-s"]]
+    if bad:
+        _log(args, f"requests failed in {', '.join(bad)}: " + "; ".join(reports[bad[0]]["errors"]))
+    return 1 if bad else 0
+
+
+def run(args) -> int:
+    if args.bench_command == "serve":
+        return serve(args)
+    raise ValueError(f"unknown bench command {args.bench_command}")
