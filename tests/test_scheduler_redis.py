@@ -197,6 +197,12 @@ def test_concurrent_greedy_requests_equal_generate(pool, model, tokenizer):
     linked = {l.context.span_id for s in decodes for l in s.links}
     assert linked == {s.context.span_id for s in requests.values()}
     assert any(s.name == "scheduler.prefill" and len(s.links) >= 3 for s in spans)
+    # the linking rule: a step serving one request is its child, one serving several is a root
+    for step in (s for s in spans if s.name in ("scheduler.prefill", "scheduler.decode")):
+        if len(step.links) == 1:
+            assert step.parent.span_id == step.links[0].context.span_id
+        else:
+            assert step.parent is None and step.context.trace_id != parent.get_span_context().trace_id
 
 
 def test_cancelled_request_leaves_within_a_step(pool, tokenizer):
