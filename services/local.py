@@ -7,6 +7,7 @@ them in reverse order. Tests use it to run the real system on loopback.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ import grpc
 
 from services.common import redis_keys as keys
 from services.common.local_redis import LocalRedis, start_local_redis
+from services.common.metrics import MetricsEndpoint, serve_metrics
+from services.common.metrics_hub import MetricsHub
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +49,13 @@ class StackOptions:
     tokenizer: str | None = None
     otlp_endpoint: str | None = None       # every service exports traces here (OTLP/gRPC)
     layer_trace_ratio: float = 0.0         # fraction of forwards the workers trace per layer
+    metrics_port: int = 0                  # every process's metrics on this one port (on host); 0 = off
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def glm_command(*args: str) -> list[str]:
@@ -63,6 +73,8 @@ class LocalStack:
     logs: dict[int, Path] = field(default_factory=dict)   # pid -> log file
     address: str = ""
     pool_ids: list[str] = field(default_factory=list)
+    metrics_targets: dict[str, str] = field(default_factory=dict)   # process -> its own metrics URL
+    metrics: MetricsEndpoint | None = None                            # the one port (MetricsHub)
 
     def start(self, ready_timeout_s: float = 180.0) -> "LocalStack":
         from services.worker.pool import start_pool    # the pool launcher needs no torch itself
@@ -77,6 +89,9 @@ class LocalStack:
             for index in range(o.pools):
                 self.start_pool_and_scheduler(index, start_pool)
             self.start_gateway()
+            if o.metrics_port:
+                hub = MetricsHub(lambda: self.metrics_targets)
+                self.metrics = serve_metrics(hub.registry(), o.metrics_port, o.host)
             self.wait_ready(ready_timeout_s)
         except BaseException:
             self.stop()
@@ -96,9 +111,10 @@ class LocalStack:
         if start_pool is None:
             from services.worker.pool import start_pool
         o = self.options
+        ranks = [self._metrics_port(f"worker-{index}-{rank}") for rank in range(o.tp)] if o.metrics_port else None
         pool = start_pool(o.checkpoint, o.tp, dtype=o.dtype, device=o.device, quant=o.quant,
                           kv_memory_gib=o.kv_memory_gib, otlp_endpoint=o.otlp_endpoint,
-                          layer_trace_ratio=o.layer_trace_ratio)
+                          layer_trace_ratio=o.layer_trace_ratio, model_name=o.model_name, metrics_ports=ranks)
         self.pools.append(pool)
         pool_id = f"{o.model_name}-pool-{index}-{pool.pids[0]}"
         self.pool_ids.append(pool_id)
@@ -106,8 +122,19 @@ class LocalStack:
             "scheduler", "--redis-url", self.redis_url, "--model", o.model_name, "--checkpoint", o.checkpoint,
             "--workers", ",".join(pool.addresses), "--pool-id", pool_id,
             "--mode", o.mode, "--max-batch-size", str(o.max_batch_size), *self._tracing_args(),
-            *o.scheduler_args)
+            *self._metrics_args(f"scheduler-{index}"), *o.scheduler_args)
         self.schedulers.append(self._spawn(f"scheduler-{index}", cmd))
+
+    def _metrics_port(self, process: str) -> int:
+        """A loopback port for ``process``'s own endpoint, scraped by the hub."""
+        port = free_port()
+        self.metrics_targets[process] = f"http://127.0.0.1:{port}/metrics"
+        return port
+
+    def _metrics_args(self, process: str) -> list[str]:
+        if not self.options.metrics_port:
+            return []
+        return ["--metrics-port", str(self._metrics_port(process)), "--metrics-host", "127.0.0.1"]
 
     def _tracing_args(self) -> list[str]:
         return ["--otlp-endpoint", self.options.otlp_endpoint] if self.options.otlp_endpoint else []
@@ -115,7 +142,8 @@ class LocalStack:
     def start_gateway(self) -> None:
         o = self.options
         cmd = glm_command("gateway", "--host", o.host, "--port", str(o.port), "--redis-url", self.redis_url,
-                          "--model", f"{o.model_name}={o.checkpoint}", *self._tracing_args(), *o.gateway_args)
+                          "--model", f"{o.model_name}={o.checkpoint}", *self._tracing_args(),
+                          *self._metrics_args("gateway"), *o.gateway_args)
         self.gateway = self._spawn("gateway", cmd)
         self.address = f"{'127.0.0.1' if o.host in ('0.0.0.0', '::') else o.host}:{o.port}"
 
@@ -160,6 +188,9 @@ class LocalStack:
         return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
 
     def stop(self, grace_s: float = 5.0) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         procs = ([self.gateway] if self.gateway else []) + self.schedulers
         for proc in procs:
             if proc.poll() is None:

@@ -365,15 +365,31 @@ def _policy(target: str, app: str) -> dict:
     pytest.fail(f"k8s/{target}: no NetworkPolicy selects {app}")
 
 
+PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+              "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+
+
+def _is_metrics_rule(rule: dict) -> bool:
+    return rule.get("from") == [PROMETHEUS]
+
+
+def _metrics_ports(container: dict) -> set[int]:
+    return {p["containerPort"] for p in container.get("ports", []) if p["name"].startswith("metrics")}
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_network_policies(target):
     policies = _docs(target, "NetworkPolicy")
     deny = [p for p in policies if p["spec"]["podSelector"] == {} and "Ingress" in p["spec"]["policyTypes"]
             and not p["spec"].get("ingress")]
     assert deny, "no default deny-ingress policy"
-    # Only the gateway accepts traffic from outside the namespace, on its gRPC port.
-    [rule] = _policy(target, "glm-gateway")["spec"]["ingress"]
+    # Only the gateway accepts traffic from outside the namespace, on its gRPC port; Prometheus
+    # (from its namespace) reaches the metrics port.
+    rule, metrics = _policy(target, "glm-gateway")["spec"]["ingress"]
     assert "from" not in rule and [p["port"] for p in rule["ports"]] == [50051]
+    gateway = _container(target, "glm-gateway", "gateway")
+    assert _is_metrics_rule(metrics) and [p["port"] for p in metrics["ports"]] == [9090]
+    assert _metrics_ports(gateway) == {int(_env(target, gateway)["GLM_METRICS_PORT"])} == {9090}
     for pol in policies:
         app = pol["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name")
         for rule in pol["spec"].get("ingress", []):
@@ -381,7 +397,7 @@ def test_network_policies(target):
                 assert rule.get("from"), f"{pol['metadata']['name']}: a rule open to everyone"
             for peer in rule.get("from", []):
                 assert "ipBlock" not in peer
-                if "namespaceSelector" in peer:  # only KEDA's operator, to read the lag
+                if "namespaceSelector" in peer and peer != PROMETHEUS:  # only KEDA's operator, to read the lag
                     assert app == "glm-redis"
                     assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "keda-operator"}
     # Redis: gateway and pools (and KEDA) only.
@@ -393,13 +409,25 @@ def test_network_policies(target):
     # The collector: every pod of the application.
     [rule] = _policy(target, "glm-otel-collector")["spec"]["ingress"]
     assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "glm-serve"}}}]
-    # The pools: no policy opens them, no Service reaches them, no container port.
-    assert not any(p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "glm-pool"
-                   for p in policies)
+    # The pools: only Prometheus reaches them, on the metrics ports; no Service reaches them;
+    # their only container ports are the scheduler's and every rank's metrics endpoint.
+    [pool_policy] = [p for p in policies
+                     if p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "glm-pool"]
+    [rule] = pool_policy["spec"]["ingress"]
+    assert _is_metrics_rule(rule)
+    open_ports = set()
+    for port in rule["ports"]:
+        open_ports |= set(range(port["port"], port.get("endPort", port["port"]) + 1))
     for svc in _docs(target, "Service"):
         assert svc["spec"]["selector"].get("app.kubernetes.io/name") != "glm-pool"
     pool = _one(target, "Deployment", "glm-pool")["spec"]["template"]["spec"]
-    assert not any(c.get("ports") for c in _containers(pool))
+    for c in _containers(pool):
+        assert _metrics_ports(c) == {p["containerPort"] for p in c.get("ports", [])}, c["name"]
+    scheduler, worker = _container(target, "glm-pool", "scheduler"), _container(target, "glm-pool", "worker")
+    assert _metrics_ports(scheduler) == {int(_env(target, scheduler)["GLM_METRICS_PORT"])}
+    tp, base = int(_env(target, worker)["GLM_TP"]), int(_env(target, worker)["POOL_METRICS_PORT"])
+    assert _metrics_ports(worker) == set(range(base, base + tp))   # the launcher: rank r on base + r
+    assert _metrics_ports(scheduler) | _metrics_ports(worker) <= open_ports
     for workload in _workloads(target):
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert labels.get("app.kubernetes.io/part-of") == "glm-serve"

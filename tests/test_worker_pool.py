@@ -260,7 +260,8 @@ def test_killed_rank_fails_the_pool_in_bounded_time(ckpt):
             return dead.value, caller_s, broken, time.monotonic() - t0
 
         dead, caller_s, broken, broken_s = drive(pool.addresses, scenario)
-        assert dead.code == grpc.StatusCode.UNAVAILABLE and dead.rank == 1 and caller_s < 2.0
+        # well inside the 30 s deadline: the dead peer is noticed, not waited out (2-core CI: slack)
+        assert dead.code == grpc.StatusCode.UNAVAILABLE and dead.rank == 1 and caller_s < 10.0
         assert broken.code == grpc.StatusCode.UNAVAILABLE and "broken" in broken.details
         assert broken_s < COLLECTIVE_TIMEOUT_S + 5
         assert pool.dead_ranks() == [1] and pool.processes[0].poll() is None

@@ -34,7 +34,7 @@ def options_from_args(args) -> GatewayOptions:
         tokenizer=args.tokenizer, limits=limits, max_queue_depth=args.max_queue_depth,
         api_keys=tuple(keys), tls_cert=args.tls_cert, tls_key=args.tls_key,
         grace_period_s=args.grace_period_s, redis_timeout_s=args.redis_timeout_s,
-        otlp_endpoint=args.otlp_endpoint)
+        otlp_endpoint=args.otlp_endpoint, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
 
 
 def run(args) -> int:

@@ -21,6 +21,7 @@ COMMANDS = {
     "scheduler": ("scheduler", "run one pool's scheduler: Redis queue -> continuous batching over the workers"),
     "gateway": ("gateway", "serve the public gRPC API: validate, enqueue on Redis, relay tokens"),
     "client": ("client", "call a gateway from the command line"),
+    "bench": ("bench", "benchmark serving: load generator, continuous vs static vs sequential batching"),
 }
 
 
@@ -106,6 +107,12 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=_non_negative_int, default=0,
+                   help="serve Prometheus metrics (text format) on this port; 0 = off")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
+
+
 def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (official layout)")
     p.add_argument("--tp", type=_positive_int, required=True, help="tensor-parallel size of the pool")
@@ -124,6 +131,7 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
                    help="fraction of forwards that record a span per layer")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads for this rank")
     p.add_argument("--model-name", help="name reported by Info (default: the checkpoint folder's name)")
+    _add_metrics(p)
 
 
 class _Repeatable(argparse.Action):
@@ -168,6 +176,7 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-keys-file", help="file with one API key per line")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
+    _add_metrics(p)
     p.add_argument("--grace-period-s", type=float, default=30.0,
                    help="on SIGTERM, how long in-flight calls may run on")
     p.add_argument("--otlp-endpoint", help="export traces over OTLP/gRPC to host:port (default: none)")
@@ -225,6 +234,7 @@ def _add_scheduler(p: argparse.ArgumentParser) -> None:
                    help="pending entries idle this long belong to a dead pool (default: redis_keys.CLAIM_IDLE_MS)")
     p.add_argument("--idle-block-ms", type=_positive_int, default=200, help="XREADGROUP BLOCK while idle")
     p.add_argument("--drain-timeout-s", type=float, default=30.0, help="on SIGTERM: finish running requests")
+    _add_metrics(p)
     p.add_argument("--otlp-endpoint", help="export traces over OTLP/gRPC to host:port (default: none)")
 
 
@@ -246,11 +256,45 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="batching: continuous (iteration-level), static, or one request at a time")
     p.add_argument("--max-batch-size", type=_positive_int, default=32)
     p.add_argument("--no-demo-call", action="store_true", help="do not make the example client call")
+    p.add_argument("--metrics-port", type=_non_negative_int, default=0,
+                   help="serve the Prometheus metrics of every process (gateway, schedulers, ranks) "
+                        "on this one port, on --host; 0 = off")
     p.add_argument("--otlp-endpoint",
                    help="every service (gateway, schedulers, every rank) exports traces over OTLP/gRPC "
                         "to host:port (default: none)")
     p.add_argument("--layer-trace-ratio", type=float, default=0.0,
                    help="fraction of forwards whose workers record a span per layer (0-1)")
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    subs = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    s = subs.add_parser("serve", help="load a server: throughput, TTFT, ITL per batching mode",
+                        description="Concurrent streaming clients with Poisson arrivals and mixed "
+                                    "prompt/output lengths; one local stack per --modes entry "
+                                    "(same checkpoint, same seeded load), or --address.")
+    s.add_argument("--checkpoint", help="checkpoint folder (default: the demo model, created on first use)")
+    s.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "glm"), help="where the demo model lives")
+    s.add_argument("--modes", default="continuous,static,sequential",
+                   help="batching modes to compare, one local stack each")
+    s.add_argument("--address", help="bench this running gateway (HOST:PORT) in its own mode only")
+    s.add_argument("--model", default="", help="with --address: model name (default: the gateway's)")
+    s.add_argument("--label", default="server", help="with --address: the report's row name")
+    s.add_argument("--requests", type=_positive_int, default=48, help="requests per mode")
+    s.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second (0 = all at once)")
+    s.add_argument("--concurrency", type=_positive_int, default=32, help="calls in flight at most")
+    s.add_argument("--min-new-tokens", type=_positive_int, default=8, help="shortest output (tokens)")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=64, help="longest output (tokens)")
+    s.add_argument("--duration-s", type=float, default=120.0,
+                   help="per mode: nothing is sent after this, and calls still running are cut")
+    s.add_argument("--seed", type=int, default=0, help="seed of the arrivals, prompts and lengths")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--warmup", type=_non_negative_int, default=2, help="short requests before measuring")
+    s.add_argument("--max-batch-size", type=_positive_int, default=32)
+    s.add_argument("--tp", type=_positive_int, default=1, help="ranks per pool")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    s.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 ADDERS = {
@@ -263,6 +307,7 @@ ADDERS = {
     "scheduler": _add_scheduler,
     "gateway": _add_gateway,
     "client": _add_client,
+    "bench": _add_bench,
 }
 
 

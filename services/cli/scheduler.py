@@ -13,8 +13,10 @@ from pathlib import Path
 from model.config import GLMConfig
 from model.tokenizer import GLMTokenizer
 from services.common import redis_keys as keys
+from services.common.metrics import new_registry, serve_metrics
 from services.common.tracing import setup_tracing
 from services.scheduler.loop import LoopOptions, PoolLoop
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.policy import Limits
 
 TOKENIZER_FILE = "ice_text.model"
@@ -59,11 +61,18 @@ def run(args) -> int:
     options = options_from_args(args, config)
     provider = setup_tracing("glm-scheduler", otlp_endpoint=args.otlp_endpoint,
                              attributes={"glm.pool": options.pool_id})
+    metrics = endpoint = None
+    if args.metrics_port:
+        registry = new_registry()
+        metrics = SchedulerMetrics(registry, model=options.model, pool=options.pool_id)
+        endpoint = serve_metrics(registry, args.metrics_port, args.metrics_host)
     loop_ = PoolLoop(options, decode=lambda ids: tokenizer.decode(ids, strict=False),
                      max_sequence_length=config.max_sequence_length,
-                     tracer=provider.get_tracer("glm.scheduler"))
+                     tracer=provider.get_tracer("glm.scheduler"), metrics=metrics)
     try:
         asyncio.run(_main(loop_))
     finally:
         provider.shutdown()
+        if endpoint is not None:
+            endpoint.close()
     return 0

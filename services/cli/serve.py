@@ -48,6 +48,7 @@ def run(args) -> int:
         quant=None if args.quant == "none" else args.quant, kv_memory_gib=args.kv_memory_gib,
         mode=args.mode, max_batch_size=args.max_batch_size, tokenizer=args.tokenizer,
         otlp_endpoint=args.otlp_endpoint, layer_trace_ratio=args.layer_trace_ratio,
+        metrics_port=args.metrics_port,
     )
     stack = LocalStack(options)
     stopping = False
@@ -63,6 +64,9 @@ def run(args) -> int:
     try:
         if not args.no_demo_call:
             _show_client_call(stack.address, name)
+        if stack.metrics is not None:
+            print(f"glm serve: metrics of every process on http://{stack.address.rsplit(':', 1)[0]}:"
+                  f"{stack.metrics.port}/metrics", file=sys.stderr)
         print("glm serve: serving; Ctrl-C stops", file=sys.stderr)
         while not stopping:
             stack.check_alive()

@@ -28,6 +28,7 @@ def options_from_args(args) -> WorkerOptions:
         kv_memory_gib=args.kv_memory_gib, collective_timeout_s=args.collective_timeout_s,
         otlp_endpoint=args.otlp_endpoint, layer_trace_ratio=args.layer_trace_ratio,
         threads=args.threads, model_name=args.model_name,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
     )
 
 

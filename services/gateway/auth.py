@@ -57,10 +57,11 @@ def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: list[str]) -> None:
+    def __init__(self, keys: list[str], on_denied=None) -> None:
         if not keys or any(not k for k in keys):
             raise ValueError("API keys must be non-empty")
         self._keys = [k.encode() for k in keys]
+        self._on_denied = on_denied or (lambda method: None)   # e.g. count the refusal
 
     def authorized(self, metadata) -> bool:
         token = bearer_key(metadata)
@@ -78,4 +79,5 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
         reason = ("missing API key: send 'authorization: Bearer <key>' metadata"
                   if bearer_key(metadata) is None else "invalid API key")
+        self._on_denied(handler_call_details.method)
         return _denied(handler, reason)

@@ -22,10 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.errors import ServiceError
+from services.common.metrics import MetricsEndpoint, new_registry, serve_metrics
 from services.common.tracing import setup_tracing
 from services.gateway.auth import ApiKeyInterceptor
 from services.gateway.broker import Broker, connect
 from services.gateway.catalog import Catalog, Limits, load_model
+from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.service import TextGenerationService
 from services.proto_gen.glm.v1 import generation_pb2 as pb
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
@@ -50,6 +52,8 @@ class GatewayOptions:
     redis_timeout_s: float = 2.0
     health_interval_s: float = 1.0
     otlp_endpoint: str | None = None
+    metrics_port: int = 0                         # Prometheus text endpoint; 0 = off
+    metrics_host: str = "0.0.0.0"
 
 
 class RedisHealth:
@@ -93,6 +97,9 @@ class Gateway:
         self.catalog = catalog
         self.tracing = setup_tracing("glm-gateway", otlp_endpoint=options.otlp_endpoint,
                                      exporter=span_exporter)
+        self.registry = new_registry()
+        self.metrics = GatewayMetrics(self.registry)
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._monitor: asyncio.Task | None = None
@@ -108,10 +115,11 @@ class Gateway:
                               max_queue_depth=options.max_queue_depth,
                               timeout_s=options.redis_timeout_s,
                               on_failure=lambda exc: self._health.mark(False))
-        interceptors = [ApiKeyInterceptor(list(options.api_keys))] if options.api_keys else []
+        interceptors = [ApiKeyInterceptor(list(options.api_keys), on_denied=self._denied)] \
+            if options.api_keys else []
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         tracer = self.tracing.get_tracer("glm.gateway")
-        self._service = TextGenerationService(self.catalog, self._broker, tracer)
+        self._service = TextGenerationService(self.catalog, self._broker, tracer, self.metrics)
         pb_grpc.add_TextGenerationServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -126,10 +134,16 @@ class Gateway:
         else:
             self.port = server.add_insecure_port(address)
         await self._check_redis()
+        self.metrics_endpoint = serve_metrics(self.registry, options.metrics_port, options.metrics_host)
         await server.start()
         self._server = server
         self._monitor = asyncio.create_task(self._watch_redis())
         return self.port
+
+    def _denied(self, method: str) -> None:
+        """A generation call refused for its API key (the model is not known yet)."""
+        if method.rsplit("/", 1)[-1] in ("Generate", "GenerateStream"):
+            self.metrics.requests.labels(UNKNOWN_MODEL, "unauthenticated").inc()
 
     async def _check_redis(self) -> None:
         try:
@@ -157,6 +171,8 @@ class Gateway:
         await self._service.drain()   # cancel keys of the calls the stop cut short
         await self._broker.close()
         self.tracing.shutdown()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         self._server = None
 
     async def wait(self) -> None:

@@ -23,9 +23,11 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from model.prompt import prepare_text_ids
 from services.common.errors import InvalidArgument, ServiceError, abort_code, one_line
+from services.common.messages import EVENT_TOKENS
 from services.common.tracing import context_from_metadata, metadata_from_context
 from services.gateway.broker import Broker, Submitted, cancel_quietly
 from services.gateway.catalog import Catalog
+from services.gateway.metrics import OK, Call, GatewayMetrics, outcome_of
 from services.gateway.relay import Relay
 from services.gateway.validation import Admission, admit, request_id_of
 from services.proto_gen.glm.v1 import generation_pb2 as pb
@@ -41,44 +43,67 @@ def _deadline(context) -> float | None:
 
 
 class TextGenerationService(pb_grpc.TextGenerationServicer):
-    def __init__(self, catalog: Catalog, broker: Broker, tracer: trace.Tracer) -> None:
+    def __init__(self, catalog: Catalog, broker: Broker, tracer: trace.Tracer,
+                 metrics: GatewayMetrics) -> None:
         self.catalog = catalog
         self.broker = broker
         self.tracer = tracer
+        self.metrics = metrics
         self._background: set[asyncio.Task] = set()
 
     # ---- generation ------------------------------------------------------------------
+    # A call left without a result or a ServiceError was abandoned by its caller
+    # (asyncio.CancelledError / GeneratorExit): its outcome stays ``cancelled``.
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        span = self._span(context)
+        span, call = self._span(context), self.metrics.call()
+        outcome = "cancelled"
         try:
-            admission, relay = await self._submit(request, context, span)
+            admission, relay = await self._submit(request, context, span, call)
             async for event in self.broker.events(admission.queued.id, _deadline(context)):
-                relay.accept(event)
-            return relay.response()
+                if relay.accept(event) and event.type == EVENT_TOKENS:
+                    call.token()
+            response = relay.response()
+            outcome = OK
+            return response
         except ServiceError as exc:
+            outcome = outcome_of(abort_code(exc))
             await self._abort(context, span, exc)
+        except Exception:
+            outcome = "internal"
+            raise
         finally:
+            call.finish(outcome)
             span.end()
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context) -> AsyncIterator[pb.GenerateStreamResponse]:
-        span = self._span(context)
+        span, call = self._span(context), self.metrics.call()
+        outcome = "cancelled"
         try:
-            admission, relay = await self._submit(request, context, span)
+            admission, relay = await self._submit(request, context, span, call)
             async for event in self.broker.events(admission.queued.id, _deadline(context)):
                 if relay.accept(event) and (message := relay.stream_message(event)) is not None:
+                    if event.type == EVENT_TOKENS:
+                        call.token()
                     yield message
+            outcome = OK
         except ServiceError as exc:
+            outcome = outcome_of(abort_code(exc))
             await self._abort(context, span, exc)
+        except Exception:
+            outcome = "internal"
+            raise
         finally:
+            call.finish(outcome)
             span.end()
 
     def _span(self, context) -> trace.Span:
         parent = context_from_metadata(context.invocation_metadata())
         return self.tracer.start_span("gateway.generate", context=parent, kind=SpanKind.SERVER)
 
-    async def _submit(self, request, context, span) -> tuple[Admission, Relay]:
+    async def _submit(self, request, context, span, call: Call) -> tuple[Admission, Relay]:
         served = self.catalog.get(request.model)
+        call.model = served.name
         admission = admit(request, served, request_id_of(request))
         traceparent = dict(metadata_from_context(trace.set_span_in_context(span))).get("traceparent", "")
         remaining = context.time_remaining()

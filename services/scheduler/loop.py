@@ -13,7 +13,11 @@ pending for another pool. Every shard call has a deadline, so it never hangs.
 
 Tracing: one ``scheduler.request`` span per request (parent: the gateway's
 ``traceparent``), one ``scheduler.prefill`` / ``scheduler.decode`` span per step
-linked to the request spans it serves; shard calls carry the step span.
+linked to every request span it serves; shard calls carry the step span. A step
+that serves exactly one request is also that request's *child*, so a request
+served alone is one trace from the caller to the layers; a step that serves
+several is the root of its own trace (it belongs to none of them more than to
+the others) and the links tie it to each.
 """
 
 from __future__ import annotations
@@ -26,12 +30,16 @@ from dataclasses import dataclass, field
 
 import grpc
 import redis.asyncio as aioredis
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from services.common import redis_keys as keys
 from services.common.messages import FINISH_LENGTH, FINISH_STOP
+from services.common.metrics import new_registry
 from services.common.tracing import context_from_traceparent
 from services.proto_gen.glm.v1 import shard_pb2 as pb
+from services.scheduler.metrics import MALFORMED, SchedulerMetrics
 from services.scheduler.policy import BatchView, Limits, PrefillOp, Scheduler, StepOutput
 from services.scheduler.queue import Entry, PoolQueue
 from services.scheduler.request import Gen
@@ -60,6 +68,7 @@ class LoopOptions:
     heartbeat_s: float = 5.0
     health_every_s: float = 5.0           # Health while idle
     drain_timeout_s: float = 30.0         # on stop: finish running requests this long at most
+    lag_every_s: float = 1.0              # the queue-depth gauge's XINFO GROUPS (with metrics on)
 
     @property
     def refresh_s(self) -> float:
@@ -103,8 +112,11 @@ def _cached_pb(v: BatchView) -> pb.CachedBatch:
 
 class PoolLoop:
     def __init__(self, options: LoopOptions, *, decode, max_sequence_length: int,
-                 tracer: trace.Tracer | None = None) -> None:
+                 tracer: trace.Tracer | None = None, metrics: SchedulerMetrics | None = None) -> None:
         self.options = options
+        self.poll_lag = metrics is not None       # the queue depth costs a Redis call: only when exported
+        self.metrics = metrics or SchedulerMetrics(new_registry(process_metrics=False), model=options.model,
+                                                   pool=options.pool_id)
         self.decode = decode
         self.max_sequence_length = max_sequence_length
         self.tracer = tracer or trace.NoOpTracer()
@@ -131,6 +143,7 @@ class PoolLoop:
             await client.clear_cache()            # this scheduler owns the workers' cache from now on
             self.core = Scheduler(o.limits, warm.max_batch_total_tokens,
                                   max_sequence_length=self.max_sequence_length, decode=self.decode)
+            self.metrics.kv_capacity.set(warm.max_batch_total_tokens)
             log.info("pool %s: model %s, KV capacity %d tokens, mode %s", o.pool_id, o.model,
                      warm.max_batch_total_tokens, o.limits.mode)
             await self.queue.ensure_group()
@@ -151,10 +164,14 @@ class PoolLoop:
 
     async def _serve(self, client: ShardClient) -> None:
         o, core = self.options, self.core
-        last = {"refresh": 0.0, "claim": 0.0, "heartbeat": 0.0, "health": time.monotonic()}
+        last = {"refresh": 0.0, "claim": 0.0, "heartbeat": 0.0, "health": time.monotonic(), "lag": 0.0}
         drain_until = None
         while True:
             now = time.monotonic()
+            self.metrics.batches((core.running, core.fresh), len(core.waiting))
+            if self.poll_lag and now - last["lag"] >= o.lag_every_s:
+                last["lag"] = now
+                self.metrics.queue_depth.set(await self.queue.lag())
             if self.stopping.is_set():
                 drain_until = drain_until or now + o.drain_timeout_s
                 if core.idle or now > drain_until:
@@ -197,12 +214,15 @@ class PoolLoop:
         for entry in await self.queue.claim_idle(room):
             log.warning("pool %s: claimed %s (delivery %d)", self.options.pool_id, entry.entry_id,
                         entry.deliveries)
+            if entry.request is not None:
+                self.metrics.resumed.inc()
             await self._add(entry)
 
     async def _add(self, entry: Entry) -> None:
         if entry.request is None:
             log.error("pool %s: dead-lettering entry %s: %s", self.options.pool_id, entry.entry_id, entry.problem)
             await self.queue.drop_malformed(entry)
+            self.metrics.failure(MALFORMED)
             return
         req = entry.request
         events = await self.queue.events(req.id) if entry.deliveries > 1 else []
@@ -210,7 +230,7 @@ class PoolLoop:
         if entry.deliveries > keys.MAX_DELIVERIES:
             reject = f"delivered {entry.deliveries} times without ending (a pool failed each time)"
         parent = context_from_traceparent(req.traceparent)
-        span = self.tracer.start_span("scheduler.request", context=parent, attributes={
+        span = self.tracer.start_span("scheduler.request", context=parent, kind=SpanKind.CONSUMER, attributes={
             "glm.request_id": req.id, "glm.pool": self.options.pool_id, "glm.deliveries": entry.deliveries,
             "glm.prompt_tokens": len(req.prompt_ids), "glm.resumed_events": len(events)})
         self.spans[req.id] = span
@@ -219,8 +239,14 @@ class PoolLoop:
         await self._publish(out)
 
     # -- one step ---------------------------------------------------------------------------
-    def _links(self, request_ids) -> list[trace.Link]:
-        return [trace.Link(self.spans[r].get_span_context()) for r in request_ids if r in self.spans]
+    def _step_span(self, name: str, request_ids, attributes: dict):
+        """A step span linked to the request spans it serves; the child of the
+        request span when it serves exactly one, else the root of its own trace."""
+        spans = [self.spans[r] for r in request_ids if r in self.spans]
+        parent = trace.set_span_in_context(spans[0]) if len(spans) == 1 else otel_context.Context()
+        return self.tracer.start_as_current_span(
+            name, context=parent, links=[trace.Link(s.get_span_context()) for s in spans],
+            attributes=attributes)
 
     async def _step(self, client: ShardClient) -> None:
         core = self.core
@@ -231,10 +257,8 @@ class PoolLoop:
             core.filtered(_view(reply))
         if plan.prefill:
             op = plan.prefill
-            with self.tracer.start_as_current_span("scheduler.prefill", links=self._links(op.request_ids),
-                                                   attributes={"glm.batch_id": op.batch_id,
-                                                               "glm.batch_size": len(op.requests),
-                                                               "glm.tokens": op.tokens}):
+            with self._step_span("scheduler.prefill", op.request_ids, {
+                    "glm.batch_id": op.batch_id, "glm.batch_size": len(op.requests), "glm.tokens": op.tokens}):
                 try:
                     reply = await client.prefill(_batch_pb(op))
                 except ShardCallError as exc:
@@ -246,19 +270,23 @@ class PoolLoop:
                                                              int(named.group(1)) if named else None))
                     reply = None
             if reply is not None:
+                self.metrics.prompt.inc(sum(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests))
+                self.metrics.generated.inc(len(reply.generations))
                 await self._publish(core.prefilled(op, _gens(reply), _view(reply)))
         batches = core.decode_batches()
         if batches:
-            ids = {core.by_shard[s].id for v in batches for s in v.shard_ids if s in core.by_shard}
-            with self.tracer.start_as_current_span("scheduler.decode", links=self._links(ids), attributes={
+            ids = [core.by_shard[s].id for v in batches for s in v.shard_ids if s in core.by_shard]
+            with self._step_span("scheduler.decode", ids, {
                     "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
                 reply = await client.decode([_cached_pb(v) for v in batches])
+            self.metrics.generated.inc(len(reply.generations))
             await self._publish(core.decoded(_gens(reply), _view(reply)))
         self.steps += 1
 
     async def _publish(self, out: StepOutput) -> None:
         raw = {o.request_id: self.raw.get(o.request_id, "") for o in out.ended if o.dead}
         await self.queue.publish(out.events, out.ended, raw)
+        self.metrics.published(out.events, out.ended, time.monotonic())
         for outcome in out.ended:
             self.raw.pop(outcome.request_id, None)
             span = self.spans.pop(outcome.request_id, None)

@@ -70,6 +70,16 @@ class PoolQueue:
             out.extend(_entry(eid, fields) for eid, fields in entries)
         return out
 
+    async def lag(self) -> int:
+        """Entries no pool has taken yet: the group's ``lag`` (Redis >= 7.0), else what
+        is neither acked (acked entries are deleted) nor pending: XLEN - pending."""
+        for group in await self.redis.xinfo_groups(self.stream):
+            if _text(group.get("name", b"")) == keys.GROUP:
+                if group.get("lag") is not None:
+                    return int(group["lag"])
+                return max(0, int(await self.redis.xlen(self.stream)) - int(group.get("pending", 0)))
+        return int(await self.redis.xlen(self.stream))
+
     async def claim_idle(self, count: int) -> list[Entry]:
         """Entries idle longer than ``claim_idle_ms`` (a dead pool's), now ours."""
         reply = await self.redis.xautoclaim(self.stream, keys.GROUP, self.pool_id, self.claim_idle_ms,

@@ -113,8 +113,12 @@ def start_pool(checkpoint: str | Path, tp: int, *, dtype: str = "float32", devic
                collective_timeout_s: float = 60.0, otlp_endpoint: str | None = None,
                layer_trace_ratio: float = 0.0, threads: int | None = None,
                workdir: str | Path | None = None, ready_timeout_s: float = 120.0,
-               wait: bool = True) -> PoolHandle:
-    """Launch ``tp`` worker processes for ``checkpoint``; by default wait until all are ready."""
+               wait: bool = True, model_name: str | None = None,
+               metrics_ports: list[int] | None = None) -> PoolHandle:
+    """Launch ``tp`` worker processes for ``checkpoint``; by default wait until all are ready.
+    ``metrics_ports``: one per rank, served on 127.0.0.1 (default: no metrics)."""
+    if metrics_ports is not None and len(metrics_ports) != tp:
+        raise ValueError(f"metrics_ports: {len(metrics_ports)} ports for {tp} ranks")
     own = workdir is None
     # Unix socket paths are limited to ~107 bytes: keep the folder short.
     folder = Path(tempfile.mkdtemp(prefix="glm-pool-", dir="/tmp") if own else workdir)
@@ -135,6 +139,10 @@ def start_pool(checkpoint: str | Path, tp: int, *, dtype: str = "float32", devic
                 cmd += ["--kv-memory-gib", str(kv_memory_gib)]
             if otlp_endpoint:
                 cmd += ["--otlp-endpoint", otlp_endpoint]
+            if model_name:
+                cmd += ["--model-name", model_name]
+            if metrics_ports:
+                cmd += ["--metrics-port", str(metrics_ports[rank]), "--metrics-host", "127.0.0.1"]
             log = folder / f"rank-{rank}.log"
             with open(log, "wb") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -23,9 +23,11 @@ import grpc
 import torch
 
 from services.common.errors import ServiceError, Unavailable, one_line
+from services.common.metrics import new_registry, serve_metrics
 from services.common.tracing import context_from_metadata, setup_tracing
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
+from services.worker.metrics import BROKEN, WorkerMetrics, failure_reason
 from services.worker.shard import OutOfMemory, Shard
 
 log = logging.getLogger("glm.worker")
@@ -49,12 +51,16 @@ class WorkerOptions:
     layer_trace_ratio: float = 0.0
     threads: int | None = None
     model_name: str | None = None
+    metrics_port: int = 0              # Prometheus text endpoint; 0 = off
+    metrics_host: str = "0.0.0.0"
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
-    def __init__(self, shard: Shard) -> None:
+    def __init__(self, shard: Shard, metrics: WorkerMetrics | None = None) -> None:
         self.shard = shard
         self.rank = shard.ctx.rank
+        self.metrics = metrics or WorkerMetrics(new_registry(process_metrics=False), model=shard.model_name,
+                                                rank=self.rank)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"shard-{self.rank}")
         self.broken: str | None = None
 
@@ -79,6 +85,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
 
     async def _run(self, context: grpc.aio.ServicerContext, method, request, *, collective: bool):
         if self.broken is not None:
+            self.metrics.failure(BROKEN)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"rank {self.rank} is broken: {self.broken}")
         parent = context_from_metadata(context.invocation_metadata())
         loop = asyncio.get_running_loop()
@@ -86,8 +93,11 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             return await loop.run_in_executor(self.executor, self._execute, method, request, parent, collective)
         except ServiceError as exc:
             code, message = exc.code, one_line(exc)
+            reason = failure_reason(exc, collective=collective, out_of_memory=OutOfMemory)
         except Exception as exc:  # noqa: BLE001 - reported to the caller, never swallowed
             code, message = grpc.StatusCode.INTERNAL, f"rank {self.rank}: {one_line(exc)}"
+            reason = failure_reason(exc, collective=collective, out_of_memory=OutOfMemory)
+        self.metrics.failure(reason)
         await context.abort(code, message)
 
     async def Info(self, request, context):
@@ -102,16 +112,24 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         return await self._run(context, self.shard.warmup, request, collective=True)
 
     async def Prefill(self, request, context):
-        return await self._run(context, self.shard.prefill, request, collective=True)
+        reply = await self._run(context, self.shard.prefill, request, collective=True)
+        self.metrics.prefill.observe(reply.forward_ns / 1e9)
+        return reply
 
     async def Decode(self, request, context):
-        return await self._run(context, self.shard.decode, request, collective=True)
+        reply = await self._run(context, self.shard.decode, request, collective=True)
+        self.metrics.decode.observe(reply.forward_ns / 1e9)
+        return reply
 
     async def FilterBatch(self, request, context):
         return await self._run(context, self.shard.filter_batch, request, collective=False)
 
     async def ClearCache(self, request, context):
         return await self._run(context, self.shard.clear_cache, request, collective=False)
+
+
+def model_name(opts: WorkerOptions) -> str:
+    return opts.model_name or Path(opts.checkpoint).resolve().name
 
 
 def load_shard(opts: WorkerOptions, tracer) -> Shard:
@@ -132,7 +150,7 @@ def load_shard(opts: WorkerOptions, tracer) -> Shard:
     info = inspect_checkpoint(opts.checkpoint)
     model = load_model(info, ctx, dtype=parse_dtype(opts.dtype), device=device, quant=spec)
     spec = info.quant or spec                  # a pre-quantized checkpoint loads as it is
-    return Shard(model, model_name=opts.model_name or Path(opts.checkpoint).resolve().name,
+    return Shard(model, model_name=model_name(opts),
                  quantization=spec.name if spec else "none", kv_memory_gib=opts.kv_memory_gib, tracer=tracer,
                  layer_trace_ratio=opts.layer_trace_ratio)
 
@@ -142,8 +160,11 @@ async def serve(opts: WorkerOptions) -> None:
     provider = setup_tracing("glm-worker", otlp_endpoint=opts.otlp_endpoint,
                              attributes={"glm.rank": opts.rank, "glm.tp": opts.tp},
                              export_delay_ms=200)
+    registry = new_registry()              # served from before the (long) load
+    metrics = WorkerMetrics(registry, model=model_name(opts), rank=opts.rank)
+    endpoint = serve_metrics(registry, opts.metrics_port, opts.metrics_host)
     shard = load_shard(opts, provider.get_tracer("services.worker"))
-    servicer = ShardServicer(shard)
+    servicer = ShardServicer(shard, metrics)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                       ("grpc.max_send_message_length", MAX_MESSAGE)])
     shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, server)
@@ -159,3 +180,5 @@ async def serve(opts: WorkerOptions) -> None:
     await server.stop(grace=2.0)
     servicer.executor.shutdown(wait=False, cancel_futures=True)
     provider.shutdown()
+    if endpoint is not None:
+        endpoint.close()

@@ -5,7 +5,8 @@
 # Each rank listens on $POOL_SOCKET_DIR/rank-<r>.sock (the scheduler's GLM_WORKERS) and the
 # ranks meet at tcp://127.0.0.1:$POOL_DIST_PORT inside the pod. Every other setting
 # (checkpoint, tp, dtype, device, quant, model name, OTLP endpoint) reaches `glm worker`
-# as its GLM_* variable from the glm-worker ConfigMap.
+# as its GLM_* variable from the glm-worker ConfigMap. With POOL_METRICS_PORT set, rank r
+# serves its Prometheus metrics on POOL_METRICS_PORT + r (GLM_METRICS_PORT of that rank).
 #
 # A rank that exits on its own leaves its peers stuck in a collective, so the whole
 # container stops (non-zero) and Kubernetes restarts it. SIGTERM is passed on to every rank.
@@ -14,6 +15,7 @@ set -uo pipefail
 tp="${GLM_TP:?GLM_TP must be set}"
 sockets="${POOL_SOCKET_DIR:-/run/glm}"
 port="${POOL_DIST_PORT:-29500}"
+metrics_base="${POOL_METRICS_PORT:-}"
 pids=()
 stopping=0
 
@@ -26,6 +28,9 @@ trap 'stopping=1; stop_ranks' TERM INT
 
 rm -f "$sockets"/rank-*.sock
 for ((rank = 0; rank < tp; rank++)); do
+    if [ -n "$metrics_base" ]; then
+        export GLM_METRICS_PORT=$((metrics_base + rank))
+    fi
     glm worker --rank "$rank" --listen "unix://$sockets/rank-$rank.sock" \
         --dist-init "tcp://127.0.0.1:$port" &
     pids+=("$!")
