@@ -12,7 +12,10 @@ The official top-p step flattens the logits to 1-D and so only works at batch 1.
 every row carries its own ``SamplingParams`` and its own seeded ``torch.Generator``, the
 filter is vectorised over rows (one sort per step), and a row's draw never depends on
 which other rows share the batch: a seeded request reproduces whatever it is batched
-with (and equals the official sampler at batch 1 after ``torch.manual_seed(seed)``).
+with (and its first draw equals the official sampler at batch 1 after
+``torch.manual_seed(seed)``). The draw for a row's k-th generated token uses a generator
+seeded from ``(seed, k)`` alone, so a request resumed elsewhere from its first k tokens
+(another pool, after a failure) continues with exactly the draws it would have made.
 
 Extensions the official code lacks (issue #65): a CTRL/HF repetition penalty over
 prompt + output tokens and OpenAI presence/frequency penalties over output tokens.
@@ -20,6 +23,7 @@ prompt + output tokens and OpenAI presence/frequency penalties over output token
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections import Counter
@@ -145,6 +149,15 @@ def apply_penalties(
     return logits
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The generator seed of a row's ``step``-th draw: ``seed`` itself for the first (as the
+    official sampler after ``torch.manual_seed(seed)``), then a hash of ``(seed, step)``."""
+    if step == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 class Sampler:
     """Samples one token per row; row i follows ``params[i]`` with its own generator."""
 
@@ -223,6 +236,7 @@ class Sampler:
                 )
             probs = F.softmax(scaled.float(), dim=-1)  # [s, V]
             for j, i in enumerate(sampled):
+                self.generators[i].manual_seed(step_seed(self.seeds[i], len(output_ids[i])))
                 draw = torch.multinomial(probs[j : j + 1], 1, generator=self.generators[i])  # [1, 1]
                 tokens[i] = draw.view(())
         logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [b]

@@ -163,3 +163,19 @@ def test_invalid_params_raise_naming_the_field(field, value):
 def test_sample_rejects_mismatched_rows():
     with pytest.raises(ValueError):
         Sampler([SamplingParams()]).sample(torch.randn(2, 10), [[], []], [[], []])
+
+
+def test_a_resumed_row_continues_with_the_same_draws():
+    # a request resumed from its first k tokens (another pool, after a failure) makes the
+    # same draws as the uninterrupted run: each draw depends on (seed, step) only
+    params = SamplingParams(temperature=1.0, top_k=50, seed=11)
+    torch.manual_seed(5)
+    steps = [torch.randn(1, 500) for _ in range(8)]
+    whole, out = Sampler([params]), []
+    for logits in steps:
+        out.append(int(whole.sample(logits, [[1]], [list(out)])[0][0]))
+    resumed, again = Sampler([params]), out[:4]
+    for logits in steps[4:]:
+        again.append(int(resumed.sample(logits, [[1]], [list(again)])[0][0]))
+    assert again == out
+    assert len(set(out)) > 1

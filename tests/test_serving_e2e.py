@@ -50,12 +50,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def greedy_reference(checkpoint: str, prompts: list[str], max_new: int) -> dict[str, list[int]]:
+def greedy_reference(checkpoint: str, prompts: list[str], max_new: int,
+                     params: SamplingParams = SamplingParams(greedy=True)) -> dict[str, list[int]]:
+    """What `glm generate --prompt P` produces for each prompt (greedy unless ``params``)."""
     tok = GLMTokenizer.from_file(f"{checkpoint}/ice_text.model")
     gen = Generator(load_model(checkpoint))
     out = {}
     for p in prompts:
-        result = gen.fill_blanks(prepare_text_ids(tok.tokenize(p)), SamplingParams(greedy=True),
+        result = gen.fill_blanks(prepare_text_ids(tok.tokenize(p)), params,
                                  GenerationOptions(max_new_tokens=max_new))
         out[p] = [t for b in result.blanks for t in b.token_ids]
     return out
@@ -248,11 +250,13 @@ def test_kill_9_of_a_pool_mid_generation_is_invisible_to_the_client(two_pools, s
     model = two_pools.options.model_name
     request_id = f"failover-{uuid.uuid4().hex}"
     prompt = "The river runs past the old mill and [MASK] into the valley."
-    expected = greedy_reference(small, [prompt], 160)[prompt]
+    # sampled, seeded: the pool that resumes must make the very draws the dead one would have
+    sampling = dict(temperature=0.9, top_k=40, seed=1234)
+    expected = greedy_reference(small, [prompt], 160, SamplingParams(**sampling))[prompt]
     ids, indexes, finish = [], [], ""
     killed = None
     with GLMClient(two_pools.address) as client:
-        for message in client.generate_stream(prompt, model=model, max_new_tokens=160, temperature=0,
+        for message in client.generate_stream(prompt, model=model, max_new_tokens=160, **sampling,
                                               request_id=request_id, timeout=180):
             indexes.extend(range(message.index, message.index + len(message.token_ids)))
             ids.extend(message.token_ids)

@@ -100,6 +100,17 @@ def test_resumed_request_continues_exactly(shard, model):
         assert tokens.ids[7] == want[3:] and len(want) == 7
 
 
+def test_resumed_sampled_request_makes_the_same_draws(shard, model):
+    # each draw depends on (seed, step) only, so a pool resuming a sampled request after
+    # another pool died continues exactly as the uninterrupted run would have
+    sampled = dict(temperature=1.3, top_k=200, seed=77)
+    want = reference(model, request(1, PROMPTS["gmask"], 8, **sampled))
+    tokens = Tokens()
+    run_to_end(shard, pb.Batch(id=8, requests=[request(9, PROMPTS["gmask"], 8, generated=want[:4], **sampled)]),
+               tokens)
+    assert tokens.ids[9] == want[4:] and len(set(want)) > 1
+
+
 def test_min_new_tokens_and_top_logprobs(shard):
     reply = shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=4, requests=[
         request(1, PROMPTS["gmask"], 3, top_n=3, min_new=3)])))
