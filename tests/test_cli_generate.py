@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from model.checkpoint import inspect_checkpoint, read_rank_state, save_checkpoint
-from model.tiny import init_tiny
 from services.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +26,8 @@ def glm(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    init_tiny(d, preset="glm-tiny", tp=1, seed=9)
-    return str(d)
+def ckpt(checkpoint):
+    return checkpoint("glm-tiny", tp=1, seed=9)
 
 
 def generate_json(ckpt, *extra: str) -> dict:

@@ -14,7 +14,6 @@ from model.generation import GenerationOptions, Generator
 from model.prompt import Blank, PromptError
 from model.runner import load_model
 from model.sampling import SamplingParams
-from model.tiny import init_tiny
 
 PROMPTS = [
     [20100, 20200, MASK_ID, 20300, 20400, EOS_ID],
@@ -24,10 +23,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gen")
-    init_tiny(d, preset="glm-tiny", tp=1, seed=5)
-    return str(d)
+def ckpt(checkpoint):
+    return checkpoint("glm-tiny", tp=1, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from model.checkpoint import inspect_checkpoint, read_rank_state
 from model.config import GMASK_ID, MASK_ID, GLMConfig
 from model.parallel import ParallelContext
 from model.prompt import Blank
-from model.tiny import init_tiny
 from tp_jobs import batch_logits
 
 TOL = 1e-4
@@ -22,10 +21,8 @@ GENERATED = [20800, 20900, 21000]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    init_tiny(d, preset="glm-tiny", tp=1, seed=3)
-    return str(d)
+def ckpt(checkpoint):
+    return checkpoint("glm-tiny", tp=1, seed=3)
 
 
 @pytest.fixture(scope="module")

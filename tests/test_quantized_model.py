@@ -16,7 +16,6 @@ from model.distributed import run_local_ranks
 from model.prompt import Blank
 from model.quantization import QuantSpec, ROW_PARALLEL_SUFFIXES, is_quantized_weight, layer_suffix
 from model.runner import load_model
-from model.tiny import init_tiny
 from tp_jobs import batch_logits, dequantized_state
 
 TOL = 1e-4
@@ -28,10 +27,8 @@ CONFIG = GLMConfig.from_name("glm-tiny")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("q16")
-    init_tiny(d, preset="glm-tiny", tp=1, seed=21)
-    return str(d)
+def ckpt(checkpoint):
+    return checkpoint("glm-tiny", tp=1, seed=21)
 
 
 @pytest.fixture(scope="module")

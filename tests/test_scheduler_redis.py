@@ -23,7 +23,6 @@ from model.generation import GenerationOptions, Generator
 from model.prompt import prepare_text_ids
 from model.runner import load_model
 from model.sampling import SamplingParams
-from model.tiny import init_tiny
 from model.tokenizer import GLMTokenizer
 from services.common import redis_keys as keys
 from services.common.messages import Event, QueuedRequest, Sampling
@@ -47,10 +46,8 @@ pytestmark = pytest.mark.skipif(not _redis_up(), reason="needs a Redis server on
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("scheduler")
-    init_tiny(d, preset="glm-tiny", seed=3)
-    return str(d)
+def ckpt(checkpoint):
+    return checkpoint("glm-tiny", tp=1, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from model.prompt import prepare_text_ids
 from model.runner import load_model
 from model.generation import GenerationOptions, Generator
 from model.sampling import SamplingParams
-from model.tiny import init_tiny
 from model.tokenizer import GLMTokenizer
 from services.client import AsyncGLMClient, GLMClient, GLMError
 from services.common import redis_keys as keys
@@ -64,10 +63,8 @@ def greedy_reference(checkpoint: str, prompts: list[str], max_new: int,
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("e2e-tiny")
-    init_tiny(d, preset="glm-tiny", seed=7)
-    return str(d)
+def tiny(checkpoint):
+    return checkpoint("glm-tiny", tp=1, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +186,8 @@ def test_redis_unreachable_gives_unavailable_promptly(stack):
 # ---- two pools on the machine's Redis ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    d = tmp_path_factory.mktemp("e2e-small")
-    init_tiny(d, preset="glm-small", seed=3)
-    return str(d)
+def small(checkpoint):
+    return checkpoint("glm-small", tp=1, seed=3)
 
 
 @pytest.fixture(scope="module")

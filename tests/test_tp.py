@@ -8,7 +8,6 @@ import pytest
 
 from model.config import GMASK_ID, MASK_ID
 from model.distributed import RankError, run_local_ranks
-from model.tiny import init_tiny
 from tp_jobs import batch_logits
 
 TOL = 1e-4
@@ -22,12 +21,9 @@ SPLIT = WIDTH - 3          # prefill the prompts, decode 3 tokens through the ca
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    one = tmp_path_factory.mktemp("tp1")
-    two = tmp_path_factory.mktemp("tp2")
-    init_tiny(one, preset="glm-tiny", tp=1, seed=11)
-    init_tiny(two, preset="glm-tiny", tp=2, seed=11)
-    return str(one), str(two)
+def checkpoints(checkpoint):
+    # the same weights written as 1 and as 2 partitions
+    return checkpoint("glm-tiny", tp=1, seed=11), checkpoint("glm-tiny", tp=2, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from model.runner import load_model
-from model.tiny import init_tiny
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.worker.batch import ShardBatch
@@ -20,10 +19,8 @@ KV_GIB = 0.001
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("worker-batch")
-    init_tiny(d, preset="glm-tiny", tp=1, seed=5)
-    return load_model(str(d))
+def model(checkpoint):
+    return load_model(checkpoint("glm-tiny", tp=1, seed=5))
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from model.runner import load_model
-from model.tiny import init_tiny
 from services.common.tracing import setup_tracing
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.worker.client import ShardCallError, ShardClient
@@ -62,10 +61,8 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("worker-pool")
-    init_tiny(d, preset="glm-tiny", tp=1, seed=11)
-    return str(d)
+def ckpt(checkpoint):
+    return checkpoint("glm-tiny", tp=1, seed=11)
 
 
 @pytest.fixture(scope="module")
