@@ -55,9 +55,9 @@ class GLMConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"config: head dim {self.head_dim} must be even for rotary embedding")
-        if self.vocab_size <= SMASK_ID + 5:
+        if self.vocab_size <= EOP_ID:
             raise ValueError(
-                f"config: vocab_size {self.vocab_size} must cover the special ids up to {EOP_ID}"
+                f"config: vocab_size {self.vocab_size} must cover the special ids up to eop ({EOP_ID})"
             )
 
     @property
