@@ -1,14 +1,13 @@
 """Rendering and reading the Kubernetes manifests for tests/test_k8s.py: ``kubectl
 kustomize`` output per target, its documents, containers, environment and the ``glm``
-command lines they run (directly or from a mounted script), parsed with the real CLI."""
+command lines they run -- with, for ``glm pool``, the ``glm worker`` line of each rank it
+launches -- parsed with the real CLI."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
-import re
-import shlex
 import shutil
 import subprocess
 from functools import lru_cache
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from services.cli.main import build_parser
+from services.cli.pool import spec_from_args
 from services.common.env import apply_env_defaults, env_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,6 @@ OVERLAYS = {  # overlay -> (tp, GLM_QUANT)
     "fp16-tp8": (8, "none"),
 }
 TARGETS = ["base"] + [f"overlays/{name}" for name in OVERLAYS]
-# Shell variables of the mounted scripts and a value of the right shape for each.
-SCRIPT_VARS = {"rank": "0", "sockets": "/run/glm", "port": "29500"}
 OUR_IMAGES = ("glm-serve-cpu", "glm-serve-cuda")
 
 KUBECTL = shutil.which("kubectl")
@@ -93,39 +91,23 @@ def _mounted_file(target: str, pod: dict, container: dict, path: str) -> str | N
     return None
 
 
-def _script_glm_lines(script: str) -> list[list[str]]:
-    """The ``glm ...`` invocations of a shell script, as argv lists with variables filled in."""
-    text = script.replace("\\\n", " ")
-    commands = []
-    for line in text.splitlines():
-        words = shlex.split(line, comments=True)
-        if words and words[0] == "exec":
-            words = words[1:]
-        if not words or words[0] != "glm":
-            continue
-        if words[-1] == "&":
-            words = words[:-1]
-
-        def fill(match: re.Match) -> str:
-            name = match.group(1) or match.group(2)
-            assert name in SCRIPT_VARS, f"script variable ${name} in a glm command has no test value"
-            return SCRIPT_VARS[name]
-
-        commands.append([re.sub(r"\$\{(\w+)\}|\$(\w+)", fill, w) for w in words])
-    return commands
-
-
 def _glm_invocations(target: str, pod: dict, container: dict) -> list[list[str]]:
-    """Every ``glm`` argv a container runs: its command+args, or the scripts they execute."""
+    """The ``glm`` argv a container runs (its command + args), or none."""
     argv = list(container.get("command", [])) + list(container.get("args", []))
-    if argv and argv[0] == "glm":
-        return [argv]
-    found = []
-    for word in argv:
-        script = _mounted_file(target, pod, container, word) if word.startswith("/") else None
-        if script is not None:
-            found += _script_glm_lines(script)
-    return found
+    return [argv] if argv and argv[0] == "glm" else []
+
+
+def _rank_invocations(pool_args: argparse.Namespace) -> list[list[str]]:
+    """The ``glm worker`` argv of every rank a parsed ``glm pool`` launches, as it launches them."""
+    spec = spec_from_args(pool_args)
+    return [["glm", *spec.worker_argv(rank)] for rank in range(spec.tp)]
+
+
+def _inherited(env: dict[str, str], command: str) -> dict[str, str]:
+    """What ``glm <command>`` reads of an environment it inherits: its own ``GLM_*`` variables
+    (it ignores the others, e.g. a ``glm pool``'s GLM_SOCKET_DIR seen by its ranks)."""
+    variables = {env_name(a.dest) for a in _subparser(command)._actions if a.option_strings}
+    return {k: v for k, v in env.items() if not k.startswith("GLM_") or k in variables}
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:

@@ -3,11 +3,11 @@
 Every kustomization (the base and each overlay) is rendered with ``kubectl kustomize``;
 every rendered document is validated against the Kubernetes 1.30 schemas in strict mode
 (``kubernetes-validate``), or, for KEDA's ScaledObject (a CRD those schemas lack),
-against a small JSON schema of the fields we use. Every container that runs ``glm`` --
-directly or through a script mounted from a ConfigMap -- is parsed by the real CLI
-parser, with its ``GLM_*`` variables applied as the CLI applies them, so a manifest
-cannot name a subcommand, flag or variable that does not exist. Then the invariants:
-GPUs = tp = scheduler's rank addresses, NetworkPolicies, PDBs, probes, drain times,
+against a small JSON schema of the fields we use. Every container that runs ``glm`` is
+parsed by the real CLI parser, with its ``GLM_*`` variables applied as the CLI applies
+them, and so is the ``glm worker`` line of every rank a ``glm pool`` container launches,
+so a manifest cannot name a subcommand, flag or variable that does not exist. Then the
+invariants: GPUs = tp = rank sockets = scheduler's rank addresses, a metrics port per rank, NetworkPolicies, PDBs, probes, drain times,
 security contexts, the KEDA trigger's stream and group, the dashboard's metric names.
 """
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 
 import pytest
 
@@ -26,7 +24,8 @@ jsonschema = pytest.importorskip("jsonschema", reason="installed with kubernetes
 
 from k8s_manifests import (  # noqa: E402
     K8S, K8S_VERSION, KUBECTL, OUR_IMAGES, OVERLAYS, ROOT, TARGETS, _container, _containers, _docs,
-    _env, _glm_invocations, _mounted_file, _one, _parse, _rendered, _workloads,
+    _env, _glm_invocations, _inherited, _mounted_file, _one, _parse, _rank_invocations, _rendered,
+    _subparser, _workloads,
 )
 from services.common import redis_keys  # noqa: E402
 
@@ -132,20 +131,24 @@ def test_glm_commands_parse_with_the_real_cli(target):
                 assert pod.get("enableServiceLinks") is False, workload["metadata"]["name"]
             env = _env(target, container)
             for argv in invocations:
-                _parse(argv, env)
+                args = _parse(argv, env)
                 ran.add(argv[1])
+                if argv[1] == "pool":
+                    for rank_argv in _rank_invocations(args):
+                        _parse(rank_argv, _inherited(env, "worker"))
+                        ran.add(rank_argv[1])
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 command = container.get(probe, {}).get("exec", {}).get("command", [])
                 for word in command:
                     if word.startswith("/opt/"):
                         assert _mounted_file(target, pod, container, word), f"{probe} runs missing {word}"
-    assert ran == {"gateway", "scheduler", "worker"}
+    assert ran == {"gateway", "scheduler", "pool", "worker"}
 
 
-def test_script_extraction_sees_the_worker_flags():
+def test_pool_command_is_checked_and_launches_worker_ranks():
     pod = _one("base", "Deployment", "glm-pool")["spec"]["template"]["spec"]
     [argv] = _glm_invocations("base", pod, _container("base", "glm-pool", "worker"))
-    assert argv[:2] == ["glm", "worker"] and "--listen" in argv and "--dist-init" in argv
+    assert argv == ["glm", "pool"]
     env = _env("base", _container("base", "glm-pool", "worker"))
     with pytest.raises(AssertionError, match="no flag --no-such-flag"):
         _parse(argv + ["--no-such-flag"], env)
@@ -153,17 +156,25 @@ def test_script_extraction_sees_the_worker_flags():
         _parse(argv, {**env, "GLM_NO_SUCH_FLAG": "1"})
     with pytest.raises(pytest.fail.Exception, match="does not parse"):
         _parse(argv, {k: v for k, v in env.items() if k != "GLM_CHECKPOINT"})   # a required flag
-
-
-def test_launcher_script_is_valid_bash():
-    bash = shutil.which("bash")
-    if bash is None:
-        pytest.skip("bash is not installed")
-    out = subprocess.run([bash, "-n", str(K8S / "base/files/pool-launcher.sh")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    [rank] = _rank_invocations(_parse(argv, env))
+    assert rank[:2] == ["glm", "worker"] and "--listen" in rank and "--dist-init" in rank
+    # Every setting of a rank is a setting of the pool: a glm-worker ConfigMap entry reaches the ranks.
+    pool_flags = {s for a in _subparser("pool")._actions for s in a.option_strings}
+    per_rank = {"--rank", "--listen", "--dist-init", "--metrics-port"}
+    worker_flags = {s for a in _subparser("worker")._actions for s in a.option_strings} - per_rank
+    assert worker_flags <= pool_flags, sorted(worker_flags - pool_flags)
 
 
 # ---- the pool: GPUs, tp, ranks ----
+
+def _pool_ranks(target: str) -> list:
+    """The parsed ``glm worker`` arguments of every rank the pool's worker container launches."""
+    pod = _one(target, "Deployment", "glm-pool")["spec"]["template"]["spec"]
+    worker = _container(target, "glm-pool", "worker")
+    env = _env(target, worker)
+    [argv] = _glm_invocations(target, pod, worker)
+    return [_parse(r, _inherited(env, "worker")) for r in _rank_invocations(_parse(argv, env))]
+
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_pool_gpus_equal_tp_and_rank_addresses(target):
@@ -176,6 +187,10 @@ def test_pool_gpus_equal_tp_and_rank_addresses(target):
     assert "nvidia.com/gpu" not in scheduler.get("resources", {}).get("limits", {})
     workers = _env(target, scheduler)["GLM_WORKERS"].split(",")
     assert workers == [f"unix:///run/glm/rank-{r}.sock" for r in range(tp)]
+    ranks = _pool_ranks(target)
+    assert [r.rank for r in ranks] == list(range(tp)) and {r.tp for r in ranks} == {tp}
+    assert [r.listen for r in ranks] == workers, "the ranks' sockets are the scheduler's workers"
+    assert len({r.dist_init for r in ranks}) == 1 and ranks[0].dist_init.startswith("tcp://127.0.0.1:")
     assert worker.get("restartPolicy") == "Always", "the worker is a native sidecar (starts first, stops last)"
     pod = _one(target, "Deployment", "glm-pool")["spec"]["template"]["spec"]
     [term] = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
@@ -287,8 +302,11 @@ def test_network_policies(target):
         assert _metrics_ports(c) == {p["containerPort"] for p in c.get("ports", [])}, c["name"]
     scheduler, worker = _container(target, "glm-pool", "scheduler"), _container(target, "glm-pool", "worker")
     assert _metrics_ports(scheduler) == {int(_env(target, scheduler)["GLM_METRICS_PORT"])}
-    tp, base = int(_env(target, worker)["GLM_TP"]), int(_env(target, worker)["POOL_METRICS_PORT"])
-    assert _metrics_ports(worker) == set(range(base, base + tp))   # the launcher: rank r on base + r
+    tp, base = int(_env(target, worker)["GLM_TP"]), int(_env(target, worker)["GLM_METRICS_PORT"])
+    assert _metrics_ports(worker) == set(range(base, base + tp))   # glm pool: rank r on base + r
+    ranks = _pool_ranks(target)
+    assert [r.metrics_port for r in ranks] == [base + r for r in range(tp)]
+    assert {r.metrics_host for r in ranks} == {"0.0.0.0"}, "Prometheus scrapes the ranks from outside the pod"
     assert _metrics_ports(scheduler) | _metrics_ports(worker) <= open_ports
     for workload in _workloads(target):
         labels = workload["spec"]["template"]["metadata"]["labels"]

@@ -18,6 +18,7 @@ COMMANDS = {
     "init-tiny": ("checkpoints", "write a small random checkpoint + tokenizer in the official layout"),
     "plan": ("plan", "memory per GPU for a model x quantization x TP x context"),
     "worker": ("worker", "serve one tensor-parallel rank of a pool over gRPC (the shard protocol)"),
+    "pool": ("pool", "launch and supervise the tp ranks of one pool (`glm worker` each) as one unit"),
     "scheduler": ("scheduler", "run one pool's scheduler: Redis queue -> continuous batching over the workers"),
     "gateway": ("gateway", "serve the public gRPC API: validate, enqueue on Redis, relay tokens"),
     "client": ("client", "call a gateway from the command line"),
@@ -132,6 +133,33 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads for this rank")
     p.add_argument("--model-name", help="name reported by Info (default: the checkpoint folder's name)")
     _add_metrics(p)
+
+
+def _add_pool(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (official layout)")
+    p.add_argument("--tp", type=_positive_int, required=True, help="ranks to launch (one per GPU on cuda)")
+    p.add_argument("--socket-dir", required=True, help="rank r listens on unix://DIR/rank-<r>.sock")
+    p.add_argument("--dist-port", type=_non_negative_int, default=0,
+                   help="the ranks' rendezvous, tcp://127.0.0.1:PORT (0 = a free port)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda = one GPU per rank (rank %% GPUs); NCCL on cuda, gloo on cpu")
+    _add_quant(p)
+    p.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
+    p.add_argument("--collective-timeout-s", type=float, default=60.0,
+                   help="a collective waiting longer than this fails the rank")
+    p.add_argument("--otlp-endpoint", help="every rank exports traces over OTLP/gRPC to host:port (default: none)")
+    p.add_argument("--layer-trace-ratio", type=float, default=0.0,
+                   help="fraction of forwards that record a span per layer")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads per rank (default: CPUs / tp)")
+    p.add_argument("--model-name", help="name reported by Info (default: the checkpoint folder's name)")
+    p.add_argument("--metrics-port", type=_non_negative_int, default=0,
+                   help="rank r serves Prometheus metrics on PORT + r; 0 = off")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address of the ranks' metrics endpoints")
+    p.add_argument("--ready-timeout-s", type=float, default=1800.0,
+                   help="every rank answers Health within this, or the pool stops (non-zero)")
+    p.add_argument("--stop-grace-s", type=float, default=10.0,
+                   help="on stop, SIGTERM the ranks and SIGKILL those still running after this")
 
 
 class _Repeatable(argparse.Action):
@@ -304,6 +332,7 @@ ADDERS = {
     "init-tiny": _add_init_tiny,
     "plan": _add_plan,
     "worker": _add_worker,
+    "pool": _add_pool,
     "scheduler": _add_scheduler,
     "gateway": _add_gateway,
     "client": _add_client,

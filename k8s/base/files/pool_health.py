@@ -2,8 +2,9 @@
 
 The ranks serve the shard protocol over unix sockets only (no TCP port, no
 grpc.health.v1 service), which kubelet's grpc/tcp probes cannot reach, so this
-script calls each rank's Health RPC with the generated stub. Exit 0 when all
-``GLM_TP`` ranks answer; exit 1 naming the first that does not (not started yet,
+script calls each rank's Health RPC with the generated stub. It reads the
+settings of ``glm pool`` in the same container (``GLM_TP``, ``GLM_SOCKET_DIR``).
+Exit 0 when all ``GLM_TP`` ranks answer; exit 1 naming the first that does not (not started yet,
 or broken after a failed collective: UNAVAILABLE).
 """
 
@@ -21,7 +22,7 @@ TIMEOUT_S = 5.0
 
 def main() -> int:
     tp = int(os.environ["GLM_TP"])
-    sockets = os.environ.get("POOL_SOCKET_DIR", "/run/glm")
+    sockets = os.environ.get("GLM_SOCKET_DIR", "/run/glm")
     for rank in range(tp):
         address = f"unix://{sockets}/rank-{rank}.sock"
         try:

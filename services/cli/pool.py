@@ -1,0 +1,104 @@
+"""``glm pool``: launch the ``tp`` ranks of one pool (``glm worker --rank R`` each) and keep
+them as one unit: wait until every rank answers Health, then supervise.
+
+- SIGTERM/SIGINT: stop every rank (SIGTERM, SIGKILL after ``--stop-grace-s``), exit 0.
+- A rank exits on its own: its peers would wait in a collective, so stop them and exit
+  non-zero (the rank's status; 128 + N for a rank killed by signal N, e.g. 137).
+- A rank is not ready within ``--ready-timeout-s``: stop them all, exit 1.
+
+This is the Kubernetes pool's worker container; ``services.worker.pool`` does the launching.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+from services.worker.pool import PoolError, PoolHandle, PoolSpec, _free_port, launch_pool
+
+POLL_S = 0.2
+log = logging.getLogger("glm.pool")
+
+
+class _Stop(Exception):
+    """Raised in the main thread by the SIGTERM/SIGINT handler."""
+
+
+def spec_from_args(args) -> PoolSpec:
+    if args.kv_memory_gib is not None and args.kv_memory_gib <= 0:
+        raise ValueError(f"--kv-memory-gib must be > 0, got {args.kv_memory_gib}")
+    if not 0.0 <= args.layer_trace_ratio <= 1.0:
+        raise ValueError(f"--layer-trace-ratio must be in [0, 1], got {args.layer_trace_ratio}")
+    if args.metrics_port and args.metrics_port + args.tp - 1 > 65535:
+        raise ValueError(f"--metrics-port {args.metrics_port}: rank {args.tp - 1} would get a port above 65535")
+    ports = tuple(args.metrics_port + r for r in range(args.tp)) if args.metrics_port else None
+    return PoolSpec(
+        checkpoint=args.checkpoint, tp=args.tp, folder=Path(args.socket_dir),
+        dist_port=args.dist_port or _free_port(), dtype=args.dtype, device=args.device,
+        quant=None if args.quant == "none" else args.quant, quant_group_size=args.quant_group_size,
+        kv_memory_gib=args.kv_memory_gib, collective_timeout_s=args.collective_timeout_s,
+        otlp_endpoint=args.otlp_endpoint, layer_trace_ratio=args.layer_trace_ratio, threads=args.threads,
+        model_name=args.model_name, metrics_ports=ports, metrics_host=args.metrics_host)
+
+
+def _exit_code(returncode: int) -> int:
+    """The pool's status for a rank that exited on its own: never 0."""
+    if returncode < 0:
+        return 128 - returncode          # killed by signal N: 128 + N, as a shell reports it
+    return returncode or 1
+
+
+def _raise_stop(signum, frame) -> None:
+    _ignore_signals()                    # one stop is enough; a second signal must not interrupt it
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _ignore_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _supervise(handle: PoolHandle) -> int:
+    """Block until a rank exits; return that rank's index."""
+    while True:
+        dead = handle.dead_ranks()
+        if dead:
+            return dead[0]
+        time.sleep(POLL_S)
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pool %(levelname)s %(message)s")
+    spec = spec_from_args(args)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stop)
+    handle = None
+    try:
+        handle = launch_pool(spec, rank_logs=False, wait=False)
+        log.info("started %d rank(s): pids %s", spec.tp, " ".join(map(str, handle.pids)))
+        handle.wait_ready(args.ready_timeout_s)
+        log.info("all %d rank(s) ready: %s", spec.tp, ",".join(handle.addresses))
+        rank = _supervise(handle)
+    except _Stop as stop:
+        log.info("%s: stopping %d rank(s)", stop, spec.tp)
+        if handle is not None:
+            handle.stop(grace_s=args.stop_grace_s)
+        return 0
+    except PoolError as exc:
+        _ignore_signals()
+        log.error("%s", exc)
+        dead = handle.dead_ranks() if handle is not None else []
+        if dead:
+            log.error("rank %d exited with status %d; stopping the pool", dead[0],
+                      handle.processes[dead[0]].returncode)
+        if handle is not None:
+            handle.stop(grace_s=args.stop_grace_s)
+        # a rank that died while the pool was starting reports like one that died later
+        return _exit_code(handle.processes[dead[0]].returncode) if dead else 1
+    _ignore_signals()
+    code = _exit_code(handle.processes[rank].returncode)
+    log.error("rank %d exited with status %d; stopping the pool", rank, handle.processes[rank].returncode)
+    handle.stop(grace_s=args.stop_grace_s)
+    return code
