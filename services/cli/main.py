@@ -120,9 +120,16 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=_non_negative_int, required=True, help="this process's rank")
     p.add_argument("--listen", required=True, help="unix:///path/to.sock or host:port")
     p.add_argument("--dist-init", required=True, help="tcp://HOST:PORT rendezvous, the same for every rank")
+    _add_rank_options(p)
+    _add_metrics(p)
+
+
+def _add_rank_options(p: argparse.ArgumentParser) -> None:
+    """What every rank of a pool is run with: shared by ``glm worker`` (one rank) and
+    ``glm pool`` (which passes them on to each rank it starts)."""
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda = this rank's GPU (rank %% GPUs); NCCL on cuda, gloo on cpu")
+                   help="cuda = the rank's own GPU (rank %% GPUs); NCCL on cuda, gloo on cpu")
     _add_quant(p)
     p.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
     p.add_argument("--collective-timeout-s", type=float, default=60.0,
@@ -130,9 +137,9 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--otlp-endpoint", help="export traces over OTLP/gRPC to host:port (default: none)")
     p.add_argument("--layer-trace-ratio", type=float, default=0.0,
                    help="fraction of forwards that record a span per layer")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads for this rank")
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch CPU threads per rank (default: CPUs / tp under glm pool, torch's own otherwise)")
     p.add_argument("--model-name", help="name reported by Info (default: the checkpoint folder's name)")
-    _add_metrics(p)
 
 
 def _add_pool(p: argparse.ArgumentParser) -> None:
@@ -141,18 +148,7 @@ def _add_pool(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket-dir", required=True, help="rank r listens on unix://DIR/rank-<r>.sock")
     p.add_argument("--dist-port", type=_non_negative_int, default=0,
                    help="the ranks' rendezvous, tcp://127.0.0.1:PORT (0 = a free port)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda = one GPU per rank (rank %% GPUs); NCCL on cuda, gloo on cpu")
-    _add_quant(p)
-    p.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
-    p.add_argument("--collective-timeout-s", type=float, default=60.0,
-                   help="a collective waiting longer than this fails the rank")
-    p.add_argument("--otlp-endpoint", help="every rank exports traces over OTLP/gRPC to host:port (default: none)")
-    p.add_argument("--layer-trace-ratio", type=float, default=0.0,
-                   help="fraction of forwards that record a span per layer")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads per rank (default: CPUs / tp)")
-    p.add_argument("--model-name", help="name reported by Info (default: the checkpoint folder's name)")
+    _add_rank_options(p)
     p.add_argument("--metrics-port", type=_non_negative_int, default=0,
                    help="rank r serves Prometheus metrics on PORT + r; 0 = off")
     p.add_argument("--metrics-host", default="0.0.0.0", help="address of the ranks' metrics endpoints")
