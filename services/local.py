@@ -7,7 +7,6 @@ them in reverse order. Tests use it to run the real system on loopback.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from services.common import redis_keys as keys
 from services.common.local_redis import LocalRedis, start_local_redis
 from services.common.metrics import MetricsEndpoint, serve_metrics
 from services.common.metrics_hub import MetricsHub
+from services.common.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,12 +50,6 @@ class StackOptions:
     otlp_endpoint: str | None = None       # every service exports traces here (OTLP/gRPC)
     layer_trace_ratio: float = 0.0         # fraction of forwards the workers trace per layer
     metrics_port: int = 0                  # every process's metrics on this one port (on host); 0 = off
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def glm_command(*args: str) -> list[str]:

@@ -10,7 +10,6 @@ port, and every documented metric present with sensible values.
 from __future__ import annotations
 
 import re
-import socket
 import time
 import urllib.request
 import uuid
@@ -28,6 +27,7 @@ from services.common.metrics_hub import MetricsHub, merge
 from services.gateway.metrics import GatewayMetrics, outcome_of
 from services.scheduler.metrics import TokenClock, failure_reason
 from services.scheduler.request import Outcome
+from services.common.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED = re.compile(r"^\| `(glm_[a-z0-9_]+)` \| (\w+) \| ([a-z, ]+) \|", re.M)
@@ -37,12 +37,6 @@ def documented() -> dict[str, tuple[str, set[str]]]:
     """name -> (type, labels) from the table of docs/deploy.md §8."""
     rows = DOCUMENTED.findall((ROOT / "docs/deploy.md").read_text())
     return {name: (kind, {label.strip() for label in labels.split(",")}) for name, kind, labels in rows}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -31,6 +30,7 @@ from services.client import AsyncGLMClient, GLMClient, GLMError
 from services.common import redis_keys as keys
 from services.common.messages import Event
 from services.local import LocalStack, StackOptions
+from services.common.net import free_port
 
 PROMPTS = [
     "The river runs past the old mill and [MASK] into the valley.",
@@ -41,12 +41,6 @@ PROMPTS = [
     "一个很长的句子，里面有很多很多的字，用来测试不同长度的提示词是否能被正确地批处理。[MASK]",
 ]
 MACHINE_REDIS = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def greedy_reference(checkpoint: str, prompts: list[str], max_new: int,

@@ -15,7 +15,6 @@ writes the spans as JSON (``bench/render_trace.py`` draws them as a waterfall).
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import tempfile
 import threading
@@ -37,6 +36,7 @@ from services.common.env import apply_env_defaults
 from services.common.tracing import metadata_from_context, setup_tracing
 from services.local import LocalStack, StackOptions
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
+from services.common.net import free_port
 
 TP = 2
 NEW_TOKENS = 4                 # min = max: 1 prefill + 3 decodes, 4 forwards per rank
@@ -82,19 +82,13 @@ def _span_dict(resource: dict, s) -> dict:
             "links": [link.span_id.hex() for link in s.links]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def traced_request(checkpoint: str, workdir: str) -> dict:
     """Start a traced stack, send one request under a caller span, stop the stack
     (which flushes every exporter) and return what the collector received."""
     receiver = Receiver()
     endpoint = receiver.start()
     name = f"trace-{uuid.uuid4().hex[:8]}"
-    stack = LocalStack(StackOptions(checkpoint=checkpoint, model_name=name, port=_free_port(), tp=TP,
+    stack = LocalStack(StackOptions(checkpoint=checkpoint, model_name=name, port=free_port(), tp=TP,
                                     max_batch_size=4, workdir=workdir, otlp_endpoint=endpoint,
                                     layer_trace_ratio=1.0))
     try:

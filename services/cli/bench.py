@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from services.bench.driver import run_load
 from services.bench.stats import ratios, summarise
 from services.bench.workload import make_workload
 from services.local import LocalStack, StackError, StackOptions
+from services.common.net import free_port
 
 MODES = ("continuous", "static", "sequential")
 
@@ -39,12 +39,6 @@ def machine() -> dict:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _log(args, text: str) -> None:
@@ -73,7 +67,7 @@ def bench_local(args, checkpoint: str) -> dict[str, dict]:
     logs = tempfile.mkdtemp(prefix="glm-bench-logs-")
     for mode in args.modes:
         options = StackOptions(
-            checkpoint=checkpoint, model_name="glm-bench", port=_free_port(), tp=args.tp,
+            checkpoint=checkpoint, model_name="glm-bench", port=free_port(), tp=args.tp,
             dtype=args.dtype, device=args.device, mode=mode, max_batch_size=args.max_batch_size,
             kv_memory_gib=args.kv_memory_gib, workdir=logs,
             gateway_args=("--max-queue-depth", str(max(1024, args.requests))))

@@ -16,7 +16,8 @@ import signal
 import time
 from pathlib import Path
 
-from services.worker.pool import PoolError, PoolHandle, PoolSpec, _free_port, launch_pool
+from services.common.net import free_port
+from services.worker.pool import PoolError, PoolHandle, PoolSpec, launch_pool
 
 POLL_S = 0.2
 log = logging.getLogger("glm.pool")
@@ -36,7 +37,7 @@ def spec_from_args(args) -> PoolSpec:
     ports = tuple(args.metrics_port + r for r in range(args.tp)) if args.metrics_port else None
     return PoolSpec(
         checkpoint=args.checkpoint, tp=args.tp, folder=Path(args.socket_dir),
-        dist_port=args.dist_port or _free_port(), dtype=args.dtype, device=args.device,
+        dist_port=args.dist_port or free_port(), dtype=args.dtype, device=args.device,
         quant=None if args.quant == "none" else args.quant, quant_group_size=args.quant_group_size,
         kv_memory_gib=args.kv_memory_gib, collective_timeout_s=args.collective_timeout_s,
         otlp_endpoint=args.otlp_endpoint, layer_trace_ratio=args.layer_trace_ratio, threads=args.threads,

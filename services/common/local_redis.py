@@ -15,15 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.net import free_port
+
 
 class LocalRedisError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_redis_server() -> str:
@@ -74,7 +70,7 @@ class LocalRedis:
 
 def start_local_redis(timeout_s: float = 10.0) -> LocalRedis:
     binary = find_redis_server()
-    port = _free_port()
+    port = free_port()
     folder = Path(tempfile.mkdtemp(prefix="glm-redis-"))
     cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
            "--dir", str(folder), "--logfile", str(folder / "redis.log")]

@@ -24,18 +24,11 @@ import grpc
 
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
+from services.common.net import free_port
 
 
 class PoolError(RuntimeError):
     """A rank failed to start or died; the message carries the end of its log."""
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -180,7 +173,7 @@ def start_pool(checkpoint: str | Path, tp: int, *, dtype: str = "float32", devic
     # Unix socket paths are limited to ~107 bytes: keep the folder short.
     folder = Path(tempfile.mkdtemp(prefix="glm-pool-", dir="/tmp") if own else workdir)
     spec = PoolSpec(
-        checkpoint=str(checkpoint), tp=tp, folder=folder, dist_port=dist_port or _free_port(), dtype=dtype,
+        checkpoint=str(checkpoint), tp=tp, folder=folder, dist_port=dist_port or free_port(), dtype=dtype,
         device=device, quant=quant, quant_group_size=quant_group_size, kv_memory_gib=kv_memory_gib,
         collective_timeout_s=collective_timeout_s, otlp_endpoint=otlp_endpoint,
         layer_trace_ratio=layer_trace_ratio, threads=threads, model_name=model_name,
