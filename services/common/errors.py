@@ -16,10 +16,23 @@ class ServiceError(Exception):
     code = grpc.StatusCode.INTERNAL
 
 
+# Trailing metadata of an INVALID_ARGUMENT from a worker's Prefill: the shard
+# request id (decimal) of the request at fault, when one request is (see
+# ``InvalidArgument.request_id``). The scheduler reads this, never the message.
+REFUSED_REQUEST_METADATA = "glm-refused-request-id"
+
+
 class InvalidArgument(ServiceError, ValueError):
-    """The call itself is wrong (unknown id, bad value, malformed prompt)."""
+    """The call itself is wrong (unknown id, bad value, malformed prompt).
+
+    ``request_id``: the shard request id at fault when the problem is one request
+    of a batch; the RPC edge sends it as ``REFUSED_REQUEST_METADATA``."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 class ResourceExhausted(ServiceError):

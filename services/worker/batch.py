@@ -20,6 +20,7 @@ import torch
 
 from model.config import END_IDS, GLMConfig
 from model.kv_cache import KVCache
+from model.kv_footprint import padded_kv_slots
 from model.prompt import Blank, PromptError, check_ids, check_length, generation_mask
 from model.sampling import Sampler, SamplingParams
 from services.common.errors import InvalidArgument
@@ -64,16 +65,19 @@ class RequestState:
                     raise PromptError(f"generated_ids[{i}] = {t} is outside the vocabulary [0, {config.vocab_size})")
             params = sampling_from_pb(msg.sampling)
         except ValueError as exc:
-            raise InvalidArgument(f"{where}: {exc}") from None
+            raise InvalidArgument(f"{where}: {exc}", request_id=msg.id) from None
         stop = msg.stopping
         if stop.max_new_tokens < 1:
-            raise InvalidArgument(f"{where}: stopping.max_new_tokens must be >= 1, got {stop.max_new_tokens}")
+            raise InvalidArgument(f"{where}: stopping.max_new_tokens must be >= 1, got {stop.max_new_tokens}",
+                                  request_id=msg.id)
         if msg.top_logprobs > MAX_TOP_LOGPROBS:
-            raise InvalidArgument(f"{where}: top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {msg.top_logprobs}")
+            raise InvalidArgument(f"{where}: top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {msg.top_logprobs}",
+                                  request_id=msg.id)
         blank = Blank.first(ids)
         allowed = min(stop.max_new_tokens, config.max_sequence_length - len(blank.input_ids))
         if any(t in END_IDS for t in generated):
-            raise InvalidArgument(f"{where}: generated_ids hold an end token (eop/eos): nothing left to generate")
+            raise InvalidArgument(f"{where}: generated_ids hold an end token (eop/eos): nothing left to generate",
+                                  request_id=msg.id)
         if len(generated) >= allowed:
             raise InvalidArgument(
                 f"{where}: nothing left to generate: {len(generated)} generated_ids, max_new_tokens "
@@ -118,7 +122,7 @@ class ShardBatch:
 
     def to_pb(self) -> pb.CachedBatch:
         return pb.CachedBatch(id=self.id, request_ids=self.request_ids, size=len(self.requests),
-                              max_tokens=self.max_tokens)
+                              max_tokens=self.max_tokens, width=self.width)
 
     # -- accounting ----------------------------------------------------------------------
     @property
@@ -139,7 +143,7 @@ class ShardBatch:
     @property
     def max_tokens(self) -> int:
         """Padded KV slots once every row runs to its limit: rows x (width + longest remaining)."""
-        return len(self.requests) * (self.width + self.max_remaining)
+        return padded_kv_slots(len(self.requests), self.width, self.max_remaining)
 
     # -- contract ----------------------------------------------------------------------
     def filter(self, keep_ids: list[int]) -> "ShardBatch | None":

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from services.common.errors import ServiceError, Unavailable, one_line
+from services.common.errors import REFUSED_REQUEST_METADATA, InvalidArgument, ServiceError, Unavailable, one_line
 from services.common.metrics import new_registry, serve_metrics
 from services.common.tracing import context_from_metadata, setup_tracing
 from services.proto_gen.glm.v1 import shard_pb2 as pb
@@ -94,6 +94,8 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         except ServiceError as exc:
             code, message = exc.code, one_line(exc)
             reason = failure_reason(exc, collective=collective, out_of_memory=OutOfMemory)
+            if isinstance(exc, InvalidArgument) and exc.request_id is not None:
+                context.set_trailing_metadata(((REFUSED_REQUEST_METADATA, str(exc.request_id)),))
         except Exception as exc:  # noqa: BLE001 - reported to the caller, never swallowed
             code, message = grpc.StatusCode.INTERNAL, f"rank {self.rank}: {one_line(exc)}"
             reason = failure_reason(exc, collective=collective, out_of_memory=OutOfMemory)

@@ -19,6 +19,7 @@ from opentelemetry.context import Context
 
 from model.config import GMASK_ID
 from model.glm import GLMModel
+from model.kv_footprint import padded_kv_slots
 from model.sampling import Sampler
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.tracing import LayerSampler
@@ -170,7 +171,7 @@ class Shard:
         batches = [*self.batches.values(), batch]
         rows = sum(len(b.requests) for b in batches)
         width = max(b.width for b in batches)
-        need = rows * (width + max(b.max_remaining for b in batches))
+        need = padded_kv_slots(rows, width, max(b.max_remaining for b in batches))
         if need > self.capacity:
             raise ResourceExhausted(
                 f"batch {batch.id}: needs {need} KV token slots ({rows} rows x ({width} + {need // rows - width}) "
