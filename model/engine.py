@@ -255,7 +255,7 @@ class Engine:
         b = tokens.shape[0]
         ones = torch.ones((b, 1), dtype=torch.bool, device=self.device)
         mask = cache.extend(ones, ~ones)                                     # [b, 1, 1, t]
-        logits = self.model(tokens.view(b, 1).to(self.device), positions.to(self.device), mask, cache)
+        logits = self.model(tokens.view(b, 1).to(self.device), positions.to(self.device), mask, cache)  # [b, 1, V]
         return logits[:, -1]                                                 # [b, V]
 
     # -- whole steps ----------------------------------------------------------------------
