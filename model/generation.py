@@ -1,9 +1,11 @@
 """Generation over a (tensor-parallel) GLM shard: batched sampling, beam search,
-and the official left-to-right filling of several blanks.
+and the official left-to-right filling of several blanks (``glm generate``).
 
-Every rank runs the same forwards; rank 0 alone chooses tokens and broadcasts
-them, so the ranks can never diverge. Prompts of a batch are left-padded; the
-KV cache's slot flags give each row its own prefix-LM attention.
+Sampling decodes through ``model.engine.Engine``, the engine the worker's
+Prefill/Decode use, so both give the same tokens for the same rows; beam search
+keeps its own loop over the engine's prefill and decode forwards. Every rank runs
+the same forwards; rank 0 alone chooses tokens and broadcasts them, so the ranks
+can never diverge (docs/model.md, "Generation").
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import torch
 
 from model.beam_search import BeamSearch
 from model.config import END_IDS
+from model.engine import LENGTH, STOP, Batch, Engine, RequestState, allowed_new_tokens
 from model.glm import GLMModel
 from model.prompt import Blank, PromptError, check_length, generation_mask
-from model.sampling import Sampler, SamplingParams
+from model.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
+    """How ``glm generate`` decodes every blank: token limits and the beam-search knobs."""
+
     max_new_tokens: int = 256
     min_new_tokens: int = 0
     num_beams: int = 1
@@ -44,7 +49,7 @@ class Completion:
 
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    finish_reason: str = "length"
+    finish_reason: str = LENGTH
 
     @property
     def content_ids(self) -> list[int]:
@@ -56,6 +61,8 @@ class Completion:
 
 @dataclass
 class FillResult:
+    """Every filled blank, in order, and the prompt with all of them spliced in."""
+
     blanks: list[Completion]
     output_ids: list[int]   # the prompt with every filled blank spliced in
 
@@ -65,42 +72,17 @@ def _raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class Generator:
-    def __init__(self, model: GLMModel) -> None:
+    """``glm generate`` over one rank's shard: batched sampling and beam search through
+    ``model.engine.Engine`` (the worker's engine too), and the official blank filling."""
+
+    def __init__(self, model: GLMModel, engine: Engine | None = None) -> None:
         self.model = model
         self.ctx = model.ctx
         self.device = model.device
+        self.engine = engine or Engine(model)
 
-    # -- shared pieces ---------------------------------------------------------------
     def _allowed_new(self, blank: Blank, max_new: int) -> int:
-        return max(0, min(max_new, self.model.config.max_sequence_length - len(blank.input_ids)))
-
-    def _prefill(self, blanks: list[Blank], capacity_extra: int):
-        """Left-padded prefill of ``context + sop`` for every blank; last-token logits."""
-        lengths = [len(b.input_ids) for b in blanks]
-        width = max(lengths)
-        b = len(blanks)
-        ids = torch.zeros((b, width), dtype=torch.long)
-        pos = torch.zeros((b, width), dtype=torch.long)
-        valid = torch.zeros((b, width), dtype=torch.bool)
-        prefix = torch.zeros((b, width), dtype=torch.bool)
-        for row, blank in enumerate(blanks):
-            pad = width - lengths[row]
-            ids[row, pad:] = torch.tensor(blank.input_ids)
-            pos[row, pad:-1] = torch.tensor(blank.context_positions())
-            pos[row, -1] = blank.position(0)
-            valid[row, pad:] = True
-            prefix[row, pad:-1] = True
-        cache = self.model.new_cache(b, width + capacity_extra)
-        mask = cache.extend(valid.to(self.device), prefix.to(self.device))
-        logits = self.model(ids.to(self.device), pos.to(self.device), mask, cache, last_only=True)
-        return logits[:, -1], cache                                         # [b, V]
-
-    def _step(self, cache, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        b = tokens.shape[0]
-        ones = torch.ones((b, 1), dtype=torch.bool, device=self.device)
-        mask = cache.extend(ones, ~ones)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]
-        return self.model(tokens.view(b, 1).to(self.device), pos, mask, cache)[:, -1]
+        return allowed_new_tokens(blank, max_new, self.model.config.max_sequence_length)
 
     # -- sampling / greedy -----------------------------------------------------------
     def sample(self, blanks: list[Blank], params: list[SamplingParams],
@@ -110,44 +92,23 @@ class Generator:
             raise ValueError("one SamplingParams per blank is needed")
         for blank in blanks:
             check_length(list(blank.context), self.model.config.max_sequence_length)
-        allowed = [self._allowed_new(b, options.max_new_tokens) for b in blanks]
         out = [Completion() for _ in blanks]
-        active = [i for i in range(len(blanks)) if allowed[i] > 0]
-        if not active:
+        rows = [RequestState(i, blank, params[i], allowed, options.min_new_tokens)
+                for i, blank in enumerate(blanks)
+                if (allowed := self._allowed_new(blank, options.max_new_tokens)) > 0]
+        if not rows:
             return out
-        logits, cache = self._prefill([blanks[i] for i in active], max(allowed))
-        sampler = Sampler([params[i] for i in active], device=self.device)
-        is_end = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
-        is_end[list(END_IDS)] = True
+        step = self.engine.prefill(Batch(0, rows))
         while True:
-            n_gen = [len(out[i].token_ids) for i in active]
-            ban = torch.tensor([n < options.min_new_tokens for n in n_gen], device=self.device)
-            chosen_from = logits.clone()
-            chosen_from[ban[:, None] & is_end] = -float("inf")          # min_new_tokens
-            tokens = torch.empty(len(active), dtype=torch.long, device=self.device)
-            if self.ctx.rank == 0:
-                tokens, _ = sampler.sample(chosen_from, [list(blanks[i].context) for i in active],
-                                           [out[i].token_ids for i in active])
-                tokens = tokens.to(self.device)
-            self.ctx.broadcast(tokens)
-            logprobs = _raw_logprobs(logits, tokens)
-            keep = []
-            for row, i in enumerate(active):
-                tok = int(tokens[row])
-                out[i].token_ids.append(tok)
-                out[i].logprobs.append(float(logprobs[row]))
-                if tok in END_IDS:
-                    out[i].finish_reason = "stop"
-                elif len(out[i].token_ids) < allowed[i]:
-                    keep.append(row)
-            if not keep:
+            for token in step.tokens:
+                done = out[token.request.id]
+                done.token_ids.append(token.token_id)
+                done.logprobs.append(token.logprob)
+                if token.finish_reason is not None:
+                    done.finish_reason = token.finish_reason
+            if step.batch is None:
                 return out
-            if len(keep) < len(active):
-                rows = torch.tensor(keep, device=self.device)
-                cache, sampler = cache.select(rows), sampler.rows(keep)
-                tokens, active = tokens[rows], [active[r] for r in keep]
-            positions = [blanks[i].position(len(out[i].token_ids)) for i in active]
-            logits = self._step(cache, tokens, positions)
+            step = self.engine.decode(step.batch)
 
     # -- beam search -----------------------------------------------------------------
     def beam_search(self, blank: Blank, options: GenerationOptions) -> Completion:
@@ -162,7 +123,8 @@ class Generator:
             no_repeat_ngram_size=options.no_repeat_ngram_size, min_gen_length=options.min_new_tokens,
             deterministic=options.beam_deterministic, seed=options.beam_seed,
         )
-        logits, cache = self._prefill([blank], allowed)
+        batch = Batch(0, [RequestState(0, blank, SamplingParams(), allowed)])     # one row, no sampler
+        logits, cache = self.engine.prefill_logits(batch), batch.cache
         tokens = torch.tensor([blank.input_ids], dtype=torch.long)[None]          # [1, 1, seq]
         nb = options.num_beams
         for step in range(allowed):
@@ -178,9 +140,10 @@ class Generator:
             if payload[0] or step + 1 == allowed:
                 break
             cache = cache.select(source.to(self.device))
-            logits = self._step(cache, last, [blank.position(step + 1)] * nb)
+            positions = torch.full((nb, 1), blank.position(step + 1), dtype=torch.long)   # [nb, 1]
+            logits = self.engine.decode_logits(cache, last, positions)
         generated = self._best_beam(search, tokens, len(blank.input_ids))
-        reason = "stop" if generated and generated[-1] in END_IDS else "length"
+        reason = STOP if generated and generated[-1] in END_IDS else LENGTH
         return Completion(generated, self.score(blank, generated), reason)
 
     def _best_beam(self, search: BeamSearch, tokens: torch.Tensor, start: int) -> list[int]:

@@ -13,15 +13,60 @@ A query in slot ``q`` sees key slot ``j`` iff ``valid[j] and (prefix[j] or j <= 
 Context queries thus see the whole context and nothing generated; ``sop`` and
 generated tokens see the context and generated tokens up to themselves.
 Keys are cached after rotary embedding, as the official code does.
+
+``DecodeCache`` is what the decoding engine (``model.engine``) and the attention
+layers need of a cache; ``KVCache`` is today's dense implementation of it.
 """
 
 from __future__ import annotations
 
+from typing import Protocol, Sequence, TypeVar
+
 import torch
+
+C = TypeVar("C", bound="DecodeCache")
+
+
+class DecodeCache(Protocol):
+    """A batch's keys/values as the engine and the attention layers use them.
+
+    Created empty for ``rows`` rows by a factory ``(rows, capacity) -> cache``; every
+    call claims slots for all rows at once, so row ``i`` stays the batch's row ``i``.
+    """
+
+    @property
+    def length(self) -> int:
+        """Slots every row holds now (the key length of the next mask)."""
+
+    @property
+    def batch_size(self) -> int:
+        """Rows held."""
+
+    def nbytes(self) -> int:
+        """Bytes of keys and values held."""
+
+    def extend(self, valid: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Claim ``s`` new slots per row with flags ``valid``/``prefix`` ``[b, s]``; the
+        attention mask ``[b, 1, s, length]`` (True = masked) of queries in them."""
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``layer``'s keys/values ``[b, np, s, hn]`` of the last claimed slots; all
+        keys/values in use ``[b, np, length, hn]``."""
+
+    def reserve(self, extra: int) -> None:
+        """Make room for ``extra`` more slots per row now."""
+
+    def select(self: C, rows: torch.Tensor | list[int]) -> C:
+        """A cache of ``rows`` (in that order; rows may repeat: beam search)."""
+
+    @staticmethod
+    def concatenate(caches: Sequence[C]) -> C:
+        """One cache of the rows of ``caches``, in order."""
 
 
 class KVCache:
-    """Per-layer keys/values ``[b, np_local, capacity, hn]`` plus slot flags ``[b, capacity]``."""
+    """The dense ``DecodeCache``: per-layer keys/values ``[b, np_local, capacity, hn]``
+    plus slot flags ``[b, capacity]``, every row padded to the same length."""
 
     def __init__(self, num_layers: int, batch: int, capacity: int, heads_local: int,
                  head_dim: int, *, dtype: torch.dtype, device=None) -> None:
@@ -37,13 +82,16 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
+        """Rows held."""
         return self.valid.shape[0]
 
     @property
     def capacity(self) -> int:
+        """Slots allocated per row (``>= length``)."""
         return self.valid.shape[1]
 
     def nbytes(self) -> int:
+        """Bytes of keys and values allocated."""
         return self.keys.nbytes + self.values.nbytes
 
     def reserve(self, extra: int) -> None:

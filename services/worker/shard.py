@@ -1,5 +1,8 @@
 """The state of one rank: its model shard, the cached batches, the KV capacity.
 
+Prefill and Decode run the decoding engine (``model.engine.Engine``, the one
+``glm generate`` uses); this module adds what only a serving rank needs: the
+capacity, refusals, the token digest, tracing and out-of-memory handling.
 Every method is synchronous and runs on the server's single model thread, in
 the order the calls arrive; the scheduler sends the same calls in the same
 order to every rank, so every rank runs the same collectives. Anything that can
@@ -18,15 +21,14 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from model.config import GMASK_ID
+from model.engine import Engine, StepOutput
 from model.glm import GLMModel
 from model.kv_footprint import padded_kv_slots
-from model.sampling import Sampler
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.tracing import LayerSampler
 from services.proto_gen.glm.v1 import shard_pb2 as pb
-from services.worker.batch import ShardBatch
+from services.worker.batch import ShardBatch, generations_pb
 from services.worker.kv_budget import kv_bytes_per_token, kv_memory_bytes
-from services.worker.step import StepResult, apply_step
 
 WARMUP_TOKEN = 20100  # any text id
 
@@ -42,10 +44,14 @@ def is_oom(exc: BaseException) -> bool:
 
 
 class Shard:
+    """One rank's serving state: the model shard and its engine, the cached batches by
+    id, the KV capacity (set by Warmup) and the digest of every token applied."""
+
     def __init__(self, model: GLMModel, *, model_name: str, quantization: str = "none",
                  kv_memory_gib: float | None = None, tracer: trace.Tracer | None = None,
                  layer_trace_ratio: float = 0.0) -> None:
         self.model, self.ctx, self.config = model, model.ctx, model.config
+        self.engine = Engine(model)
         self.device = model.device
         self.model_name, self.quantization = model_name, quantization
         self.kv_memory_gib = kv_memory_gib
@@ -99,29 +105,18 @@ class Shard:
         finally:
             self.model.layer_observer = None
 
-    def _prefill(self, batch: ShardBatch, span: trace.Span, record: bool = True) -> StepResult:
-        ids, pos, valid, prefix = batch.prefill_inputs(self.device)     # [b, w] each
-        cache = self.model.new_cache(len(batch.requests), batch.width + batch.max_remaining)
-        mask = cache.extend(valid, prefix)                               # [b, 1, w, w]
-        logits = self._forward(span, lambda: self.model(ids, pos, mask, cache, last_only=True))[:, -1]
-        batch.cache = cache
-        batch.sampler = Sampler([r.params for r in batch.requests], device=self.device)
-        return self._apply(batch, logits, record)
+    def _prefill(self, batch: ShardBatch, span: trace.Span, record: bool = True) -> StepOutput:
+        return self._record(self._forward(span, lambda: self.engine.prefill(batch)), record)
 
-    def _decode(self, batch: ShardBatch, span: trace.Span, record: bool = True) -> StepResult:
-        b = len(batch.requests)
-        ones = torch.ones((b, 1), dtype=torch.bool, device=self.device)
-        mask = batch.cache.extend(ones, ~ones)                           # [b, 1, 1, t]
-        tokens, pos = batch.pending.view(b, 1), batch.decode_positions(self.device)
-        logits = self._forward(span, lambda: self.model(tokens, pos, mask, batch.cache))[:, -1]
-        return self._apply(batch, logits, record)
+    def _decode(self, batch: ShardBatch, span: trace.Span, record: bool = True) -> StepOutput:
+        return self._record(self._forward(span, lambda: self.engine.decode(batch)), record)
 
-    def _apply(self, batch: ShardBatch, logits: torch.Tensor, record: bool) -> StepResult:
-        result = apply_step(self.ctx, batch, logits)
+    def _record(self, step: StepOutput, record: bool) -> StepOutput:
+        """Fold the step's applied ``(request id, token)`` pairs into the digest."""
         if record:
-            for rid, tok in result.chosen:
-                self.digest.update(f"{rid}:{tok};".encode())
-        return result
+            for t in step.tokens:
+                self.digest.update(f"{t.request.id}:{t.token_id};".encode())
+        return step
 
     def _guarded(self, run, dropped: str):
         try:
@@ -224,8 +219,9 @@ class Shard:
         return self._store(pb.DecodeResponse, result, forward_ns=forward, concat_ns=t1 - t0,
                            total_ns=time.perf_counter_ns() - start)
 
-    def _store(self, response_type, result: StepResult, **timings):
-        out = response_type(generations=result.generations, **timings)
+    def _store(self, response_type, result: StepOutput, **timings):
+        generations = generations_pb(result) if self.ctx.rank == 0 else []
+        out = response_type(generations=generations, **timings)
         if result.batch is not None:
             self.batches[result.batch.id] = result.batch
             out.batch.CopyFrom(result.batch.to_pb())

@@ -1,0 +1,304 @@
+"""The one decoding engine: how a batch of blanks becomes tokens, for every caller.
+
+``glm generate`` (``model.generation.Generator``) and the worker's Prefill/Decode
+(``services.worker.shard``) both decode through ``Engine``; the worker only
+translates protobuf to and from the types here. The rules live here once:
+
+* a row may generate ``allowed_new_tokens`` tokens in all (its ``max_new_tokens``,
+  cut to what fits in ``max_sequence_length`` after ``context + sop``);
+* while a row has generated fewer than ``min_new_tokens``, eop and eos are banned;
+* rank 0 alone samples (``model.sampling.Sampler``: penalties, temperature, top-k/top-p,
+  the draw for a row's k-th token seeded from ``(seed, k)`` alone) and broadcasts the ids;
+  every rank appends the *broadcast* ids, so the ranks' states cannot diverge;
+* a row finishes with ``stop`` on eop/eos, with ``length`` once it has generated what it
+  is allowed; finished rows leave the batch in the step that finished them.
+
+Prefill is whole-prompt and left-padded (GLM's prefix-LM attention forbids chunking):
+``context`` attends bidirectionally, ``sop + generated`` causally, with the positions of
+``model.prompt.Blank`` (docs/model.md, "Positions" and "Masks"). A row resumed with
+generated ids re-reads them in its prefill and continues exactly.
+
+The engine needs only what ``model.kv_cache.DecodeCache`` lists of a cache; the cache
+comes from a factory ``(rows, capacity) -> cache`` (``GLMModel.new_cache`` by default),
+so another cache can plug in without touching the decoding rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from model.config import END_IDS
+from model.glm import GLMModel
+from model.kv_cache import DecodeCache
+from model.kv_footprint import padded_kv_slots
+from model.prompt import Blank
+from model.sampling import Sampler, SamplingParams
+
+STOP = "stop"        # the row chose eop or eos
+LENGTH = "length"    # the row generated every token it is allowed
+
+CacheFactory = Callable[[int, int], DecodeCache]   # (rows, capacity in slots) -> empty cache
+
+
+def allowed_new_tokens(blank: Blank, max_new_tokens: int, max_sequence_length: int) -> int:
+    """Tokens a blank may generate in all: ``max_new_tokens`` cut to the room left in
+    ``max_sequence_length`` after ``context + sop`` (never below 0)."""
+    return max(0, min(max_new_tokens, max_sequence_length - len(blank.input_ids)))
+
+
+class UnknownRequest(ValueError):
+    """``Batch.filter`` was asked to keep a request id the batch does not hold."""
+
+
+@dataclass
+class RequestState:
+    """One row of a batch: its blank, how it samples, and what it generated so far.
+
+    ``allowed`` counts every token the row may generate, ``generated`` included (a
+    resumed row arrives with some); ``top_n`` is how many top log-probs it wants.
+    """
+
+    id: int
+    blank: Blank
+    params: SamplingParams
+    allowed: int
+    min_new: int = 0
+    top_n: int = 0
+    generated: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if any(t in END_IDS for t in self.generated):
+            raise ValueError("generated ids hold an end token (eop/eos): nothing left to generate")
+        if len(self.generated) >= self.allowed:
+            raise ValueError(f"nothing left to generate: {len(self.generated)} generated ids, {self.allowed} "
+                             "allowed by max_new_tokens within max_sequence_length")
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """``context + sop + generated``: what the row's prefill reads."""
+        return self.blank.input_ids + self.generated
+
+    @property
+    def prefill_positions(self) -> list[int]:
+        """The 2-D GLM positions of ``prefill_ids``, flattened as ``Blank`` gives them."""
+        return self.blank.context_positions() + [self.blank.position(k) for k in range(len(self.generated) + 1)]
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to be fed to the model (an upper bound on KV slots it will claim)."""
+        return self.allowed - len(self.generated)
+
+
+@dataclass
+class Batch:
+    """Rows decoded together plus, once prefilled, their cache rows, their samplers and
+    the token each row chose last (``pending``: chosen, returned, not yet fed).
+
+    Rows stay aligned: row ``i`` of the cache, the sampler and ``pending`` is
+    ``requests[i]``. ``filter``, ``rows`` and ``concatenate`` return the caller's own
+    subclass, so a service can add its edge (protobuf) without copying the batch logic.
+    """
+
+    id: int
+    requests: list[RequestState]
+    cache: DecodeCache | None = None     # None until prefilled
+    sampler: Sampler | None = None
+    pending: torch.Tensor | None = None  # [b] last chosen token of each row, not yet in the cache
+
+    # -- accounting ----------------------------------------------------------------------
+    @property
+    def request_ids(self) -> list[int]:
+        return [r.id for r in self.requests]
+
+    @property
+    def width(self) -> int:
+        """Slots every row holds now (cache length), or the padded prefill width."""
+        if self.cache is not None:
+            return self.cache.length
+        return max(len(r.prefill_ids) for r in self.requests)
+
+    @property
+    def max_remaining(self) -> int:
+        return max(r.remaining for r in self.requests)
+
+    @property
+    def max_tokens(self) -> int:
+        """KV slots once every row runs to its limit (``model.kv_footprint.padded_kv_slots``)."""
+        return padded_kv_slots(len(self.requests), self.width, self.max_remaining)
+
+    # -- rows ------------------------------------------------------------------------------
+    def filter(self, keep_ids: Sequence[int]) -> "Batch | None":
+        """The batch with only ``keep_ids`` (in this batch's row order); None if none is kept."""
+        index = {r.id: i for i, r in enumerate(self.requests)}
+        unknown = [i for i in keep_ids if i not in index]
+        if unknown:
+            raise UnknownRequest(f"batch {self.id}: unknown request id(s) {unknown} (holds {self.request_ids})")
+        rows = sorted({index[i] for i in keep_ids})
+        return self.rows(rows) if rows else None
+
+    def rows(self, rows: list[int]) -> "Batch":
+        """The batch of ``rows`` (indices, in that order); the cache is grown exactly to
+        ``length + longest remaining`` so decoding never triggers its doubling growth."""
+        if rows == list(range(len(self.requests))):
+            return self
+        requests = [self.requests[i] for i in rows]
+        if self.cache is None:
+            return type(self)(self.id, requests)
+        index = torch.tensor(rows, dtype=torch.long, device=self.pending.device)
+        cache = self.cache.select(index)
+        cache.reserve(max(r.remaining for r in requests))
+        return type(self)(self.id, requests, cache, self.sampler.rows(rows), self.pending[index])
+
+    @classmethod
+    def concatenate(cls, batches: Sequence["Batch"]) -> "Batch":
+        """Rows of ``batches`` in order, under the first batch's id (caches concatenated by
+        their own rule: the dense cache left-pads the shorter ones)."""
+        if not batches:
+            raise ValueError("nothing to concatenate")
+        if len(batches) == 1:
+            return batches[0]
+        if any(b.cache is None for b in batches):
+            raise ValueError("only prefilled batches can be concatenated")
+        requests = [r for b in batches for r in b.requests]
+        cache = type(batches[0].cache).concatenate([b.cache for b in batches])
+        cache.reserve(max(r.remaining for r in requests))
+        return cls(batches[0].id, requests, cache, Sampler.concatenate([b.sampler for b in batches]),
+                   torch.cat([b.pending for b in batches]))
+
+    # -- model inputs ----------------------------------------------------------------------
+    def prefill_inputs(self, device: torch.device):
+        """Left-padded ``ids``, ``positions`` ``[b, w]`` and slot flags ``valid``, ``prefix``
+        ``[b, w]`` (``w = width``; a row of ``n`` tokens fills its last ``n`` slots)."""
+        b, w = len(self.requests), self.width
+        ids = torch.zeros((b, w), dtype=torch.long)
+        pos = torch.zeros((b, w), dtype=torch.long)
+        valid = torch.zeros((b, w), dtype=torch.bool)
+        prefix = torch.zeros((b, w), dtype=torch.bool)
+        for row, req in enumerate(self.requests):
+            seq = req.prefill_ids
+            pad = w - len(seq)
+            ids[row, pad:] = torch.tensor(seq)
+            pos[row, pad:] = torch.tensor(req.prefill_positions)
+            valid[row, pad:] = True
+            prefix[row, pad: pad + req.blank.context_length] = True
+        return ids.to(device), pos.to(device), valid.to(device), prefix.to(device)
+
+    def decode_positions(self, device: torch.device) -> torch.Tensor:
+        """Position of each row's pending token ``[b, 1]``."""
+        pos = [r.blank.position(len(r.generated)) for r in self.requests]
+        return torch.tensor(pos, dtype=torch.long, device=device)[:, None]
+
+
+@dataclass(frozen=True)
+class StepToken:
+    """What one row got from a step: the token (as broadcast), its raw fp32 log-softmax,
+    the top log-probs it asked for, and why it finished (None while it goes on)."""
+
+    request: RequestState
+    token_id: int
+    logprob: float
+    generated_tokens: int             # tokens the row has generated, this one included
+    finish_reason: str | None
+    top_tokens: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class StepOutput:
+    """One step of a batch: a ``StepToken`` per row (the rows that went in, in order) and
+    the batch of the rows that did not finish (None when every row finished)."""
+
+    batch: Batch | None
+    tokens: list[StepToken]
+
+
+def ban_end_tokens(logits: torch.Tensor, ban: Sequence[bool]) -> torch.Tensor:
+    """``logits [b, V]`` with eop/eos at -inf in the rows where ``ban`` is True
+    (``min_new_tokens``); the input itself when no row is banned."""
+    if not any(ban):
+        return logits
+    scores = logits.clone()
+    is_end = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    is_end[list(END_IDS)] = True
+    scores[torch.tensor(list(ban), device=logits.device)[:, None] & is_end] = -float("inf")
+    return scores
+
+
+class Engine:
+    """Prefill, decode and step batches of ``RequestState`` rows on one rank's model shard.
+
+    Every rank runs the same calls in the same order (the same forwards, the same
+    collectives); ``step`` is where rank 0's choice becomes every rank's state.
+    """
+
+    def __init__(self, model: GLMModel, new_cache: CacheFactory | None = None) -> None:
+        self.model = model
+        self.ctx = model.ctx
+        self.device = model.device
+        self.new_cache: CacheFactory = new_cache or model.new_cache
+
+    # -- forward primitives (beam search uses them too) -------------------------------------
+    def prefill_logits(self, batch: Batch) -> torch.Tensor:
+        """Prefill every row into a new cache (``batch.cache``, room for ``width + longest
+        remaining`` slots); the logits ``[b, V]`` of each row's last token."""
+        ids, pos, valid, prefix = batch.prefill_inputs(self.device)         # [b, w] each
+        cache = self.new_cache(len(batch.requests), batch.width + batch.max_remaining)
+        mask = cache.extend(valid, prefix)                                   # [b, 1, w, w]
+        logits = self.model(ids, pos, mask, cache, last_only=True)           # [b, 1, V]
+        batch.cache = cache
+        return logits[:, -1]
+
+    def decode_logits(self, cache: DecodeCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row: ``tokens [b]`` at ``positions [b, 1]``; logits ``[b, V]``."""
+        b = tokens.shape[0]
+        ones = torch.ones((b, 1), dtype=torch.bool, device=self.device)
+        mask = cache.extend(ones, ~ones)                                     # [b, 1, 1, t]
+        logits = self.model(tokens.view(b, 1).to(self.device), positions.to(self.device), mask, cache)  # [b, 1, V]
+        return logits[:, -1]                                                 # [b, V]
+
+    # -- whole steps ----------------------------------------------------------------------
+    def prefill(self, batch: Batch) -> StepOutput:
+        """Prefill a new batch and choose every row's next token."""
+        logits = self.prefill_logits(batch)
+        batch.sampler = Sampler([r.params for r in batch.requests], device=self.device)
+        return self.step(batch, logits)
+
+    def decode(self, batch: Batch) -> StepOutput:
+        """Feed every row's pending token and choose its next one."""
+        logits = self.decode_logits(batch.cache, batch.pending, batch.decode_positions(self.device))
+        return self.step(batch, logits)
+
+    def choose(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        """Rank 0 samples ``[b]`` ids from ``logits [b, V]`` (end tokens banned below
+        ``min_new_tokens``) and broadcasts them; every rank returns the broadcast ids."""
+        reqs = batch.requests
+        tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+        if self.ctx.rank == 0:
+            scores = ban_end_tokens(logits, [len(r.generated) < r.min_new for r in reqs])
+            chosen, _ = batch.sampler.sample(scores, [list(r.blank.context) for r in reqs],
+                                             [r.generated for r in reqs])
+            tokens.copy_(chosen)
+        return self.ctx.broadcast(tokens)
+
+    def step(self, batch: Batch, logits: torch.Tensor) -> StepOutput:
+        """Choose, broadcast and append one token per row; decide who finished (eop/eos:
+        stop; the allowed count reached: length) and drop those rows."""
+        tokens = self.choose(batch, logits)
+        raw = torch.log_softmax(logits.float(), dim=-1)                      # [b, V]
+        logprobs = raw.gather(1, tokens[:, None])[:, 0].tolist()             # [b]
+        top_n = max(r.top_n for r in batch.requests)
+        top = raw.topk(top_n, dim=-1) if top_n else None                     # [b, top_n]
+        out, keep = [], []
+        for row, (req, tok) in enumerate(zip(batch.requests, tokens.tolist())):
+            req.generated.append(tok)
+            reason = STOP if tok in END_IDS else LENGTH if len(req.generated) >= req.allowed else None
+            if reason is None:
+                keep.append(row)
+            best = ()
+            if top is not None and req.top_n:
+                best = tuple(zip(top.indices[row, : req.top_n].tolist(), top.values[row, : req.top_n].tolist()))
+            out.append(StepToken(req, tok, logprobs[row], len(req.generated), reason, best))
+        batch.pending = tokens
+        return StepOutput(batch.rows(keep) if keep else None, out)
