@@ -266,6 +266,8 @@ class PoolLoop:
             self.metrics.failure(MALFORMED)
             return
         req = entry.request
+        if self.core.state(req.id) is not None:
+            return                  # this pool holds it already (it claimed its own entry): keep its span
         events = await self.queue.events(req.id) if entry.deliveries > 1 else []
         reject = ""
         if entry.deliveries > keys.MAX_DELIVERIES:
