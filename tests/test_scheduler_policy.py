@@ -11,9 +11,10 @@ import random
 import pytest
 
 from model.config import EOP_ID, EOS_ID, GMASK_ID, MASK_ID
-from services.common.messages import Event, QueuedRequest
-from services.scheduler.policy import BatchView, Limits, Scheduler
-from services.scheduler.request import Gen
+from model.kv_footprint import padded_kv_slots
+from services.common.messages import Event, FinishReason, QueuedRequest
+from services.scheduler.policy import BatchingMode, BatchView, Limits, Scheduler
+from services.scheduler.request import Gen, RequestStatus
 from services.scheduler.text import BlankText, IncrementalDecoder
 
 # A byte-level fake tokenizer: id 20000 + b is the byte b; a few ids are words.
@@ -41,40 +42,39 @@ class Refused(Exception):
 
 
 class FakeWorkers:
-    """The workers' batch accounting (docs/worker.md): dense, left-padded caches; a
-    prefill that could exceed the capacity is refused. ``script(request_shard_id, k)``
-    gives the k-th token of a phase."""
+    """The workers' batch accounting (docs/worker.md): dense, left-padded caches whose
+    footprint is ``model.kv_footprint.padded_kv_slots``; a prefill that could exceed
+    the capacity is refused. ``script(row_id, k)`` gives the k-th token of a phase."""
 
     def __init__(self, capacity: int, script) -> None:
         self.capacity, self.script = capacity, script
-        self.batches: dict[int, dict] = {}      # id -> {"width": w, "rows": {sid: [allowed, generated]}}
+        self.batches: dict[int, dict] = {}      # id -> {"width": w, "rows": {row: [allowed, generated]}}
         self.peak = 0
 
     def _need(self, batches) -> int:
         rows = sum(len(b["rows"]) for b in batches)
         width = max(b["width"] for b in batches)
         rem = max(a - g for b in batches for a, g in b["rows"].values())
-        return rows * (width + rem)
+        return padded_kv_slots(rows, width, rem)
 
     def _view(self, bid):
         b = self.batches.get(bid)
         if b is None or not b["rows"]:
             self.batches.pop(bid, None)
             return None
-        rem = max(a - g for a, g in b["rows"].values())
-        return BatchView(bid, tuple(b["rows"]), len(b["rows"]) * (b["width"] + rem))
+        return BatchView(bid, tuple(b["rows"]), width=b["width"], max_tokens=self._need([b]))
 
     def _step(self, bid):
         gens, rows = [], self.batches[bid]["rows"]
-        for sid in list(rows):
-            allowed, generated = rows[sid]
-            tok = self.script(sid, generated)
-            rows[sid][1] += 1
-            finished = tok in (EOP_ID, EOS_ID) or rows[sid][1] >= allowed
-            reason = "stop" if tok in (EOP_ID, EOS_ID) else "length"
-            gens.append(Gen(sid, tok, -0.5, (), finished, reason if finished else ""))
+        for row in list(rows):
+            allowed, generated = rows[row]
+            tok = self.script(row, generated)
+            rows[row][1] += 1
+            finished = tok in (EOP_ID, EOS_ID) or rows[row][1] >= allowed
+            reason = FinishReason.STOP if tok in (EOP_ID, EOS_ID) else FinishReason.LENGTH
+            gens.append(Gen(row, tok, -0.5, (), finished, reason if finished else None))
             if finished:
-                del rows[sid]
+                del rows[row]
         self.peak = max(self.peak, self.total())
         return gens, self._view(bid)
 
@@ -83,7 +83,7 @@ class FakeWorkers:
 
     def prefill(self, op):
         new = {"width": max(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests),
-               "rows": {r.shard_id: [r.max_new_tokens, len(r.generated_ids)] for r in op.requests}}
+               "rows": {r.row_id: [r.max_new_tokens, len(r.generated_ids)] for r in op.requests}}
         if self._need([*self.batches.values(), new]) > self.capacity:
             raise Refused()
         self.batches[op.batch_id] = new
@@ -100,8 +100,8 @@ class FakeWorkers:
 
     def filter(self, op):
         rows = self.batches[op.batch_id]["rows"]
-        for sid in [s for s in rows if s not in op.keep]:
-            del rows[sid]
+        for row in [r for r in rows if r not in op.keep]:
+            del rows[row]
         return self._view(op.batch_id)
 
 
@@ -133,7 +133,7 @@ def make(capacity=10_000, script=None, **limits):
     limits.setdefault("max_input_tokens", 256)
     limits.setdefault("max_total_tokens", 512)
     core = Scheduler(Limits(**limits), capacity, max_sequence_length=512, decode=decode)
-    return core, FakeWorkers(capacity, script or (lambda sid, k: 30001))
+    return core, FakeWorkers(capacity, script or (lambda row, k: 30001))
 
 
 def drain(core, workers, steps=500, now=0.0):
@@ -164,9 +164,9 @@ def test_budget_is_never_exceeded_randomized(seed):
     capacity = rng.randint(300, 1200)
     ends = {}
 
-    def script(sid, k):
-        ends.setdefault(sid, rng.randint(1, 40))
-        return EOP_ID if k + 1 >= ends[sid] else 20000 + 97 + (k % 20)
+    def script(row, k):
+        ends.setdefault(row, rng.randint(1, 40))
+        return EOP_ID if k + 1 >= ends[row] else 20000 + 97 + (k % 20)
 
     core, workers = make(capacity, script, max_batch_size=rng.randint(1, 12),
                          max_prefill_tokens=rng.randint(200, 800), max_input_tokens=100, max_total_tokens=200,
@@ -179,8 +179,8 @@ def test_budget_is_never_exceeded_randomized(seed):
                 prompt = [20100 + i for i in range(rng.randint(1, 90))] + [rng.choice([GMASK_ID, MASK_ID])]
                 core.add(request(f"r{n}", prompt, max_new=rng.randint(1, 100)), 0.0)
                 n += 1
-        if rng.random() < 0.05 and core.requests:
-            core.cancel(rng.choice(list(core.requests)))
+        if rng.random() < 0.05 and core.request_ids():
+            core.cancel(rng.choice(core.request_ids()))
         _, events = run_step(core, workers)                     # FakeWorkers raises if over budget
         for rid, e in events:
             streams.setdefault(rid, []).append(e)
@@ -233,10 +233,10 @@ def test_cancelled_request_leaves_at_next_step():
     run_step(core, workers)
     core.cancel("a")
     plan, events = run_step(core, workers)
-    assert plan.filter is not None and plan.filter.keep == (core.requests["b"].shard_id,)
+    assert plan.filter is not None and plan.filter.keep == (core.state("b").row_id,)
     final = [e for rid, e in events if rid == "a"]
-    assert final[-1].type == "final" and final[-1].finish_reason == "cancelled"
-    assert "a" not in core.requests and all(len(v.shard_ids) == 1 for v in core.decode_batches())
+    assert final[-1].type == "final" and final[-1].finish_reason is FinishReason.CANCELLED
+    assert core.state("a") is None and all(len(v.row_ids) == 1 for v in core.decode_batches())
     assert [o.request_id for o in plan.ended] == ["a"]
 
 
@@ -249,7 +249,7 @@ def test_waiting_request_cancelled_and_deadline():
     core.cancel("b")
     plan, events = run_step(core, workers, now=11.0)
     got = {rid: e for rid, e in events if e.terminal}
-    assert got["b"].finish_reason == "cancelled" and got["c"].type == "error"
+    assert got["b"].finish_reason is FinishReason.CANCELLED and got["c"].type == "error"
     assert got["c"].code == "DEADLINE_EXCEEDED"
 
 
@@ -267,7 +267,7 @@ def test_static_mode_admits_only_into_an_empty_batch():
     prefills = [ids for kind, ids in log if kind == "prefill"]
     assert prefills == [("a", "b")]
     drain(core, workers)
-    assert "c" not in core.requests
+    assert core.state("c") is None
 
 
 def test_sequential_mode_runs_one_request_at_a_time():
@@ -288,7 +288,7 @@ def test_wait_bound_prefill_after_max_waiting_tokens():
     run_step(core, workers)                                   # 6 running
     core.add(request("x", max_new=5), 0)                      # 1 < 6 x 0.5 waiting: must wait
     waited = 0
-    while "x" in core.requests and core.requests["x"].status == "waiting":
+    while core.state("x") is not None and core.state("x").status is RequestStatus.WAITING:
         plan, _ = run_step(core, workers)
         waited += 1
         if plan.prefill:
@@ -325,7 +325,7 @@ def test_blank_text_held_prefix_released_when_it_diverges():
 
 
 def test_stop_sequence_request_events():
-    script = lambda sid, k: [30001, 30002, 30005, 30001][k]      # noqa: E731
+    script = lambda row, k: [30001, 30002, 30005, 30001][k]      # noqa: E731
     core, workers = make(script=script)
     core.add(request("a", max_new=10, stop=(" stop",)), 0)
     events = [e for _, e in drain(core, workers)]
@@ -333,12 +333,13 @@ def test_stop_sequence_request_events():
     tokens = [t for e in events if e.type == "tokens" for t in e.token_ids]
     assert tokens == [30001, 30002]
     final = events[-1]
-    assert final.finish_reason == "stop" and final.stop_sequence == " stop" and final.text == " hello world"
+    assert final.finish_reason is FinishReason.STOP and final.stop_sequence == " stop"
+    assert final.text == " hello world"
 
 
 # -- blanks, resume ------------------------------------------------------------------------
 def test_multi_blank_filled_in_order_with_splice():
-    script = lambda sid, k: [30001, EOP_ID][k] if sid == 1 else [30002, EOS_ID][k]  # noqa: E731 (phase 1, phase 2)
+    script = lambda row, k: [30001, EOP_ID][k] if row == 1 else [30002, EOS_ID][k]  # noqa: E731 (phase 1, phase 2)
     core, workers = make(script=script)
     prompt = [20100, MASK_ID, 20101, MASK_ID, 20102]
     core.add(request("a", prompt, max_new=10), 0)
@@ -356,15 +357,15 @@ def test_multi_blank_filled_in_order_with_splice():
 
 def test_resume_continues_at_next_seq_without_gap_or_duplicate():
     seq = [30001, 30002, 30001, 30002, 30001, EOP_ID]
-    script = lambda sid, k: seq[k]                                   # noqa: E731
+    script = lambda row, k: seq[k]                                   # noqa: E731
     full_core, w1 = make(script=script)
     full_core.add(request("a", max_new=10), 0)
     full = [e for _, e in drain(full_core, w1)]
     # A dead pool published the first three events.
     published = full[:3]
-    core, w2 = make(script=lambda sid, k: seq[k])
+    core, w2 = make(script=lambda row, k: seq[k])
     core.add(request("a", max_new=10), 0, events=published)
-    assert core.requests["a"].tokens == [t for e in published for t in e.token_ids]
+    assert core.state("a").tokens == [t for e in published for t in e.token_ids]
     rest = [e for _, e in drain(core, w2)]
     assert rest[0].seq == 3
     assert [e.to_json() for e in published + rest] == [e.to_json() for e in full]
@@ -388,7 +389,65 @@ def test_worker_rejection_dead_letters_the_named_request_only():
     core.add(request("a"), 0)
     core.add(request("b"), 0)
     plan = core.plan(0)
-    bad = plan.prefill.requests[1].shard_id
-    out = core.prefill_refused(plan.prefill, "INVALID_ARGUMENT", f"request {bad}: bad", bad)
+    bad = plan.prefill.requests[1].row_id
+    out = core.prefill_refused(plan.prefill, "INVALID_ARGUMENT", "a message that names no id", bad)
     assert [(o.request_id, o.dead) for o in out.ended] == [("b", True)]
-    assert [s.id for s in core.waiting] == ["a"]
+    assert core.state("a").status is RequestStatus.WAITING and not core.state("a").solo
+    assert core.state("b") is None and core.plan(0).prefill.request_ids == ("a",)
+
+
+def test_worker_rejection_naming_no_request_retries_each_alone():
+    core, workers = make()
+    for rid in "abc":
+        core.add(request(rid), 0)
+    plan = core.plan(0)
+    out = core.prefill_refused(plan.prefill, "INVALID_ARGUMENT", f"request {plan.prefill.requests[1].row_id}: bad")
+    assert out.ended == []                                    # the message is not read: no id, nobody is blamed
+    assert all(core.state(rid).solo for rid in "abc")
+    assert core.plan(0).prefill.request_ids == ("a",)
+
+
+# -- the running batch's width ------------------------------------------------------------
+def _running(width: int, max_tokens: int, capacity: int = 400):
+    """A core whose running batch is request "a" (max_new 50, 2 tokens done) at the width
+    and footprint the workers reported."""
+    core, _ = make(capacity=capacity, max_batch_size=8, waiting_served_ratio=0.0)
+    core.add(request("a", max_new=50), 0)
+    op = core.plan(0).prefill
+    row = op.requests[0].row_id
+    view = BatchView(op.batch_id, (row,), width=width, max_tokens=max_tokens)
+    core.prefilled(op, [Gen(row, 30001)], view)
+    core.decoded([Gen(row, 30001)], view)
+    return core
+
+
+def test_admission_uses_the_width_the_workers_report():
+    # b needs padded_kv_slots(2, max(width, 4), max(48, 50)) = 2 x (width + 50) <= 400: width <= 150.
+    # max_tokens is only reported: a wrong one changes nothing (it used to be inverted into a width).
+    for width, max_tokens, admitted in [(100, 10**6, True), (150, 0, True), (151, 10**6, False), (200, 1, False)]:
+        core = _running(width, max_tokens)
+        core.add(request("b", max_new=50), 0)
+        plan = core.plan(0)
+        assert (plan.prefill is not None and plan.prefill.request_ids == ("b",)) == admitted, width
+        assert padded_kv_slots(2, width, 50) <= 400 if admitted else padded_kv_slots(2, width, 50) > 400
+
+
+def test_room_counts_rows_of_the_reported_width():
+    # one row of the running batch holds width + 48 slots: 400 // 148 = 2 rows fit, 400 // 248 = 1
+    assert _running(100, 10**6).room() == 1
+    assert _running(200, 1).room() == 0
+
+
+def test_modes_are_an_enum_given_as_their_strings():
+    assert Limits(mode="static").mode is BatchingMode.STATIC
+    assert [m.value for m in BatchingMode] == ["continuous", "static", "sequential"]
+    with pytest.raises(ValueError, match="mode must be one of continuous, static, sequential"):
+        Limits(mode="greedy")
+
+
+def test_finish_reasons_keep_their_json():
+    event = Event("final", 3, finish_reason=FinishReason.CANCELLED)
+    assert event.to_json() == '{"type":"final","seq":3,"finish_reason":"cancelled"}'
+    assert Event.from_json(event.to_json()).finish_reason is FinishReason.CANCELLED
+    assert Event("blank", 0, finish_reason="stop").finish_reason is FinishReason.STOP
+    assert Event("tokens", 0).finish_reason is None and "finish_reason" not in Event("tokens", 0).to_json()

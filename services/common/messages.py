@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 
-FINISH_STOP = "stop"          # eop/eos, or a stop text (then ``stop_sequence`` is set)
-FINISH_LENGTH = "length"      # max_new_tokens, or the model's max_sequence_length
-FINISH_CANCELLED = "cancelled"
+
+class FinishReason(StrEnum):
+    """Why a blank or a request ended; the value is what the JSON and the public API carry."""
+
+    STOP = "stop"              # eop/eos, or a stop text (then ``stop_sequence`` is set)
+    LENGTH = "length"          # max_new_tokens, or the model's max_sequence_length
+    CANCELLED = "cancelled"    # the caller went away (its cancel key was set)
+
 
 EVENT_TOKENS = "tokens"
 EVENT_BLANK = "blank"
@@ -29,6 +35,8 @@ EVENT_ERROR = "error"
 
 @dataclass(frozen=True)
 class Sampling:
+    """The sampling parameters of a request, as the gateway validated them."""
+
     temperature: float = 1.0      # 0 = greedy
     top_k: int = 0                # 0 = off
     top_p: float = 1.0            # 0 or 1 = off
@@ -44,6 +52,8 @@ class Sampling:
 
 @dataclass(frozen=True)
 class QueuedRequest:
+    """A validated, tokenized request as the gateway appends it to the model's queue."""
+
     id: str
     model: str
     prompt_ids: tuple[int, ...]   # the context after the official wrapping; holds the mask(s)
@@ -82,6 +92,8 @@ class Event:
     ``final``: ``finish_reason``, ``stop_sequence``, ``text``, ``blanks`` (texts),
     ``output_text``, ``prompt_tokens``, ``generated_tokens``, ``seed``.
     ``error``: ``code`` (a gRPC status name), ``message``.
+    ``finish_reason`` is a ``FinishReason`` (``None`` on events that do not end
+    anything); a string given for it is converted, so the JSON stays the same.
     """
 
     type: str
@@ -92,7 +104,7 @@ class Event:
     logprobs: tuple[float, ...] = ()
     top_logprobs: tuple = ()
     text: str = ""
-    finish_reason: str = ""
+    finish_reason: FinishReason | None = None
     stop_sequence: str = ""
     blanks: tuple[str, ...] = ()
     output_text: str = ""
@@ -101,6 +113,10 @@ class Event:
     seed: int = 0
     code: str = ""
     message: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.finish_reason, FinishReason):
+            object.__setattr__(self, "finish_reason", FinishReason(self.finish_reason) if self.finish_reason else None)
 
     @property
     def terminal(self) -> bool:

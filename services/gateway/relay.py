@@ -14,8 +14,13 @@ import grpc
 
 from model.tokenizer import GLMTokenizer
 from services.common.errors import ServiceError
-from services.common.messages import EVENT_BLANK, EVENT_ERROR, EVENT_FINAL, EVENT_TOKENS, Event
+from services.common.messages import EVENT_BLANK, EVENT_ERROR, EVENT_FINAL, EVENT_TOKENS, Event, FinishReason
 from services.proto_gen.glm.v1 import generation_pb2 as pb
+
+
+def finish_reason_text(reason: FinishReason | None) -> str:
+    """The public API's ``finish_reason`` string ("" while nothing has ended)."""
+    return reason.value if reason is not None else ""
 
 
 class EventError(ServiceError):
@@ -29,6 +34,8 @@ class EventError(ServiceError):
 
 
 class Relay:
+    """The events of one request, folded into what its caller receives."""
+
     def __init__(self, request_id: str, model: str, tokenizer: GLMTokenizer, *,
                  logprobs: bool, prompt_tokens: int, seed: int) -> None:
         self.request_id = request_id
@@ -68,7 +75,7 @@ class Relay:
                 self.tokens.extend(self._detail(event))
         elif event.type == EVENT_BLANK:
             self.blanks.append(pb.BlankDetail(text=event.text, token_ids=event.token_ids,
-                                              finish_reason=event.finish_reason,
+                                              finish_reason=finish_reason_text(event.finish_reason),
                                               stop_sequence=event.stop_sequence))
         elif event.type == EVENT_FINAL:
             self.final = event
@@ -105,7 +112,8 @@ class Relay:
         if event.type == EVENT_FINAL:
             return pb.GenerateStreamResponse(
                 request_id=self.request_id, index=len(self.token_ids),
-                blank_index=max(len(self.blanks) - 1, 0), finish_reason=event.finish_reason,
+                blank_index=max(len(self.blanks) - 1, 0),
+                finish_reason=finish_reason_text(event.finish_reason),
                 usage=self._usage(), output_text=event.output_text, seed=self.seed)
         return None
 
@@ -122,7 +130,7 @@ class Relay:
         response = pb.GenerateResponse(
             request_id=self.request_id, model=self.model,
             text=final.text or "".join(self.texts), token_ids=self.token_ids,
-            finish_reason=final.finish_reason, usage=self._usage(),
+            finish_reason=finish_reason_text(final.finish_reason), usage=self._usage(),
             output_text=final.output_text, seed=self.seed, stop_sequence=final.stop_sequence)
         response.blanks.extend(final.blanks or [b.text for b in self.blanks])
         response.blank_details.extend(self.blanks)

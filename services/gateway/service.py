@@ -43,6 +43,8 @@ def _deadline(context) -> float | None:
 
 
 class TextGenerationService(pb_grpc.TextGenerationServicer):
+    """The gateway's public API: every call validated, queued, relayed from its events."""
+
     def __init__(self, catalog: Catalog, broker: Broker, tracer: trace.Tracer,
                  metrics: GatewayMetrics) -> None:
         self.catalog = catalog

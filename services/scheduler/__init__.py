@@ -1,4 +1,4 @@
-"""A pool's scheduler (DESIGN §7): continuous batching over the shard protocol.
+"""A pool's scheduler (``docs/architecture.md``, "Scheduler"): continuous batching over the shard protocol.
 
 ``text`` (incremental detokenization, stop texts), ``request`` (one request's
 blanks and events), ``policy`` (admission, budget, per-step decisions) and

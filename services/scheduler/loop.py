@@ -1,15 +1,21 @@
-"""One pool's asyncio loop (DESIGN §7): Redis and the workers around the pure core.
+"""One pool's asyncio loop (``docs/architecture.md``, "Scheduler"): Redis and the
+workers around the pure core (``policy.Scheduler``, used through its public methods).
 
-Per step: the running requests' cancel keys (one MGET) → FilterBatch; admission
+Per step: the held requests' cancel keys (one MGET) → FilterBatch; admission
 (XREADGROUP only as far as the budget reaches, a short BLOCK when idle); Prefill;
 Decode of the running + new batches; the step's events appended in one
-pipeline, ended requests acked. Between steps, on timers: re-claim the held
-entries (so they never look idle), XAUTOCLAIM a dead pool's entries and resume
-them from their events, the heartbeat hash, a Health call while idle.
+pipeline, ended requests acked. The cancel keys are read before the step is
+planned, so a request whose flag was read runs no further step: the next plan
+ends it (``PoolLoop.cancel_marks`` records both step numbers). Between steps,
+on timers: re-claim the held entries (so they never look idle), XAUTOCLAIM a
+dead pool's entries and resume them from their events, the heartbeat hash, a
+Health call while idle.
 
 A worker failure (any shard error but a request the workers reject) fails the
 pool loudly: ``PoolFailure`` is raised, nothing is acked, the entries stay
-pending for another pool. Every shard call has a deadline, so it never hangs.
+pending for another pool. Every shard call has a deadline, so it never hangs. A
+refused Prefill names the request at fault by its id
+(``ShardCallError.refused_request_id``), never in words.
 
 Tracing: one ``scheduler.request`` span per request (parent: the gateway's
 ``traceparent``), one ``scheduler.prefill`` / ``scheduler.decode`` span per step
@@ -23,10 +29,11 @@ the others) and the links tie it to each.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import re
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import grpc
 import redis.asyncio as aioredis
@@ -35,7 +42,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.common import redis_keys as keys
-from services.common.messages import FINISH_LENGTH, FINISH_STOP
+from services.common.messages import FinishReason
 from services.common.metrics import new_registry
 from services.common.tracing import context_from_traceparent
 from services.proto_gen.glm.v1 import shard_pb2 as pb
@@ -47,11 +54,24 @@ from services.worker.client import ShardCallError, ShardClient
 
 log = logging.getLogger("glm.scheduler")
 REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
-_REASONS = {pb.FINISH_REASON_STOP: FINISH_STOP, pb.FINISH_REASON_LENGTH: FINISH_LENGTH}
+_REASONS = {pb.FINISH_REASON_STOP: FinishReason.STOP, pb.FINISH_REASON_LENGTH: FinishReason.LENGTH}
 
 
 class PoolFailure(RuntimeError):
     """The workers failed; the pool stops and leaves its entries to another pool."""
+
+
+@dataclass(frozen=True)
+class CancelMark:
+    """A cancelled request, in step numbers (``PoolLoop.steps`` counts the steps done).
+
+    ``seen_before_step``: steps done when the loop read the request's cancel flag;
+    ``left_in_step``: the step whose plan ended it. The protocol guarantees they are
+    equal: no step runs with a request after its flag was read."""
+
+    request_id: str
+    seen_before_step: int
+    left_in_step: int
 
 
 @dataclass(frozen=True)
@@ -81,14 +101,19 @@ class LoopOptions:
 
 def _gens(reply) -> list[Gen]:
     return [Gen(g.request_id, g.token_id, g.logprob, tuple((t.token_id, t.logprob) for t in g.top_tokens),
-                g.finished, _REASONS.get(g.finish_reason, "")) for g in reply.generations]
+                g.finished, _REASONS.get(g.finish_reason)) for g in reply.generations]
 
 
-def _view(reply) -> BatchView | None:
-    if not reply.HasField("batch"):
+def view_of(reply) -> BatchView | None:
+    """The batch a reply names (None: none, or no row left). A batch without its
+    ``width`` comes from a worker that predates it: the pool fails loudly."""
+    if not reply.HasField("batch") or not reply.batch.request_ids:
         return None
     b = reply.batch
-    return BatchView(b.id, tuple(b.request_ids), b.max_tokens) if b.request_ids else None
+    if b.width < 1:
+        raise PoolFailure(f"the workers sent batch {b.id} without its width (CachedBatch.width): "
+                          "a worker older than this scheduler")
+    return BatchView(b.id, tuple(b.request_ids), width=b.width, max_tokens=b.max_tokens)
 
 
 def _batch_pb(op: PrefillOp) -> pb.Batch:
@@ -100,19 +125,25 @@ def _batch_pb(op: PrefillOp) -> pb.Batch:
             repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty, seed=s.seed)
         requests.append(pb.Request(
-            id=r.shard_id, input_ids=r.input_ids, generated_ids=r.generated_ids, sampling=sampling,
+            id=r.row_id, input_ids=r.input_ids, generated_ids=r.generated_ids, sampling=sampling,
             stopping=pb.StoppingCriteria(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens),
             top_logprobs=r.top_logprobs))
     return pb.Batch(id=op.batch_id, requests=requests)
 
 
 def _cached_pb(v: BatchView) -> pb.CachedBatch:
-    return pb.CachedBatch(id=v.id, request_ids=v.shard_ids, size=v.size, max_tokens=v.max_tokens)
+    return pb.CachedBatch(id=v.id, request_ids=v.row_ids, size=v.size, max_tokens=v.max_tokens, width=v.width)
 
 
 class PoolLoop:
+    """One pool's scheduler process: serves the model's queue on its workers until stopped.
+
+    ``after_step``, when given, is awaited after every step with the number of steps
+    done: a way to act at a step boundary (the tests set cancel keys there)."""
+
     def __init__(self, options: LoopOptions, *, decode, max_sequence_length: int,
-                 tracer: trace.Tracer | None = None, metrics: SchedulerMetrics | None = None) -> None:
+                 tracer: trace.Tracer | None = None, metrics: SchedulerMetrics | None = None,
+                 after_step: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.options = options
         self.poll_lag = metrics is not None       # the queue depth costs a Redis call: only when exported
         self.metrics = metrics or SchedulerMetrics(new_registry(process_metrics=False), model=options.model,
@@ -124,7 +155,10 @@ class PoolLoop:
         self.core: Scheduler | None = None
         self.spans: dict[str, trace.Span] = {}
         self.raw: dict[str, str] = {}             # request id -> its queue document (for the dead letter)
-        self.steps = 0
+        self.steps = 0                            # steps done
+        self.after_step = after_step
+        self.cancel_marks: collections.deque[CancelMark] = collections.deque(maxlen=1024)   # the latest ones
+        self._cancel_seen: dict[str, int] = {}    # request id -> steps done when its cancel flag was read
 
     def stop(self) -> None:
         self.stopping.set()
@@ -168,7 +202,8 @@ class PoolLoop:
         drain_until = None
         while True:
             now = time.monotonic()
-            self.metrics.batches((core.running, core.fresh), len(core.waiting))
+            snapshot = core.snapshot()
+            self.metrics.observe(snapshot)
             if self.poll_lag and now - last["lag"] >= o.lag_every_s:
                 last["lag"] = now
                 self.metrics.queue_depth.set(await self.queue.lag())
@@ -178,19 +213,16 @@ class PoolLoop:
                     return
             if now - last["heartbeat"] >= o.heartbeat_s:
                 last["heartbeat"] = now
-                await self.queue.heartbeat({"model": o.model, "capacity": core.capacity, "mode": o.limits.mode,
-                                            "running": len(core.by_shard), "waiting": len(core.waiting)})
-            if core.requests and now - last["refresh"] >= o.refresh_s:
+                await self.queue.heartbeat({"model": o.model, "capacity": core.capacity,
+                                            "mode": o.limits.mode.value, "running": snapshot.running,
+                                            "waiting": snapshot.waiting})
+            if snapshot.requests and now - last["refresh"] >= o.refresh_s:
                 last["refresh"] = now
                 await self.queue.refresh(core.tags())
             if drain_until is None and now - last["claim"] >= o.claim_every_s:
                 last["claim"] = now
                 await self._claim()
-            if core.requests:
-                ids = core.ids()
-                for rid, flag in zip(ids, await self.queue.cancelled(ids)):
-                    if flag:
-                        core.cancel(rid)
+            await self._read_cancel_flags()
             room = 0 if drain_until is not None else core.room()
             if room:
                 block = o.idle_block_ms if core.idle else None
@@ -207,6 +239,15 @@ class PoolLoop:
             await self._step(client)
 
     # -- requests in ------------------------------------------------------------------------
+    async def _read_cancel_flags(self) -> None:
+        """Mark the requests whose cancel key is set; the next step's plan ends them."""
+        ids = self.core.request_ids()
+        for rid, flag in zip(ids, await self.queue.cancelled(ids)):
+            if flag and self.core.cancel(rid):
+                self._cancel_seen[rid] = self.steps
+                log.info("pool %s: request %s cancelled by its caller (before step %d)",
+                         self.options.pool_id, rid, self.steps)
+
     async def _claim(self) -> None:
         room = self.core.room()
         if not room:
@@ -225,6 +266,8 @@ class PoolLoop:
             self.metrics.failure(MALFORMED)
             return
         req = entry.request
+        if self.core.state(req.id) is not None:
+            return                  # this pool holds it already (it claimed its own entry): keep its span
         events = await self.queue.events(req.id) if entry.deliveries > 1 else []
         reject = ""
         if entry.deliveries > keys.MAX_DELIVERIES:
@@ -254,7 +297,7 @@ class PoolLoop:
         await self._publish(plan)
         if plan.filter:
             reply = await client.filter_batch(plan.filter.batch_id, list(plan.filter.keep))
-            core.filtered(_view(reply))
+            core.filtered(view_of(reply))
         if plan.prefill:
             op = plan.prefill
             with self._step_span("scheduler.prefill", op.request_ids, {
@@ -265,29 +308,32 @@ class PoolLoop:
                     if exc.code not in REQUEST_ERRORS or exc.method != "Prefill":
                         raise
                     log.warning("pool %s: prefill refused: %s", self.options.pool_id, exc)
-                    named = re.search(r"request (\d+)", exc.details)
                     await self._publish(core.prefill_refused(op, exc.code.name, exc.details,
-                                                             int(named.group(1)) if named else None))
+                                                             exc.refused_request_id))
                     reply = None
             if reply is not None:
                 self.metrics.prompt.inc(sum(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests))
                 self.metrics.generated.inc(len(reply.generations))
-                await self._publish(core.prefilled(op, _gens(reply), _view(reply)))
+                await self._publish(core.prefilled(op, _gens(reply), view_of(reply)))
         batches = core.decode_batches()
         if batches:
-            ids = [core.by_shard[s].id for v in batches for s in v.shard_ids if s in core.by_shard]
-            with self._step_span("scheduler.decode", ids, {
+            with self._step_span("scheduler.decode", core.request_ids_of(batches), {
                     "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
                 reply = await client.decode([_cached_pb(v) for v in batches])
             self.metrics.generated.inc(len(reply.generations))
-            await self._publish(core.decoded(_gens(reply), _view(reply)))
+            await self._publish(core.decoded(_gens(reply), view_of(reply)))
         self.steps += 1
+        if self.after_step is not None:
+            await self.after_step(self.steps)
 
     async def _publish(self, out: StepOutput) -> None:
         raw = {o.request_id: self.raw.get(o.request_id, "") for o in out.ended if o.dead}
         await self.queue.publish(out.events, out.ended, raw)
         self.metrics.published(out.events, out.ended, time.monotonic())
         for outcome in out.ended:
+            seen = self._cancel_seen.pop(outcome.request_id, None)
+            if seen is not None:
+                self.cancel_marks.append(CancelMark(outcome.request_id, seen, self.steps))
             self.raw.pop(outcome.request_id, None)
             span = self.spans.pop(outcome.request_id, None)
             if span is not None:

@@ -1,9 +1,10 @@
 """One pool's metrics (docs/deploy.md §8), labelled ``model`` and ``pool``.
 
 The loop feeds them: the queue's lag on a timer, the batch and KV gauges before
-every step, token counters from the workers' replies, and each published
-``StepOutput`` (inter-token gaps per request, failures by reason). The two pure
-parts, ``TokenClock`` and ``failure_reason``, are unit-tested on their own.
+every step (the core's ``Snapshot``), token counters from the workers' replies,
+and each published ``StepOutput`` (inter-token gaps per request, failures by
+reason). The two pure parts, ``TokenClock`` and ``failure_reason``, are
+unit-tested on their own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.messages import EVENT_TOKENS
 from services.common.metrics import LATENCY_BUCKETS
+from services.scheduler.policy import Snapshot
 from services.scheduler.request import Outcome
 
 MALFORMED = "malformed"          # a queue entry that is not a request (dead-lettered)
@@ -49,6 +51,8 @@ class TokenClock:
 
 
 class SchedulerMetrics:
+    """The pool's Prometheus metrics, labelled with its model and pool id."""
+
     def __init__(self, registry, *, model: str, pool: str) -> None:
         labels = {"model": model, "pool": pool}
         names = list(labels)
@@ -79,12 +83,11 @@ class SchedulerMetrics:
     def failure(self, reason: str) -> None:
         self._failures.labels(**self._labels, reason=reason).inc()
 
-    def batches(self, views, waiting: int) -> None:
-        """The running batch (and the one prefilled this step) and the waiting phases."""
-        views = [v for v in views if v is not None]
-        self.batch_size.set(sum(v.size for v in views))
-        self.kv_used.set(sum(v.max_tokens for v in views))
-        self.waiting.set(waiting)
+    def observe(self, snapshot: Snapshot) -> None:
+        """The cached batches' rows and KV footprint, and the waiting phases."""
+        self.batch_size.set(snapshot.batch_rows)
+        self.kv_used.set(snapshot.kv_slots)
+        self.waiting.set(snapshot.waiting)
 
     def published(self, events, ended: Iterable[Outcome], now: float) -> None:
         """A ``StepOutput`` went out: inter-token gaps and failures."""

@@ -1,4 +1,5 @@
-"""The scheduler's side of the Redis contract (DESIGN §9, ``services.common.redis_keys``).
+"""The scheduler's side of the Redis contract (``docs/architecture.md``, "Redis
+contract"; the keys: ``services.common.redis_keys``).
 
 A pool reads requests from ``glm:queue:{model}`` as consumer ``pool_id`` of the
 group ``pools``, appends events to ``glm:req:{id}:events``, and when a request
@@ -26,6 +27,8 @@ from services.scheduler.request import Outcome
 
 @dataclass(frozen=True)
 class Entry:
+    """One queue entry as this pool read or claimed it."""
+
     entry_id: str
     request: QueuedRequest | None     # None when the document does not parse
     raw: str
@@ -47,6 +50,8 @@ def _entry(entry_id, fields, deliveries: int = 1) -> Entry:
 
 
 class PoolQueue:
+    """One pool's calls on its model's queue, the requests' events and its heartbeat."""
+
     def __init__(self, redis: aioredis.Redis, model: str, pool_id: str, *,
                  claim_idle_ms: int = keys.CLAIM_IDLE_MS) -> None:
         self.redis, self.model, self.pool_id = redis, model, pool_id

@@ -12,34 +12,50 @@ one ``final`` or ``error``. Pure: the policy drives it, the loop publishes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, Sequence
 
 from model.config import END_IDS, EOS_ID
 from model.prompt import Blank, generation_mask
-from services.common.messages import (EVENT_BLANK, EVENT_ERROR, EVENT_FINAL, EVENT_TOKENS, FINISH_CANCELLED,
-                                      FINISH_LENGTH, FINISH_STOP, Event, QueuedRequest)
+from services.common.messages import (EVENT_BLANK, EVENT_ERROR, EVENT_FINAL, EVENT_TOKENS, Event, FinishReason,
+                                      QueuedRequest)
 from services.scheduler.text import BlankText
 
-WAITING, RUNNING, DONE = "waiting", "running", "done"
+
+class RequestStatus(Enum):
+    """Where a request is in its pool (never published: the events say the rest)."""
+
+    WAITING = "waiting"        # its current phase waits for a prefill
+    RUNNING = "running"        # its current phase is a row of a batch on the workers
+    DONE = "done"              # its final or error event was emitted
+
+
+class Cancellation(Enum):
+    """Why a request is leaving before it ended by itself."""
+
+    CALLER = "cancelled"       # its cancel key was set: ends with a final event, finish_reason cancelled
+    DEADLINE = "deadline"      # its deadline passed: ends with a DEADLINE_EXCEEDED error
 
 
 @dataclass(frozen=True)
 class Gen:
     """One generated token of a phase (from the shard protocol's ``Generation``)."""
 
-    shard_id: int
+    row_id: int                 # the phase's ``Request.id`` on the workers
     token_id: int
     logprob: float = 0.0
     top: tuple[tuple[int, float], ...] = ()
     finished: bool = False
-    reason: str = ""            # FINISH_STOP | FINISH_LENGTH when finished
+    reason: FinishReason | None = None   # STOP | LENGTH when finished
 
 
 @dataclass
 class BlankDone:
+    """A blank that ended: what was published for it and why it ended."""
+
     token_ids: list[int]        # published ids, the end token included when it stopped on one
     text: str
-    finish_reason: str
+    finish_reason: FinishReason
     stop_sequence: str = ""
 
     @property
@@ -62,6 +78,8 @@ class Outcome:
 
 @dataclass
 class RequestState:
+    """One request inside a pool: its context, the current phase's tokens, its event counter."""
+
     req: QueuedRequest
     decode: Callable[[Sequence[int]], str]
     max_sequence_length: int
@@ -78,9 +96,9 @@ class RequestState:
     text: BlankText | None = None
     seq: int = 0                                  # next event's sequence number
     index: int = 0                                # published tokens of the request
-    status: str = WAITING
-    shard_id: int = 0                             # the current phase's id on the workers
-    cancelled: str = ""                           # "" or why: FINISH_CANCELLED | "deadline"
+    status: RequestStatus = RequestStatus.WAITING
+    row_id: int = 0                               # the current phase's ``Request.id`` on the workers
+    cancelled: Cancellation | None = None         # set when it leaves before ending by itself
     solo: bool = False                            # prefill alone (a batch holding it was rejected)
     span: Any = None                              # the loop's scheduler.request span
 
@@ -146,19 +164,19 @@ class RequestState:
         self.logprobs.append(gen.logprob)
         self.tops.append(tuple(tuple(t) for t in gen.top))
         if gen.token_id in END_IDS:
-            return self.end_blank(FINISH_STOP, end_token_new=True), True
+            return self.end_blank(FinishReason.STOP, end_token_new=True), True
         start = self.text.emitted_tokens
         release = self.text.push(gen.token_id)
         events = self._tokens_event(start, release.tokens, release.text)
         if release.stop:
             keep = self.text.emitted_tokens
             self.tokens, self.logprobs, self.tops = self.tokens[:keep], self.logprobs[:keep], self.tops[:keep]
-            return events + self._blank_event(FINISH_STOP, release.stop), True
+            return events + self._blank_event(FinishReason.STOP, release.stop), True
         if gen.finished or self.received >= self.allowed:
-            return events + self.end_blank(gen.reason or FINISH_LENGTH), True
+            return events + self.end_blank(gen.reason or FinishReason.LENGTH), True
         return events, False
 
-    def end_blank(self, reason: str, end_token_new: bool = False) -> list[Event]:
+    def end_blank(self, reason: FinishReason, end_token_new: bool = False) -> list[Event]:
         """The blank ended on an end token or its length: publish what was held, then the blank."""
         start = self.text.emitted_tokens
         has_end = bool(self.tokens) and self.tokens[-1] in END_IDS
@@ -166,7 +184,7 @@ class RequestState:
         n = release.tokens + (1 if end_token_new else 0)
         return self._tokens_event(start, n, release.text) + self._blank_event(reason)
 
-    def _blank_event(self, reason: str, stop: str = "") -> list[Event]:
+    def _blank_event(self, reason: FinishReason, stop: str = "") -> list[Event]:
         done = BlankDone(list(self.tokens), self.text.text, reason, stop)
         self.done.append(done)
         return [self._event(EVENT_BLANK, blank=len(self.done) - 1, text=done.text, token_ids=tuple(done.token_ids),
@@ -180,11 +198,11 @@ class RequestState:
         return self.mask in self.context
 
     def final(self) -> Event:
-        last = self.done[-1] if self.done else BlankDone([], "", FINISH_LENGTH)
+        last = self.done[-1] if self.done else BlankDone([], "", FinishReason.LENGTH)
         output = list(self.context)
         if output and output[-1] == EOS_ID:
             output = output[:-1]
-        self.status = DONE
+        self.status = RequestStatus.DONE
         return self._event(
             EVENT_FINAL, finish_reason=last.finish_reason, stop_sequence=last.stop_sequence,
             text="".join(b.text for b in self.done), blanks=tuple(b.text for b in self.done),
@@ -193,12 +211,12 @@ class RequestState:
 
     def cancelled_final(self) -> Event:
         """The caller went away: what was published stays; the stream ends with finish_reason cancelled."""
-        self.status = DONE
+        self.status = RequestStatus.DONE
         return self._event(
-            EVENT_FINAL, finish_reason=FINISH_CANCELLED, text="".join(b.text for b in self.done) + self.text.text,
+            EVENT_FINAL, finish_reason=FinishReason.CANCELLED, text="".join(b.text for b in self.done) + self.text.text,
             blanks=tuple(b.text for b in self.done), prompt_tokens=len(self.req.prompt_ids),
             generated_tokens=self.index, seed=self.req.sampling.seed)
 
     def error(self, code: str, message: str) -> Event:
-        self.status = DONE
+        self.status = RequestStatus.DONE
         return self._event(EVENT_ERROR, code=code, message=message)

@@ -1,4 +1,5 @@
-"""Rebuild a request's state from the events a previous pool published (DESIGN §9).
+"""Rebuild a request's state from the events a previous pool published
+(``docs/architecture.md``, "Redis contract").
 
 A pool that died leaves its queue entries pending; the pool that claims one
 reads the request's event stream and continues it: completed blanks (``blank``
@@ -10,29 +11,35 @@ generated but had not published yet (held-back text) are generated again.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Sequence
 
 from model.config import END_IDS
 from services.common.messages import EVENT_BLANK, EVENT_TOKENS, Event
 from services.scheduler.request import BlankDone, RequestState
 
-ENDED = "ended"                  # a final or error event is there: nothing to do but ack
-FINAL_MISSING = "final_missing"  # every blank is done; only the final event is missing
+
+class Resumed(Enum):
+    """What replaying a request's published events left to do."""
+
+    CONTINUES = "continues"          # nothing or part of it was published: generate the rest
+    ENDED = "ended"                  # a final or error event is there: nothing to do but ack
+    FINAL_MISSING = "final_missing"  # every blank is done; only the final event is missing
 
 
 class ResumeError(ValueError):
     """The event stream does not fit the request (gap in seq, unknown blank...)."""
 
 
-def apply_events(state: RequestState, events: Sequence[Event]) -> str:
-    """Replay ``events`` into a fresh ``state``; "" when it continues generating."""
+def apply_events(state: RequestState, events: Sequence[Event]) -> Resumed:
+    """Replay ``events`` into a fresh ``state``."""
     if not events:
-        return ""
+        return Resumed.CONTINUES
     for expected, event in enumerate(events):
         if event.seq != expected:
             raise ResumeError(f"event seq {event.seq} where {expected} was expected")
     if any(e.terminal for e in events):
-        return ENDED
+        return Resumed.ENDED
     more = True
     for event in events:
         if event.type == EVENT_TOKENS:
@@ -51,8 +58,8 @@ def apply_events(state: RequestState, events: Sequence[Event]) -> str:
             more = state.next_phase()
     state.seq = len(events)
     if not more:
-        return FINAL_MISSING
+        return Resumed.FINAL_MISSING
     state.received = len(state.tokens)
     content = [t for t in state.tokens if t not in END_IDS]
     state.text.replay(content)
-    return ""
+    return Resumed.CONTINUES

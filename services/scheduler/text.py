@@ -23,6 +23,8 @@ Decode = Callable[[Sequence[int]], str]
 
 
 class IncrementalDecoder:
+    """The text each new token adds, decoded over a short window (TGI's offsets)."""
+
     def __init__(self, decode: Decode) -> None:
         self._decode = decode
         self.ids: list[int] = []
@@ -50,6 +52,8 @@ class Release:
 
 
 class BlankText:
+    """One blank's published text and tokens, with its stop texts held back and applied."""
+
     def __init__(self, decode: Decode, stops: Sequence[str] = ()) -> None:
         self._decode = decode
         self.decoder = IncrementalDecoder(decode)

@@ -4,7 +4,9 @@ Every rank must run the same calls in the same order, so a call always goes to
 all ranks. The reply is rank 0's (the only one carrying generations); if any
 rank fails, the others' calls are cancelled and ``ShardCallError`` names the
 rank, the method and the gRPC status — a dead or stuck rank turns into an error
-within the deadline, never a hang. The caller's trace context travels in the
+within the deadline, never a hang. A refusal that names one request of the batch
+carries its id in the trailing metadata (``REFUSED_REQUEST_METADATA``); the error
+exposes it as ``refused_request_id``. The caller's trace context travels in the
 metadata (W3C ``traceparent``).
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from services.common.errors import REFUSED_REQUEST_METADATA
 from services.common.tracing import metadata_from_context
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
@@ -23,9 +26,25 @@ MAX_MESSAGE = 256 * 1024 * 1024
 
 
 class ShardCallError(RuntimeError):
-    def __init__(self, rank: int, method: str, code: grpc.StatusCode, details: str) -> None:
+    """A call to one rank failed: which rank, which method, the gRPC status and message.
+
+    ``refused_request_id``: the shard request id (``Request.id``) the rank named as
+    the one at fault (INVALID_ARGUMENT on one request of a batch), else None."""
+
+    def __init__(self, rank: int, method: str, code: grpc.StatusCode, details: str, *,
+                 refused_request_id: int | None = None) -> None:
         super().__init__(f"rank {rank} {method}: {code.name}: {details}")
         self.rank, self.method, self.code, self.details = rank, method, code, details
+        self.refused_request_id = refused_request_id
+
+
+def refused_request_id(trailing_metadata) -> int | None:
+    """The request id a rank named in its trailing metadata (None: none, or not a number)."""
+    for key, value in trailing_metadata or ():
+        if key == REFUSED_REQUEST_METADATA:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return int(text) if text.isdecimal() else None
+    return None
 
 
 class ShardClient:
@@ -55,7 +74,8 @@ class ShardClient:
             return await getattr(self._stubs[rank], method)(
                 request, timeout=timeout_s, metadata=metadata_from_context())
         except grpc.aio.AioRpcError as exc:
-            raise ShardCallError(rank, method, exc.code(), exc.details() or "") from None
+            raise ShardCallError(rank, method, exc.code(), exc.details() or "",
+                                 refused_request_id=refused_request_id(exc.trailing_metadata())) from None
 
     async def call_all(self, method: str, request, timeout_s: float | None = None) -> list[Any]:
         """Every rank's reply, in rank order; the first failure cancels the rest and raises."""
