@@ -213,6 +213,8 @@ def test_the_check_catches_the_old_collisions():
 def test_a_flag_with_its_own_variable():
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class Probe(PoolOptions):
+        """A pool with one more flag, whose variable has its own name."""
+
         extra: int = option(0, type=int, env="GLM_PROBE_EXTRA", help="a probe")
 
     parser = argparse.ArgumentParser()

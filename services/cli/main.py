@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from services.common.env import apply_env_defaults, debug_enabled, namespace, variable
-from services.common.options import Repeatable, non_negative_int, positive_int, repeated  # noqa: F401
+from services.common.options import Repeatable, non_negative_int, positive_int
 from services.gateway.options import GatewayOptions
 from services.local_options import ServeOptions
 from services.scheduler.options import SchedulerOptions

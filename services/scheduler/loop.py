@@ -56,6 +56,9 @@ class PoolFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class LoopOptions:
+    """What one pool's loop runs with; ``glm scheduler`` builds it from its
+    ``SchedulerOptions`` (services/scheduler/options.py), tests build it directly."""
+
     redis_url: str
     model: str
     workers: tuple[str, ...]
