@@ -1,5 +1,7 @@
 """The all-in-one stack of ``glm serve``: Redis, worker pools, their schedulers and a
-gateway, each a real local process (DESIGN §2 "The all-in-one mode").
+gateway, each a real local process (docs/architecture.md, "Processes"). Each is
+launched from its options object (``services.local_options``) rendered as flags, with no
+``GLM_`` variable inherited: a setting reaches a child only by a flag.
 
 ``LocalStack`` starts the pieces in dependency order, watches them, and stops
 them in reverse order. Tests use it to run the real system on loopback.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,40 +19,24 @@ from pathlib import Path
 import grpc
 
 from services.common import redis_keys as keys
+from services.common.env import child_environ
 from services.common.local_redis import LocalRedis, start_local_redis
 from services.common.metrics import MetricsEndpoint, serve_metrics
 from services.common.metrics_hub import MetricsHub
 from services.common.net import free_port
+from services.local_options import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class StackError(RuntimeError):
-    pass
+    """A process of the stack died or the stack was not ready in time."""
 
 
-@dataclass
-class StackOptions:
-    checkpoint: str
-    model_name: str
-    host: str = "127.0.0.1"
-    port: int = 50051
-    redis_url: str | None = None
-    tp: int = 1
-    pools: int = 1
-    dtype: str = "float32"
-    device: str = "cpu"
-    quant: str | None = None
-    kv_memory_gib: float | None = None
-    mode: str = "continuous"
-    max_batch_size: int = 32
-    gateway_args: tuple[str, ...] = ()
-    scheduler_args: tuple[str, ...] = ()
-    workdir: str | None = None
-    tokenizer: str | None = None
-    otlp_endpoint: str | None = None       # every service exports traces here (OTLP/gRPC)
-    layer_trace_ratio: float = 0.0         # fraction of forwards the workers trace per layer
-    metrics_port: int = 0                  # every process's metrics on this one port (on host); 0 = off
+def StackOptions(**settings) -> ServeOptions:  # noqa: N802 - the name the tests and bench know
+    """``ServeOptions`` from flat keyword arguments: a ``RankOptions`` field (``dtype=``,
+    ``otlp_endpoint=`` ...) sets the ranks', any other one the stack's own."""
+    return ServeOptions.from_flat(**settings)
 
 
 def glm_command(*args: str) -> list[str]:
@@ -58,7 +45,9 @@ def glm_command(*args: str) -> list[str]:
 
 @dataclass
 class LocalStack:
-    options: StackOptions
+    """The running processes of one stack, started from its ``ServeOptions``."""
+
+    options: ServeOptions
     redis: LocalRedis | None = None
     redis_url: str = ""
     pools: list = field(default_factory=list)           # services.worker.pool.PoolHandle
@@ -71,7 +60,7 @@ class LocalStack:
     metrics: MetricsEndpoint | None = None                            # the one port (MetricsHub)
 
     def start(self, ready_timeout_s: float = 180.0) -> "LocalStack":
-        from services.worker.pool import start_pool    # the pool launcher needs no torch itself
+        from services.worker.pool import launch_pool    # the pool launcher needs no torch itself
 
         o = self.options
         try:
@@ -81,7 +70,7 @@ class LocalStack:
                 self.redis = start_local_redis()
                 self.redis_url = self.redis.url
             for index in range(o.pools):
-                self.start_pool_and_scheduler(index, start_pool)
+                self.start_pool_and_scheduler(index, launch_pool)
             self.start_gateway()
             if o.metrics_port:
                 hub = MetricsHub(lambda: self.metrics_targets)
@@ -97,27 +86,37 @@ class LocalStack:
         folder.mkdir(parents=True, exist_ok=True)
         log = folder / f"glm-{name}-{int(time.time() * 1000)}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                                    env=child_environ())
         self.logs[proc.pid] = log
         return proc
 
-    def start_pool_and_scheduler(self, index: int, start_pool=None) -> None:
-        if start_pool is None:
-            from services.worker.pool import start_pool
+    def start_pool_and_scheduler(self, index: int, launch_pool=None) -> None:
+        if launch_pool is None:
+            from services.worker.pool import launch_pool
         o = self.options
-        ranks = [self._metrics_port(f"worker-{index}-{rank}") for rank in range(o.tp)] if o.metrics_port else None
-        pool = start_pool(o.checkpoint, o.tp, dtype=o.dtype, device=o.device, quant=o.quant,
-                          kv_memory_gib=o.kv_memory_gib, otlp_endpoint=o.otlp_endpoint,
-                          layer_trace_ratio=o.layer_trace_ratio, model_name=o.model_name, metrics_ports=ranks)
+        ranks = tuple(self._metrics_port(f"worker-{index}-{rank}") for rank in range(o.tp)) if o.metrics_port else None
+        # Unix socket paths are limited to ~107 bytes: keep the folder short.
+        folder = tempfile.mkdtemp(prefix="glm-pool-", dir="/tmp")
+        pool = launch_pool(o.pool(folder), metrics_ports=ranks, own_workdir=True, ready_timeout_s=120.0)
         self.pools.append(pool)
         pool_id = f"{o.model_name}-pool-{index}-{pool.pids[0]}"
         self.pool_ids.append(pool_id)
-        cmd = glm_command(
-            "scheduler", "--redis-url", self.redis_url, "--model", o.model_name, "--checkpoint", o.checkpoint,
-            "--workers", ",".join(pool.addresses), "--pool-id", pool_id,
-            "--mode", o.mode, "--max-batch-size", str(o.max_batch_size), *self._tracing_args(),
-            *self._metrics_args(f"scheduler-{index}"), *o.scheduler_args)
+        cmd = glm_command(*self.scheduler_argv(index, tuple(pool.addresses), pool_id))
         self.schedulers.append(self._spawn(f"scheduler-{index}", cmd))
+
+    def scheduler_argv(self, index: int, workers: tuple[str, ...], pool_id: str) -> list[str]:
+        """``glm`` arguments of pool ``index``'s scheduler."""
+        o = self.options
+        port = self._metrics_port(f"scheduler-{index}") if o.metrics_port else 0
+        scheduler = o.scheduler(redis_url=self.redis_url, workers=workers, pool_id=pool_id, metrics_port=port)
+        return [*scheduler.argv(), *o.scheduler_args]
+
+    def gateway_argv(self) -> list[str]:
+        """``glm`` arguments of the gateway."""
+        o = self.options
+        port = self._metrics_port("gateway") if o.metrics_port else 0
+        return [*o.gateway(redis_url=self.redis_url, metrics_port=port).argv(), *o.gateway_args]
 
     def _metrics_port(self, process: str) -> int:
         """A loopback port for ``process``'s own endpoint, scraped by the hub."""
@@ -125,20 +124,14 @@ class LocalStack:
         self.metrics_targets[process] = f"http://127.0.0.1:{port}/metrics"
         return port
 
-    def _metrics_args(self, process: str) -> list[str]:
-        if not self.options.metrics_port:
-            return []
-        return ["--metrics-port", str(self._metrics_port(process)), "--metrics-host", "127.0.0.1"]
-
     def _tracing_args(self) -> list[str]:
-        return ["--otlp-endpoint", self.options.otlp_endpoint] if self.options.otlp_endpoint else []
+        """What every service of the stack is told about tracing."""
+        endpoint = self.options.otlp_endpoint
+        return ["--otlp-endpoint", endpoint] if endpoint else []
 
     def start_gateway(self) -> None:
         o = self.options
-        cmd = glm_command("gateway", "--host", o.host, "--port", str(o.port), "--redis-url", self.redis_url,
-                          "--model", f"{o.model_name}={o.checkpoint}", *self._tracing_args(),
-                          *self._metrics_args("gateway"), *o.gateway_args)
-        self.gateway = self._spawn("gateway", cmd)
+        self.gateway = self._spawn("gateway", glm_command(*self.gateway_argv()))
         self.address = f"{'127.0.0.1' if o.host in ('0.0.0.0', '::') else o.host}:{o.port}"
 
     def wait_ready(self, timeout_s: float) -> None:

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from services.cli.main import build_parser
-from services.cli.pool import spec_from_args
-from services.common.env import apply_env_defaults, env_name
+from services.common.env import apply_env_defaults, variable
+from services.worker.options import PoolOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -99,14 +99,13 @@ def _glm_invocations(target: str, pod: dict, container: dict) -> list[list[str]]
 
 def _rank_invocations(pool_args: argparse.Namespace) -> list[list[str]]:
     """The ``glm worker`` argv of every rank a parsed ``glm pool`` launches, as it launches them."""
-    spec = spec_from_args(pool_args)
-    return [["glm", *spec.worker_argv(rank)] for rank in range(spec.tp)]
+    return [["glm", *worker.argv()] for worker in PoolOptions.from_args(pool_args).workers()]
 
 
 def _inherited(env: dict[str, str], command: str) -> dict[str, str]:
     """What ``glm <command>`` reads of an environment it inherits: its own ``GLM_*`` variables
     (it ignores the others, e.g. a ``glm pool``'s GLM_SOCKET_DIR seen by its ranks)."""
-    variables = {env_name(a.dest) for a in _subparser(command)._actions if a.option_strings}
+    variables = {variable(a) for a in _subparser(command)._actions if a.option_strings}
     return {k: v for k, v in env.items() if not k.startswith("GLM_") or k in variables}
 
 
@@ -120,8 +119,8 @@ def _parse(argv: list[str], env: dict[str, str]) -> argparse.Namespace:
     """Parse ``glm`` argv exactly as ``glm`` would in that environment; fail with its message."""
     assert len(argv) >= 2, f"{argv}: no subcommand"
     sub = _subparser(argv[1])
-    flags = {s: env_name(a.dest) for a in sub._actions for s in a.option_strings}
-    variables = {env_name(a.dest) for a in sub._actions if a.option_strings and a.dest != "help"}
+    flags = {s: variable(a) for a in sub._actions for s in a.option_strings}
+    variables = {variable(a) for a in sub._actions if a.option_strings and a.dest != "help"}
     for word in argv[2:]:
         if word.startswith("--"):
             assert word.split("=")[0] in flags, f"`glm {argv[1]}` has no flag {word}"

@@ -62,7 +62,8 @@ def test_config_json_round_trip_and_errors(tmp_path):
 
 def test_env_defaults_fill_flags_and_flags_win():
     parser = build_parser()
-    apply_env_defaults(parser, {"GLM_TP": "2", "GLM_JSON": "yes", "GLM_CHECKPOINT": "/ckpt"})
+    apply_env_defaults(parser, {"GLM_GENERATE_TP": "2", "GLM_GENERATE_JSON": "yes", "GLM_GENERATE_CHECKPOINT": "/ckpt",
+                                "GLM_TP": "8"})     # a service's variable: not generate's
     args = parser.parse_args(["generate", "--prompt-ids", "1,150001"])
     assert (args.tp, args.json, args.checkpoint) == (2, True, "/ckpt")
     args = parser.parse_args(["generate", "--prompt-ids", "1,150001", "--tp", "4"])
@@ -70,7 +71,7 @@ def test_env_defaults_fill_flags_and_flags_win():
 
 
 def test_bad_env_value_is_one_line(capsys, monkeypatch):
-    monkeypatch.setenv("GLM_TP", "two")
+    monkeypatch.setenv("GLM_PLAN_TP", "two")
     with pytest.raises(SystemExit):
         main(["plan", "--tp", "1", "--gpu-memory-gib", "24"])
-    assert "GLM_TP='two'" in capsys.readouterr().err
+    assert "GLM_PLAN_TP='two'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The Kubernetes manifests (DESIGN §11), checked offline.
+"""The Kubernetes manifests (k8s/, docs/deploy.md), checked offline.
 
 Every kustomization (the base and each overlay) is rendered with ``kubectl kustomize``;
 every rendered document is validated against the Kubernetes 1.30 schemas in strict mode
@@ -210,7 +210,7 @@ def test_overlay_sets_its_tp_and_quantization(name):
     assert int(_container(target, "glm-pool", "worker")["resources"]["limits"]["nvidia.com/gpu"]) == tp
     checkpoint = env["GLM_CHECKPOINT"]
     assert _env(target, _container(target, "glm-pool", "scheduler"))["GLM_CHECKPOINT"] == checkpoint
-    gateway = _env(target, _container(target, "glm-gateway", "gateway"))["GLM_MODEL"]
+    gateway = _env(target, _container(target, "glm-gateway", "gateway"))["GLM_GATEWAY_MODEL"]
     assert gateway.split("=", 1)[1] == checkpoint
 
 
@@ -302,7 +302,7 @@ def test_network_policies(target):
         assert _metrics_ports(c) == {p["containerPort"] for p in c.get("ports", [])}, c["name"]
     scheduler, worker = _container(target, "glm-pool", "scheduler"), _container(target, "glm-pool", "worker")
     assert _metrics_ports(scheduler) == {int(_env(target, scheduler)["GLM_METRICS_PORT"])}
-    tp, base = int(_env(target, worker)["GLM_TP"]), int(_env(target, worker)["GLM_METRICS_PORT"])
+    tp, base = int(_env(target, worker)["GLM_TP"]), int(_env(target, worker)["GLM_POOL_METRICS_PORT"])
     assert _metrics_ports(worker) == set(range(base, base + tp))   # glm pool: rank r on base + r
     ranks = _pool_ranks(target)
     assert [r.metrics_port for r in ranks] == [base + r for r in range(tp)]

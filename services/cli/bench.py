@@ -22,7 +22,8 @@ from pathlib import Path
 from services.bench.driver import run_load
 from services.bench.stats import ratios, summarise
 from services.bench.workload import make_workload
-from services.local import LocalStack, StackError, StackOptions
+from services.local import LocalStack, StackError
+from services.local_options import ServeOptions
 from services.common.net import free_port
 
 MODES = ("continuous", "static", "sequential")
@@ -66,7 +67,7 @@ def bench_local(args, checkpoint: str) -> dict[str, dict]:
     reports = {}
     logs = tempfile.mkdtemp(prefix="glm-bench-logs-")
     for mode in args.modes:
-        options = StackOptions(
+        options = ServeOptions.from_flat(
             checkpoint=checkpoint, model_name="glm-bench", port=free_port(), tp=args.tp,
             dtype=args.dtype, device=args.device, mode=mode, max_batch_size=args.max_batch_size,
             kv_memory_gib=args.kv_memory_gib, workdir=logs,

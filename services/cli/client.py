@@ -13,7 +13,7 @@ import sys
 
 from google.protobuf import json_format
 
-from services.cli.main import repeated
+from services.common.options import repeated
 from services.client import GLMClient
 
 

@@ -6,7 +6,8 @@ them as one unit: wait until every rank answers Health, then supervise.
   non-zero (the rank's status; 128 + N for a rank killed by signal N, e.g. 137).
 - A rank is not ready within ``--ready-timeout-s``: stop them all, exit 1.
 
-This is the Kubernetes pool's worker container; ``services.worker.pool`` does the launching.
+This is the Kubernetes pool's worker container; ``services.worker.pool`` does the launching,
+each rank from its ``PoolOptions.worker(rank)``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from pathlib import Path
 
-from services.common.net import free_port
-from services.worker.pool import PoolError, PoolHandle, PoolSpec, launch_pool
+from services.worker.options import PoolOptions
+from services.worker.pool import PoolError, PoolHandle, launch_pool
 
 POLL_S = 0.2
 log = logging.getLogger("glm.pool")
@@ -25,23 +25,6 @@ log = logging.getLogger("glm.pool")
 
 class _Stop(Exception):
     """Raised in the main thread by the SIGTERM/SIGINT handler."""
-
-
-def spec_from_args(args) -> PoolSpec:
-    if args.kv_memory_gib is not None and args.kv_memory_gib <= 0:
-        raise ValueError(f"--kv-memory-gib must be > 0, got {args.kv_memory_gib}")
-    if not 0.0 <= args.layer_trace_ratio <= 1.0:
-        raise ValueError(f"--layer-trace-ratio must be in [0, 1], got {args.layer_trace_ratio}")
-    if args.metrics_port and args.metrics_port + args.tp - 1 > 65535:
-        raise ValueError(f"--metrics-port {args.metrics_port}: rank {args.tp - 1} would get a port above 65535")
-    ports = tuple(args.metrics_port + r for r in range(args.tp)) if args.metrics_port else None
-    return PoolSpec(
-        checkpoint=args.checkpoint, tp=args.tp, folder=Path(args.socket_dir),
-        dist_port=args.dist_port or free_port(), dtype=args.dtype, device=args.device,
-        quant=None if args.quant == "none" else args.quant, quant_group_size=args.quant_group_size,
-        kv_memory_gib=args.kv_memory_gib, collective_timeout_s=args.collective_timeout_s,
-        otlp_endpoint=args.otlp_endpoint, layer_trace_ratio=args.layer_trace_ratio, threads=args.threads,
-        model_name=args.model_name, metrics_ports=ports, metrics_host=args.metrics_host)
 
 
 def _exit_code(returncode: int) -> int:
@@ -72,20 +55,20 @@ def _supervise(handle: PoolHandle) -> int:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pool %(levelname)s %(message)s")
-    spec = spec_from_args(args)
+    spec = PoolOptions.from_args(args)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _raise_stop)
     handle = None
     try:
         handle = launch_pool(spec, rank_logs=False, wait=False)
         log.info("started %d rank(s): pids %s", spec.tp, " ".join(map(str, handle.pids)))
-        handle.wait_ready(args.ready_timeout_s)
+        handle.wait_ready(spec.ready_timeout_s)
         log.info("all %d rank(s) ready: %s", spec.tp, ",".join(handle.addresses))
         rank = _supervise(handle)
     except _Stop as stop:
         log.info("%s: stopping %d rank(s)", stop, spec.tp)
         if handle is not None:
-            handle.stop(grace_s=args.stop_grace_s)
+            handle.stop(grace_s=spec.stop_grace_s)
         return 0
     except PoolError as exc:
         _ignore_signals()
@@ -95,11 +78,11 @@ def run(args) -> int:
             log.error("rank %d exited with status %d; stopping the pool", dead[0],
                       handle.processes[dead[0]].returncode)
         if handle is not None:
-            handle.stop(grace_s=args.stop_grace_s)
+            handle.stop(grace_s=spec.stop_grace_s)
         # a rank that died while the pool was starting reports like one that died later
         return _exit_code(handle.processes[dead[0]].returncode) if dead else 1
     _ignore_signals()
     code = _exit_code(handle.processes[rank].returncode)
     log.error("rank %d exited with status %d; stopping the pool", rank, handle.processes[rank].returncode)
-    handle.stop(grace_s=args.stop_grace_s)
+    handle.stop(grace_s=spec.stop_grace_s)
     return code

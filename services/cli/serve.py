@@ -8,9 +8,11 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from services.local import LocalStack, StackError, StackOptions
+from services.local import LocalStack, StackError
+from services.local_options import ServeOptions
 
 DEMO_PRESET = "glm-small"
 DEMO_PROMPT = "The capital of the country is [MASK], a city by the river."
@@ -37,19 +39,18 @@ def _show_client_call(address: str, model: str) -> None:
     print(f"  -> {reply.output_text}", file=sys.stderr)
 
 
+def options_from_args(args) -> ServeOptions:
+    """The stack's options, with the checkpoint (the demo model unless given) and the model's
+    name resolved."""
+    options = ServeOptions.from_args(args)
+    checkpoint = Path(options.checkpoint) if options.checkpoint else demo_checkpoint(options.demo_folder(Path.home()))
+    name = options.model_name or ("glm-demo" if not options.checkpoint else checkpoint.resolve().name)
+    return replace(options, checkpoint=str(checkpoint), model_name=name)
+
+
 def run(args) -> int:
-    if not 0.0 <= args.layer_trace_ratio <= 1.0:
-        raise ValueError(f"--layer-trace-ratio must be in [0, 1], got {args.layer_trace_ratio}")
-    checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoint(Path(args.cache_dir))
-    name = args.model_name or ("glm-demo" if not args.checkpoint else checkpoint.resolve().name)
-    options = StackOptions(
-        checkpoint=str(checkpoint), model_name=name, host=args.host, port=args.port,
-        redis_url=args.redis_url, tp=args.tp, pools=args.pools, dtype=args.dtype, device=args.device,
-        quant=None if args.quant == "none" else args.quant, kv_memory_gib=args.kv_memory_gib,
-        mode=args.mode, max_batch_size=args.max_batch_size, tokenizer=args.tokenizer,
-        otlp_endpoint=args.otlp_endpoint, layer_trace_ratio=args.layer_trace_ratio,
-        metrics_port=args.metrics_port,
-    )
+    options = options_from_args(args)
+    name = options.model_name
     stack = LocalStack(options)
     stopping = False
 
@@ -59,10 +60,10 @@ def run(args) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"glm serve: starting {args.pools} pool(s) of {args.tp} rank(s) for {name}", file=sys.stderr)
+    print(f"glm serve: starting {options.pools} pool(s) of {options.tp} rank(s) for {name}", file=sys.stderr)
     stack.start()
     try:
-        if not args.no_demo_call:
+        if not options.no_demo_call:
             _show_client_call(stack.address, name)
         if stack.metrics is not None:
             print(f"glm serve: metrics of every process on http://{stack.address.rsplit(':', 1)[0]}:"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -26,34 +25,15 @@ from services.common.metrics import MetricsEndpoint, new_registry, serve_metrics
 from services.common.tracing import setup_tracing
 from services.gateway.auth import ApiKeyInterceptor
 from services.gateway.broker import Broker, connect
-from services.gateway.catalog import Catalog, Limits, load_model
+from services.gateway.catalog import Catalog, load_model
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from services.gateway.options import GatewayOptions
 from services.gateway.service import TextGenerationService
 from services.proto_gen.glm.v1 import generation_pb2 as pb
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("glm.gateway")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
-
-
-@dataclass(frozen=True)
-class GatewayOptions:
-    models: tuple[tuple[str, str], ...]           # (name, checkpoint dir); the first is the default
-    host: str = "0.0.0.0"
-    port: int = 50051                             # 0 = any free port (see Gateway.port)
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    tokenizer: str | None = None                  # overrides each checkpoint's ice_text.model
-    limits: Limits = field(default_factory=Limits)
-    max_queue_depth: int = 1024
-    api_keys: tuple[str, ...] = ()
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    grace_period_s: float = 30.0
-    redis_timeout_s: float = 2.0
-    health_interval_s: float = 1.0
-    otlp_endpoint: str | None = None
-    metrics_port: int = 0                         # Prometheus text endpoint; 0 = off
-    metrics_host: str = "0.0.0.0"
 
 
 class RedisHealth:

@@ -76,6 +76,9 @@ class CancelMark:
 
 @dataclass(frozen=True)
 class LoopOptions:
+    """What one pool's loop runs with; ``glm scheduler`` builds it from its
+    ``SchedulerOptions`` (services/scheduler/options.py), tests build it directly."""
+
     redis_url: str
     model: str
     workers: tuple[str, ...]

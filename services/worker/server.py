@@ -16,7 +16,6 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -28,31 +27,11 @@ from services.common.tracing import context_from_metadata, setup_tracing
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
 from services.worker.metrics import BROKEN, WorkerMetrics, failure_reason
+from services.worker.options import WorkerOptions
 from services.worker.shard import OutOfMemory, Shard
 
 log = logging.getLogger("glm.worker")
 MAX_MESSAGE = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    checkpoint: str
-    tp: int
-    rank: int
-    listen: str                        # unix:///path or host:port
-    dist_init: str                     # tcp://host:port, the same for every rank
-    dtype: str = "float32"
-    device: str = "cpu"
-    quant: str | None = None           # int8 | int4 (weight-only, quantized at load)
-    quant_group_size: int | None = None
-    kv_memory_gib: float | None = None
-    collective_timeout_s: float = 60.0
-    otlp_endpoint: str | None = None
-    layer_trace_ratio: float = 0.0
-    threads: int | None = None
-    model_name: str | None = None
-    metrics_port: int = 0              # Prometheus text endpoint; 0 = off
-    metrics_host: str = "0.0.0.0"
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
