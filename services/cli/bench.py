@@ -23,10 +23,9 @@ from services.bench.driver import run_load
 from services.bench.stats import ratios, summarise
 from services.bench.workload import make_workload
 from services.local import LocalStack, StackError
-from services.local_options import ServeOptions
+from services.local_options import MODES, ServeOptions
 from services.common.net import free_port
 
-MODES = ("continuous", "static", "sequential")
 
 
 def machine() -> dict:

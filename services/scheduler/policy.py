@@ -49,6 +49,9 @@ class BatchingMode(StrEnum):
     SEQUENTIAL = "sequential"  # one request at a time
 
 
+MODES = tuple(mode.value for mode in BatchingMode)   # the --mode choices
+
+
 @dataclass(frozen=True)
 class Limits:
     """A pool's admission limits and batching mode (``mode`` may be given as its string)."""
