@@ -9,5 +9,6 @@ the request's event stream back to the caller (DESIGN §2, §8, §9).
     relay.py       events -> GenerateStreamResponse / GenerateResponse (pure)
     service.py     the TextGeneration servicer
     auth.py        the optional API-key interceptor
+    reflection.py  server reflection v1 (over grpcio-reflection's v1alpha) and v1alpha
     server.py      the grpc.aio server: health, reflection, TLS, graceful shutdown
 """
