@@ -40,6 +40,9 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
+    """What ``inspect_checkpoint`` found in a checkpoint folder: its iteration, files, config
+    and, for a pre-quantized one, the quantization scheme."""
+
     directory: Path
     iteration: int
     num_partitions: int

@@ -29,6 +29,9 @@ class EventError(ServiceError):
 
 
 class Relay:
+    """Turns one request's events into the caller's replies, in sequence order: stream
+    messages as they come, or one ``GenerateResponse`` at the end."""
+
     def __init__(self, request_id: str, model: str, tokenizer: GLMTokenizer, *,
                  logprobs: bool, prompt_tokens: int, seed: int) -> None:
         self.request_id = request_id

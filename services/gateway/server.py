@@ -39,6 +39,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 
 @dataclass(frozen=True)
 class GatewayOptions:
+    """Everything a gateway process is configured with, built once by ``glm gateway``."""
+
     models: tuple[tuple[str, str], ...]           # (name, checkpoint dir); the first is the default
     host: str = "0.0.0.0"
     port: int = 50051                             # 0 = any free port (see Gateway.port)
@@ -91,6 +93,9 @@ class RedisHealth:
 
 
 class Gateway:
+    """The gateway process: the gRPC server (API, health, reflection), Redis, tracing and
+    metrics; ``start``, ``wait``, ``stop`` (draining)."""
+
     def __init__(self, options: GatewayOptions, *, span_exporter=None) -> None:
         self.options = options
         catalog = Catalog([load_model(name, directory, options.limits, options.tokenizer)

@@ -43,6 +43,9 @@ def _deadline(context) -> float | None:
 
 
 class TextGenerationService(pb_grpc.TextGenerationServicer):
+    """The ``glm.v1.TextGeneration`` servicer: validates, enqueues and relays a generation;
+    answers ``Tokenize``, ``ListModels`` and ``ModelInfo`` from the catalog."""
+
     def __init__(self, catalog: Catalog, broker: Broker, tracer: trace.Tracer,
                  metrics: GatewayMetrics) -> None:
         self.catalog = catalog
