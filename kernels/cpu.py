@@ -1,6 +1,6 @@
 """CPU fast path: torch's weight-only INT8/INT4 matmuls for bf16 activations, dense otherwise.
 
-torch ships two weight-only kernels (`reference/platform.md` §2):
+torch ships two weight-only kernels:
   * `aten._weight_int8pack_mm(A [M,K], int8 [N,K], scales [N])`, scales in A's dtype;
   * `aten._weight_int4pack_mm_for_cpu(A [M,K], packed, g, qScaleAndZeros [K/g,N,2])` on weights
     repacked by `aten._convert_weight_to_int4pack_for_cpu(int32 [N,K] in 0..15, 2)`, computing
@@ -34,7 +34,8 @@ KERNEL_MAX_ROWS = 256
 # GEMM: dense bf16 costs ~11 ms per row on the qkv shard, dense fp32 (dequantized to fp32) ~2 ms
 # per row, so bf16 dense never beat the kernel here while fp32 does for large M. The result is
 # rounded back to bf16; fp32 is also the more accurate of the two. On an AMX CPU, bf16 is the
-# faster choice (reference/platform.md §3): re-measure before changing machines.
+# faster choice (a measurement on an Intel AMX machine made while designing this path;
+# docs/quantization.md has this machine's numbers): re-measure before changing machines.
 BF16_DENSE_COMPUTE = torch.float32
 
 # torch's int4 kernel accepts these group sizes along K.

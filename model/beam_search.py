@@ -1,6 +1,6 @@
 """Beam search with the exact semantics of the official GLM-130B ``BeamSearchStrategy``.
 
-Reference §4.2; the math, step by step, for every batch element:
+``docs/model.md`` "Generation"; the math, step by step, for every batch element:
 
 1. Scores are fp32 ``log_softmax`` of the logits, accumulated across steps.
 2. Invalid slices, and the end tokens while ``length_generated < min_gen_length``, get -65504.

@@ -1,4 +1,5 @@
-"""Reading and writing checkpoints in the official GLM-130B layout (reference §2.1).
+"""Reading and writing checkpoints in the official GLM-130B layout (``docs/model.md``
+"Checkpoint layout").
 
     DIR/latest                                   text: the iteration, e.g. ``49300``
     DIR/<iteration>/mp_rank_XX_model_states.pt   torch.save({"module": state_dict})
@@ -39,6 +40,9 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
+    """What ``inspect_checkpoint`` found in a checkpoint folder: its iteration, files, config
+    and, for a pre-quantized one, the quantization scheme."""
+
     directory: Path
     iteration: int
     num_partitions: int

@@ -8,7 +8,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-# Ids fixed by the official icetk GLM-130B tokenizer (reference §4.1).
+# Ids fixed by the official icetk GLM-130B tokenizer (docs/model.md "Special tokens").
 MASK_ID = 150000
 GMASK_ID = 150001
 SMASK_ID = 150002
@@ -66,7 +66,7 @@ class GLMConfig:
 
     @property
     def alpha(self) -> float:
-        """DeepNorm residual scale, sqrt(2 * num_layers) (reference §1.2)."""
+        """DeepNorm residual scale, sqrt(2 * num_layers) (docs/model.md "DeepNorm")."""
         return math.sqrt(2 * self.num_layers)
 
     def check_tp(self, tp: int) -> None:
@@ -129,7 +129,7 @@ class GLMConfig:
 
 
 PRESETS: dict[str, GLMConfig] = {
-    # Official GLM-130B (reference §1.1).
+    # Official GLM-130B (docs/model.md, the 130B configuration).
     "glm-130b": GLMConfig(70, 12288, 96, 32768, 150528, 2048),
     # Same architecture, small enough for a laptop CPU. Inner sizes are ~8/3 h and
     # divisible by 8 so TP 1/2/4/8 all work; the vocabulary keeps the official id

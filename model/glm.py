@@ -1,6 +1,6 @@
 """The GLM-130B network, tensor-parallel, exactly as the official SAT implementation.
 
-Per layer (DeepNorm, reference §1.2): ``a = LN_in(x); x' = a*alpha + Attn(a);
+Per layer (``docs/model.md`` "DeepNorm"): ``a = LN_in(x); x' = a*alpha + Attn(a);
 m = LN_post(x'); x = m*alpha + MLP(m)`` with ``alpha = sqrt(2L)``; a final
 LayerNorm, then the tied, vocabulary-parallel LM head. Attention uses the fused,
 per-head interleaved ``[q; k; v]`` projection, 1-D rotary embedding over the
@@ -39,7 +39,7 @@ class RotaryEmbedding(nn.Module):
     """GPT-NeoX style rotary embedding: element i pairs with i + hn/2, base 10000.
 
     Angles are computed in fp32 (as FasterTransformer and later SAT do) and cast to
-    the activation dtype; SAT 0.2.12 computed them in fp16 (reference §1.5).
+    the activation dtype; SAT 0.2.12 computed them in fp16 (``docs/model.md`` "Positions").
     """
 
     def __init__(self, head_dim: int, base: float, device=None) -> None:
@@ -64,6 +64,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SelfAttention(nn.Module):
+    """One layer's attention on this rank's heads: fused per-head ``[q; k; v]``, rotary,
+    prefix-LM mask, fp32 softmax, row-parallel ``dense`` (``docs/model.md`` "Attention and QKV layout")."""
+
     def __init__(self, config: GLMConfig, ctx: ParallelContext, layer_id: int, *, dtype, device,
                  quant: QuantSpec | None = None) -> None:
         super().__init__()
@@ -98,6 +101,9 @@ class SelfAttention(nn.Module):
 
 
 class GEGLUMLP(nn.Module):
+    """The GeGLU MLP on this rank's units: local ``[value; gate]`` halves, exact-erf GELU on
+    the gate, row-parallel ``dense_4h_to_h`` (``docs/model.md`` "GeGLU")."""
+
     def __init__(self, config: GLMConfig, ctx: ParallelContext, *, dtype, device,
                  quant: QuantSpec | None = None) -> None:
         super().__init__()
@@ -113,6 +119,9 @@ class GEGLUMLP(nn.Module):
 
 
 class GLMBlock(nn.Module):
+    """One DeepNorm layer: the residual carries the normalised value times ``alpha``
+    (``docs/model.md`` "DeepNorm")."""
+
     def __init__(self, config: GLMConfig, ctx: ParallelContext, layer_id: int, *, dtype, device,
                  quant: QuantSpec | None = None) -> None:
         super().__init__()
@@ -131,6 +140,9 @@ class GLMBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    """The official ``transformer.*`` module tree: word embedding, layers, final LayerNorm
+    (its attribute names are the checkpoint's key prefixes)."""
+
     def __init__(self, config: GLMConfig, ctx: ParallelContext, *, dtype, device,
                  quant: QuantSpec | None = None) -> None:
         super().__init__()

@@ -15,8 +15,9 @@ Pure arithmetic over ``GLMConfig``: no torch, no devices. Each rank holds
   (``RESERVE_BYTES``).
 
 The model follows our dequantize + GEMM prefill path and the official SAT code
-(reference §3), not FasterTransformer, whose larger preallocated buffers OOM where
-this path fits (reference §6.3).
+(``docs/model.md`` "Quantization"), not FasterTransformer, whose larger preallocated
+buffers run out of memory where this path fits (the official FasterTransformer INT4 table in
+``G130: docs/quantization.md`` reports OOM at 1024+ tokens on 4×RTX 3090).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from model.config import GLMConfig
 GIB = 1 << 30
 MIB = 1 << 20
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
-SCALE_BYTES = 2  # fp16 scales, the official format (reference §3)
-SCORE_BYTES = 4  # the fp32 softmax's copy of the attention scores (reference §1.4)
+SCALE_BYTES = 2  # fp16 scales, the official format (docs/model.md "Quantization")
+SCORE_BYTES = 4  # the fp32 softmax's copy of the attention scores (docs/model.md "Attention and QKV layout")
 
 # What the CUDA driver and libraries hold outside torch tensors, and what the caching
 # allocator cannot hand back, per GPU: the CUDA context with torch's kernels loaded

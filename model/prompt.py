@@ -1,6 +1,6 @@
 """How a GLM prompt becomes model inputs: which mask is filled, positions, splicing.
 
-Follows the official ``generate.py`` (reference §1.6, §4.3): the generation mask
+Follows the official ``generate.py`` (``docs/model.md`` "Positions", "Generation"): the generation mask
 is ``[MASK]`` if present, else ``[sMASK]``, else ``[gMASK]``; the input is
 ``context + [sop]``; context tokens take positions ``0..n-2``; with ``[MASK]``
 or ``[sMASK]`` sop and every generated token take the mask's index, with

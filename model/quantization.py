@@ -1,7 +1,7 @@
 """Weight-only quantization of a GLM shard: which weights, in what layout, and how a
 16-bit shard is quantized while it loads.
 
-Only the four linears of each layer are quantized (reference §3); embedding,
+Only the four linears of each layer are quantized (``docs/model.md`` "Quantization"); embedding,
 LayerNorms and biases stay 16-bit. The layout is the official pre-quantized one:
 ``<key>`` holds int8 values (``[out, in]`` for INT8, two INT4 values per byte
 ``[out, in/2]``) and ``<key>_scale`` the fp16 scales (``[out]`` per row, the

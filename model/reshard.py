@@ -1,4 +1,5 @@
-"""Tensor-parallel slicing rules of the official GLM-130B checkpoint (reference §2.2–§2.3).
+"""Tensor-parallel slicing rules of the official GLM-130B checkpoint (``docs/model.md``
+"Checkpoint layout", "GeGLU").
 
 Every key is either replicated (each rank holds the whole tensor) or partitioned along one
 dim in ``groups`` groups. The *logical* global tensor of a partitioned key is, for each group,

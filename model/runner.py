@@ -79,6 +79,9 @@ def _load_quantizing(info: CheckpointInfo, ctx: ParallelContext, state: dict, qu
 
 @dataclass(frozen=True)
 class GenerateJob:
+    """A picklable ``glm generate`` run: checkpoint, prompt, sampling and options, handed to
+    every rank by ``generate_on_rank``."""
+
     checkpoint: str
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams

@@ -3,7 +3,7 @@
 icetk (THUDM/icetk, ``icetk/ice_tokenizer.py`` and ``icetk/text_tokenizer.py``) wraps a
 SentencePiece model, ``ice_text.model``, and GLM-130B's wrapper (SwissArmyTransformer,
 ``tokenization/icetk_glm_130B/ice_tokenizer.py``) adds special ids on top. The layout
-(reference §4.1, §5):
+(``docs/model.md`` "Special tokens"):
 
     [0, 20000)              image tokens; never produced by ``encode``
     [20000, 20000 + n)      text: SentencePiece id + 20000 (n = SentencePiece vocab size)
@@ -57,7 +57,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_CORPORA = ("corpus_en.txt", "corpus_zh.txt")
 DEMO_VOCAB_SIZE = 2000
 
-# The config constants and the wrapper's order must agree (reference §4.1).
+# The config constants and the wrapper's order must agree (docs/model.md "Special tokens").
 assert [MASK_ID, GMASK_ID, SMASK_ID, EOD_ID, SOP_ID, EOP_ID] == [
     SPECIAL_BASE + SPECIAL_NAMES.index(n) for n in ("[MASK]", "[gMASK]", "[sMASK]", "eod", "sop", "eop")
 ]

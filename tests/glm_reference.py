@@ -1,6 +1,6 @@
 """An independent, unsharded transcription of the official GLM-130B forward pass
 (SAT ``glm130B_model.py`` + ``generate.py``'s masks and positions), written
-straight from reference §1 in the official ``[seq, batch, hidden]`` layout.
+straight from docs/model.md in the official ``[seq, batch, hidden]`` layout.
 
 It shares no code with ``model/``. Each ``wrong_*`` switch swaps one easy-to-get-
 wrong detail for the common mistake, so tests can show the comparison notices it.

@@ -359,6 +359,34 @@ def test_health_and_reflection_list_the_services(shared):
             "grpc.reflection.v1alpha.ServerReflection"} <= services
 
 
+def test_reflection_v1_lists_and_describes_the_services(shared):
+    """A client of the current protocol (``grpc.reflection.v1``, what grpcurl tries first)
+    gets the same answers as a ``v1alpha`` one, in one bidirectional stream."""
+    from google.protobuf import descriptor_pb2
+
+    from services.proto_gen.grpc.reflection.v1 import reflection_pb2 as v1
+    from services.proto_gen.grpc.reflection.v1 import reflection_pb2_grpc as v1_grpc
+
+    requests = [v1.ServerReflectionRequest(list_services=""),
+                v1.ServerReflectionRequest(file_containing_symbol="glm.v1.TextGeneration"),
+                v1.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+                v1.ServerReflectionRequest(file_containing_symbol="glm.v1.NoSuchThing")]
+    with grpc.insecure_channel(shared.address) as channel:
+        stub = v1_grpc.ServerReflectionStub(channel)
+        listed, api, itself, missing = stub.ServerReflectionInfo(iter(requests), timeout=10)
+    assert {s.name for s in listed.list_services_response.service} == {
+        "glm.v1.TextGeneration", "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in api.file_descriptor_response.file_descriptor_proto]
+    assert files[0].name == "glm/v1/generation.proto"
+    assert "TextGeneration" in [s.name for s in files[0].service]
+    assert api.original_request.file_containing_symbol == "glm.v1.TextGeneration"
+    own = descriptor_pb2.FileDescriptorProto.FromString(itself.file_descriptor_response.file_descriptor_proto[0])
+    assert own.package == "grpc.reflection.v1" and own.service[0].name == "ServerReflection"
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
 # ---- API keys and TLS ----------------------------------------------------------------------
 
 def test_api_keys(start, pools, tokenizer):

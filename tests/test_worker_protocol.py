@@ -20,6 +20,7 @@ def test_generated_imports_go_through_services():
     for path in protogen.OUT_DIR.rglob("*.py*"):
         text = path.read_text()
         assert "from glm" not in text and "import glm" not in text, path
+        assert "from grpc.reflection" not in text and "import grpc.reflection" not in text, path
 
 
 def test_layer_sampler_is_an_exact_deterministic_ratio():

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RequestResult:
+    """What one benchmark request measured: when it was planned, sent, got its first and last
+    token, and every streamed message's arrival."""
+
     index: int
     requested_tokens: int
     scheduled_s: float                  # planned arrival (workload), from the run's start

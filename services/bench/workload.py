@@ -35,6 +35,9 @@ PROMPTS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class BenchRequest:
+    """One request of a seeded benchmark workload: its arrival time, prompt and exact output
+    length."""
+
     index: int
     at_s: float               # arrival, seconds after the start of the run
     prompt: str

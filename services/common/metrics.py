@@ -1,4 +1,4 @@
-"""Prometheus metrics: one registry per process and its text endpoint (DESIGN §10).
+"""Prometheus metrics: one registry per process and its text endpoint (``docs/observability.md``).
 
 Each service declares its own metrics on the registry made here
 (``services/gateway/metrics.py``, ``services/scheduler/metrics.py``,

@@ -57,6 +57,9 @@ def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call but health and reflection unless it carries one of the API keys
+    (``authorization: Bearer KEY``, compared in constant time) with UNAUTHENTICATED."""
+
     def __init__(self, keys: list[str], on_denied=None) -> None:
         if not keys or any(not k for k in keys):
             raise ValueError("API keys must be non-empty")

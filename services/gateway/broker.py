@@ -1,4 +1,5 @@
-"""The gateway's side of the Redis contract (DESIGN §9, ``services.common.redis_keys``).
+"""The gateway's side of the Redis contract (``docs/architecture.md`` "Redis contract",
+``services.common.redis_keys``).
 
 * ``submit``: one Lua script, so it is atomic: an existing idempotency record means
   a retry (same fingerprint: re-attach; else ALREADY_EXISTS); a queue at its depth
@@ -45,15 +46,22 @@ READ_COUNT = 256
 
 
 class AlreadyExists(ServiceError):
+    """A ``request_id`` already names a different request."""
+
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed while its events were awaited."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 @dataclass(frozen=True)
 class Submitted:
+    """The outcome of ``Broker.submit``: enqueued now, or attached to the same request
+    enqueued by an earlier call."""
+
     request_id: str
     attached: bool          # True: a retry of a request already enqueued; nothing was added
     entry_id: str = ""      # the queue entry, when this call enqueued it
@@ -67,6 +75,9 @@ def connect(url: str, timeout_s: float = 2.0) -> aioredis.Redis:
 
 
 class Broker:
+    """The gateway's Redis client: idempotent enqueue with a queue-depth limit, event
+    reading, cancellation; Redis failures become UNAVAILABLE."""
+
     def __init__(self, client: aioredis.Redis, *, max_queue_depth: int, timeout_s: float = 2.0,
                  on_failure=None) -> None:
         self.redis = client

@@ -39,6 +39,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class ServedModel:
+    """A model the gateway serves: its name, config, tokenizer and request limits (no weights)."""
+
     name: str
     config: GLMConfig
     tokenizer: GLMTokenizer

@@ -24,6 +24,8 @@ def outcome_of(code: grpc.StatusCode) -> str:
 
 
 class GatewayMetrics:
+    """The gateway's Prometheus metrics: finished calls by outcome, time to first token."""
+
     def __init__(self, registry) -> None:
         self.requests = Counter(
             "glm_gateway_requests_total", "Finished generation calls by outcome (ok or the gRPC status).",
@@ -38,6 +40,8 @@ class GatewayMetrics:
 
 
 class Call:
+    """The metrics of one generation call: times its first token, counts its outcome once."""
+
     def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
         self.start = time.monotonic()

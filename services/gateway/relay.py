@@ -34,7 +34,8 @@ class EventError(ServiceError):
 
 
 class Relay:
-    """The events of one request, folded into what its caller receives."""
+    """Turns one request's events into the caller's replies, in sequence order: stream
+    messages as they come, or one ``GenerateResponse`` at the end."""
 
     def __init__(self, request_id: str, model: str, tokenizer: GLMTokenizer, *,
                  logprobs: bool, prompt_tokens: int, seed: int) -> None:

@@ -1,5 +1,6 @@
 """The gateway process: a ``grpc.aio`` server with the public API, the standard
-health service and server reflection, optional API keys and TLS.
+health service and server reflection (``v1`` and ``v1alpha``), optional API keys
+and TLS.
 
 Health follows Redis: NOT_SERVING while the queue cannot be reached (a
 background ping every ``health_interval_s``, and at once when a call fails),
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from services.common.errors import ServiceError
 from services.common.metrics import MetricsEndpoint, new_registry, serve_metrics
@@ -28,6 +28,7 @@ from services.gateway.broker import Broker, connect
 from services.gateway.catalog import Catalog, load_model
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.options import GatewayOptions
+from services.gateway.reflection import enable_server_reflection
 from services.gateway.service import TextGenerationService
 from services.proto_gen.glm.v1 import generation_pb2 as pb
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
@@ -70,6 +71,9 @@ class RedisHealth:
 
 
 class Gateway:
+    """The gateway process: the gRPC server (API, health, reflection), Redis, tracing and
+    metrics; ``start``, ``wait``, ``stop`` (draining)."""
+
     def __init__(self, options: GatewayOptions, *, span_exporter=None) -> None:
         self.options = options
         catalog = Catalog([load_model(name, directory, options.limits, options.tokenizer)
@@ -102,8 +106,7 @@ class Gateway:
         self._service = TextGenerationService(self.catalog, self._broker, tracer, self.metrics)
         pb_grpc.add_TextGenerationServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME], server)
         address = f"{options.host}:{options.port}"
         if options.tls_cert or options.tls_key:
             if not (options.tls_cert and options.tls_key):

@@ -43,7 +43,8 @@ def _deadline(context) -> float | None:
 
 
 class TextGenerationService(pb_grpc.TextGenerationServicer):
-    """The gateway's public API: every call validated, queued, relayed from its events."""
+    """The ``glm.v1.TextGeneration`` servicer: validates, enqueues and relays a generation;
+    answers ``Tokenize``, ``ListModels`` and ``ModelInfo`` from the catalog."""
 
     def __init__(self, catalog: Catalog, broker: Broker, tracer: trace.Tracer,
                  metrics: GatewayMetrics) -> None:

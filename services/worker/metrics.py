@@ -26,6 +26,8 @@ def failure_reason(exc: BaseException, *, collective: bool, out_of_memory: type)
 
 
 class WorkerMetrics:
+    """The Prometheus metrics of one rank: step times, batch sizes, KV use and failures by reason."""
+
     def __init__(self, registry, *, model: str, rank: int) -> None:
         self.labels = {"model": model, "rank": str(rank)}
         names = list(self.labels)

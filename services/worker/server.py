@@ -35,6 +35,9 @@ MAX_MESSAGE = 256 * 1024 * 1024
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
+    """The ``glm.v1.ShardService`` of one rank: runs every model call on one thread, in arrival
+    order, maps service errors to gRPC codes, and marks the rank broken when a collective fails."""
+
     def __init__(self, shard: Shard, metrics: WorkerMetrics | None = None) -> None:
         self.shard = shard
         self.rank = shard.ctx.rank
