@@ -1,6 +1,6 @@
 """An independent, unsharded transcription of the official GLM-130B forward pass
 (SAT ``glm130B_model.py`` + ``generate.py``'s masks and positions), written
-straight from reference §1 in the official ``[seq, batch, hidden]`` layout.
+straight from the official sources (docs/model.md) in the official ``[seq, batch, hidden]`` layout.
 
 It shares no code with ``model/``. Each ``wrong_*`` switch swaps one easy-to-get-
 wrong detail for the common mistake, so tests can show the comparison notices it.
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Variant:
+    """Which one detail of the official math to get wrong (all False: the official one)."""
+
     wrong_residual: bool = False      # residual from the raw input instead of the normalised one
     wrong_alpha: bool = False         # alpha = 1 instead of sqrt(2L)
     wrong_qkv_layout: bool = False    # [Q; K; V] blocks instead of per-head interleaving

@@ -31,7 +31,7 @@ QKV = "transformer.layers.1.attention.query_key_value.weight"
 H4H_W = "transformer.layers.0.mlp.dense_h_to_4h.weight"
 
 
-# ---- transcription of G130: tools/convert_tp.py (reference §2.3) -------------------------
+# ---- transcription of G130: tools/convert_tp.py (docs/model.md, "Attention and QKV layout") --
 
 SEQUENTIAL_LAYERS = [
     "input_layernorm.weight", "input_layernorm.bias", "attention.dense.bias",

@@ -1,4 +1,4 @@
-"""The Kubernetes manifests (DESIGN §11), checked offline.
+"""The Kubernetes manifests (docs/deploy.md), checked offline.
 
 Every kustomization (the base and each overlay) is rendered with ``kubectl kustomize``;
 every rendered document is validated against the Kubernetes 1.30 schemas in strict mode

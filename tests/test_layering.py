@@ -1,4 +1,4 @@
-"""DESIGN §3 import rules, checked on the source: model/ stays free of service
+"""The import rules (docs/architecture.md, "Layering"), checked on the source: model/ stays free of service
 libraries, gateway and scheduler stay free of torch, and the top-level names
 ``model`` and ``kernels`` resolve inside this repository."""
 

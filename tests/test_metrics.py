@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §10, docs/deploy.md §8).
+"""Prometheus metrics (the table of docs/deploy.md §8).
 
 Pure parts first: the scheduler's inter-token clock and failure reasons, the
 worker's failure reasons, the gateway's outcomes, the hub's merge of several

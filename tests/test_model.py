@@ -1,5 +1,5 @@
 """The network against an independent transcription of the official math
-(tests/glm_reference.py), one test per detail of reference §1 that is easy to
+(tests/glm_reference.py), one test per detail of docs/model.md that is easy to
 get wrong, plus KV-cache decoding against a full recompute."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""``model.plan`` against the official hardware table (reference §6.1), the derived
-weight and KV-cache sizes (reference §3, §4.5), and ``glm plan`` as a real process."""
+"""``model.plan`` against the official hardware table (the GLM-130B README), the derived
+weight and KV-cache sizes (docs/model.md, "Quantization"), and ``glm plan`` as a real process."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ RTX_3090 = 24576 / 1024  # "24 GB" marketing = 24576 MiB
 RTX_2080_TI = 11264 / 1024  # "11 GB" marketing = 11264 MiB
 V100_32G = 32.0
 
-# (gpus, GiB per GPU, quant, fits) for 2048-token generation at batch 1 (reference §6.1;
+# (gpus, GiB per GPU, quant, fits) for 2048-token generation at batch 1 (the official README;
 # the two no-fit rows are the table's minimums one step down, issue #27).
 TABLE = [
     (8, A100_40G, "none", True),

@@ -174,7 +174,7 @@ def test_serve_flags_reach_the_stack(monkeypatch, tmp_path):
     seen = []
 
     class Captured(Exception):
-        pass
+        """Raised by the fake stack: the options were seen, nothing was started."""
 
     def fake_stack(options):
         seen.append(options)
