@@ -72,11 +72,6 @@ def final_event(r: redis.Redis, request_id: str) -> Event | None:
     return None
 
 
-def signal_all(pids, signum) -> None:
-    for pid in pids:
-        os.kill(pid, signum)
-
-
 def greedy_reference(checkpoint: str, prompts: list[str], max_new: int,
                      params: SamplingParams = SamplingParams(greedy=True)) -> dict[str, list[int]]:
     """What `glm generate --prompt P` produces for each prompt (greedy unless ``params``)."""
