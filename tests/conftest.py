@@ -1,12 +1,14 @@
 """Shared fixtures: random checkpoints in the official layout, written once per session
 for each (preset, partitions, seed) and never modified by a test (tests that break a
-checkpoint copy it first)."""
+checkpoint copy it first); each module's own database of the machine's Redis
+(tests/redis_harness.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from model.tiny import init_tiny
+from redis_harness import SKIP_REASON, RedisDb, reachable
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +25,16 @@ def checkpoint(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def redis_db(request):
+    """This module's own database of the machine's Redis (``RedisDb``), flushed before its
+    first test and after its last; the module's tests are skipped when no Redis answers."""
+    if not reachable():
+        pytest.skip(SKIP_REASON)
+    db = RedisDb(request.module.__name__)
+    db.flush()
+    yield db
+    db.flush()
+    db.close()

@@ -1,6 +1,9 @@
 """Test harness for the gateway: a real ``grpc.aio`` gateway on its own event-loop
 thread, and a scripted fake pool that takes entries from the real Redis queue and
-writes events the way a scheduler does (the real scheduler is tested on its own)."""
+writes events the way a scheduler does (the real scheduler is tested on its own).
+
+Every wait here is for an event, with a bound (``HANG_S``) that only turns a hang into a
+failure: a busy machine makes a test slower, never red."""
 
 from __future__ import annotations
 
@@ -13,13 +16,14 @@ from dataclasses import replace
 
 import redis
 
+from redis_harness import url
 from services.common import redis_keys as keys
 from services.common.messages import (EVENT_BLANK, EVENT_FINAL, EVENT_TOKENS, Event,
                                       QueuedRequest)
 from services.gateway.server import Gateway, GatewayOptions
 
-REDIS_DB = 12                                   # this module's own database
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+REDIS_URL = url("test_gateway")                 # the gateway tests' own database
+HANG_S = 60.0                                   # bounds a wait for an event: only a hang reaches it
 
 
 class LoopThread:
@@ -30,7 +34,7 @@ class LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
-    def run(self, coro, timeout: float = 15.0):
+    def run(self, coro, timeout: float = HANG_S):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
@@ -40,6 +44,8 @@ class LoopThread:
 
 
 class RunningGateway:
+    """A ``Gateway`` started on a ``LoopThread``; ``address`` is where it listens."""
+
     def __init__(self, loop: LoopThread, options: GatewayOptions) -> None:
         self.loop = loop
         self.options = options
@@ -49,7 +55,7 @@ class RunningGateway:
         self.model = options.models[0][0]
 
     def stop(self, grace: float = 0.0) -> None:
-        self.loop.run(self.gateway.stop(grace), timeout=grace + 10)
+        self.loop.run(self.gateway.stop(grace), timeout=grace + HANG_S)
 
 
 def unique_model() -> str:
@@ -62,7 +68,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float = 3.0, interval: float = 0.02):
+def wait_for(predicate, timeout: float = HANG_S, interval: float = 0.02):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = predicate()
@@ -101,7 +107,7 @@ def default_script(tokenizer):
 class FakePool:
     """Consumes ``glm:queue:{model}`` in group ``pools`` and plays ``script(queued)``:
     an ``Event`` is appended to the request's event stream, a float sleeps, a
-    ``threading.Event`` is waited on (a stalled pool)."""
+    ``threading.Event`` is waited on (a stalled pool, until the test sets it)."""
 
     def __init__(self, model: str, script, delay: float = 0.0) -> None:
         self.model = model
@@ -135,14 +141,14 @@ class FakePool:
             if isinstance(step, float):
                 time.sleep(step)
             elif isinstance(step, threading.Event):
-                step.wait(10)
+                step.wait(HANG_S)
             else:
                 self.redis.xadd(keys.events(queued.id), {keys.FIELD: step.to_json()})
                 self.redis.expire(keys.events(queued.id), keys.RESULT_TTL_S)
 
     def close(self) -> None:
         self.stopped.set()
-        self.thread.join(5)
+        self.thread.join(HANG_S)
         self.redis.close()
 
 

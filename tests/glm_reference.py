@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Variant:
+    """Which one detail of the official math to get wrong (all False: the official one)."""
+
     wrong_residual: bool = False      # residual from the raw input instead of the normalised one
     wrong_alpha: bool = False         # alpha = 1 instead of sqrt(2L)
     wrong_qkv_layout: bool = False    # [Q; K; V] blocks instead of per-head interleaving

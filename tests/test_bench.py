@@ -91,6 +91,8 @@ def test_ratios_are_base_over_other():
     assert ratios({"sequential": slow}) == {}
 
 
+@pytest.mark.processes                 # glm bench serve starts a whole stack
+@pytest.mark.slow
 def test_bench_serve_two_modes_on_tiny(tmp_path, capsys):
     from model.tiny import init_tiny
 

@@ -355,6 +355,8 @@ MEMORY_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.processes                 # the probe runs in a fresh interpreter
+@pytest.mark.slow
 def test_load_rank_memory_is_own_shard_plus_constant(tmp_path):
     directory = tmp_path / "big"
     init_tiny(directory, preset=BIG, tp=1)

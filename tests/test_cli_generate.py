@@ -36,6 +36,8 @@ def generate_json(ckpt, *extra: str) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.processes                 # glm as a script (subprocess)
+@pytest.mark.slow
 @pytest.mark.parametrize("ids", [MASK_IDS, GMASK_IDS], ids=["mask", "gmask"])
 def test_greedy_json_tp2_equals_tp1(ckpt, ids):
     one = generate_json(ckpt, "--prompt-ids", ids, "--greedy", "--max-new-tokens", "6")
@@ -46,6 +48,8 @@ def test_greedy_json_tp2_equals_tp1(ckpt, ids):
     assert one["finish_reason"] == "length"
 
 
+@pytest.mark.processes                 # glm as a script (subprocess)
+@pytest.mark.slow
 def test_beam_search_tp2_equals_tp1(ckpt):
     args = ("--prompt-ids", MASK_IDS, "--num-beams", "3", "--greedy", "--max-new-tokens", "4",
             "--no-repeat-ngram-size", "2", "--length-penalty", "0.8")
@@ -53,6 +57,8 @@ def test_beam_search_tp2_equals_tp1(ckpt):
     assert one["token_ids"] == two["token_ids"] and len(one["token_ids"]) == 4
 
 
+@pytest.mark.processes                 # glm as a script (subprocess)
+@pytest.mark.slow
 def test_text_prompt_fills_every_blank(ckpt):
     out = generate_json(ckpt, "--prompt", "Alpha [MASK] beta [MASK] gamma", "--max-new-tokens", "3",
                         "--temperature", "0.7", "--top-k", "40", "--seed", "3")
@@ -64,6 +70,8 @@ def test_text_prompt_fills_every_blank(ckpt):
     assert again["token_ids"] == out["token_ids"]          # per-request seed
 
 
+@pytest.mark.processes                 # glm as a script (subprocess)
+@pytest.mark.slow
 def test_plain_output_and_init_tiny_and_convert(tmp_path, ckpt):
     made = glm("init-tiny", str(tmp_path / "t"), "--tp", "2", "--seed", "9")
     assert made.returncode == 0, made.stderr
@@ -117,7 +125,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.processes) if "tp 2" in n else n
+                                  for n in CASES])                 # tp 2: real rank processes
 def test_bad_input_is_one_line(ckpt, tmp_path, capsys, name):
     make, extra, needle = CASES[name]
     path = make(ckpt, tmp_path)
@@ -131,6 +140,8 @@ def test_bad_input_is_one_line(ckpt, tmp_path, capsys, name):
     assert needle in err and "Traceback" not in err
 
 
+@pytest.mark.processes                 # glm as a script (subprocess)
+@pytest.mark.slow
 def test_errors_from_the_real_script_have_no_traceback(ckpt):
     out = glm("generate", "--checkpoint", ckpt, "--prompt-ids", "20100,20200")
     assert out.returncode == 2

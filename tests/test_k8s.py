@@ -29,7 +29,8 @@ from k8s_manifests import (  # noqa: E402
 )
 from services.common import redis_keys  # noqa: E402
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (kubectl kustomize renders k8s/)")
+pytestmark = [pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (kubectl kustomize renders k8s/)"),
+              pytest.mark.processes]                                  # kubectl kustomize subprocesses
 
 # The ScaledObject fields we use (keda.sh/v1alpha1), closed to anything else.
 SCALED_OBJECT_SCHEMA = {

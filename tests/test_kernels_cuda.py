@@ -25,6 +25,7 @@ NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+pytestmark = [pytest.mark.processes, pytest.mark.slow]      # nvcc runs as a subprocess; NVRTC compiles
 
 
 # ---- random weights in the official format ----------------------------------

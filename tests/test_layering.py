@@ -75,6 +75,7 @@ def test_shared_model_modules_stay_torch_free(name):
     assert inner <= TORCH_FREE_MODEL_MODULES | {"model"}
 
 
+@pytest.mark.processes                 # a fresh interpreter
 def test_light_service_packages_load_without_torch():
     import subprocess
     import sys
@@ -108,6 +109,7 @@ def test_top_level_packages_resolve_inside_the_repository(name):
     assert Path(spec.origin).resolve().is_relative_to(ROOT)
 
 
+@pytest.mark.processes                 # a fresh interpreter
 def test_cli_parser_imports_no_torch():
     import subprocess
     import sys

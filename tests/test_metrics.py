@@ -4,12 +4,15 @@ Pure parts first: the scheduler's inter-token clock and failure reasons, the
 worker's failure reasons, the gateway's outcomes, the hub's merge of several
 processes' texts. Then the real thing: a `glm serve`-style stack with metrics on,
 some traffic (ok calls, a cancelled stream, refused calls), one scrape of the one
-port, and every documented metric present with sensible values.
+port, and every documented metric present with sensible values. Waits are for
+events (a scrape that shows them), bounded by ``HANG_S``, which only a hang reaches.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 import urllib.request
 import uuid
@@ -30,6 +33,7 @@ from services.scheduler.request import Outcome
 from services.common.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+HANG_S = 60.0
 DOCUMENTED = re.compile(r"^\| `(glm_[a-z0-9_]+)` \| (\w+) \| ([a-z, ]+) \|", re.M)
 
 
@@ -40,7 +44,7 @@ def documented() -> dict[str, tuple[str, set[str]]]:
 
 
 def scrape(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=HANG_S) as reply:
         text = reply.read().decode()
     return {family.name: family for family in text_string_to_metric_families(text)}
 
@@ -135,7 +139,8 @@ def test_endpoint_is_off_at_port_zero_and_the_hub_skips_a_dead_process():
     child = serve_metrics(registry, free_port(), "127.0.0.1")
     dead = free_port()                                             # nothing listens there
     targets = {"alive": f"http://127.0.0.1:{child.port}/metrics", "dead": f"http://127.0.0.1:{dead}/metrics"}
-    hub = serve_metrics(MetricsHub(lambda: targets, timeout_s=1).registry(), free_port(), "127.0.0.1")
+    # the dead target refuses at once; the timeout only bounds a slow live one (busy machine)
+    hub = serve_metrics(MetricsHub(lambda: targets, timeout_s=HANG_S).registry(), free_port(), "127.0.0.1")
     try:
         families = scrape(hub.port)
         assert values(families["glm_x_depth"], process="alive") == [7]
@@ -145,6 +150,7 @@ def test_endpoint_is_off_at_port_zero_and_the_hub_skips_a_dead_process():
         child.close()
 
 
+@pytest.mark.processes                 # a private redis-server
 def test_queue_depth_is_the_groups_lag_or_what_is_neither_pending_nor_acked():
     import asyncio
 
@@ -201,6 +207,13 @@ def stack(tmp_path_factory):
     s.stop()
 
 
+def _longest(client, model: str, prompt: str) -> int:
+    """As many new tokens as the model allows after ``prompt``: a stream that cannot end
+    by itself while a test holds it open, however busy the machine."""
+    ids = client.tokenize(prompt, model, timeout=HANG_S).token_ids
+    return client.model_info(model, timeout=HANG_S).max_sequence_length - len(ids) - 1
+
+
 def _traffic(stack) -> None:
     from services.client import GLMClient, GLMError
 
@@ -210,8 +223,9 @@ def _traffic(stack) -> None:
             reply = client.generate(prompt, model=model, max_new_tokens=8, min_new_tokens=8, temperature=0,
                                     timeout=60)
             assert len(reply.token_ids) == 8
-        stream = client.generate_stream("Stream the tokens [gMASK]", model=model, max_new_tokens=400,
-                                        temperature=0, timeout=60)
+        prompt = "Stream the tokens [gMASK]"
+        stream = client.generate_stream(prompt, model=model, max_new_tokens=_longest(client, model, prompt),
+                                        temperature=0, timeout=HANG_S)
         for i, _ in enumerate(stream):
             if i == 2:
                 break
@@ -224,7 +238,7 @@ def _traffic(stack) -> None:
         assert unknown.value.code == grpc.StatusCode.NOT_FOUND
 
 
-def _wait_for(stack, check, timeout_s: float = 15.0) -> dict:
+def _wait_for(stack, check, timeout_s: float = HANG_S) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         families = scrape(stack.metrics.port)
@@ -237,6 +251,8 @@ def _wait_for(stack, check, timeout_s: float = 15.0) -> dict:
             time.sleep(0.3)
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 def test_one_port_serves_every_documented_metric_with_sensible_values(stack):
     _traffic(stack)
     model, pool = stack.options.model_name, stack.pool_ids[0]
@@ -246,6 +262,8 @@ def test_one_port_serves_every_documented_metric_with_sensible_values(stack):
             "glm_scheduler_kv_cache_used_tokens")
 
     def settled(families):   # the stream's handler ends, and the pool drops it, a moment after the client left
+        processes = {s.labels["process"] for f in families.values() for s in f.samples}
+        assert processes == {"gateway", "scheduler-0", "worker-0-0"}, processes   # every scrape answered
         assert values(families["glm_gateway_requests"], "_total", model=model, outcome="cancelled") == [1]
         for name in idle:
             assert values(families[name], **labels) == [0], name
@@ -267,7 +285,7 @@ def test_one_port_serves_every_documented_metric_with_sensible_values(stack):
     assert values(gateway, "_total", model="unknown", outcome="not_found") == [1]
     ttft = families["glm_gateway_time_to_first_token_seconds"]
     assert values(ttft, "_count", model=model) == [3]             # two ok calls and the stream
-    assert 0 < values(ttft, "_sum", model=model)[0] < 60
+    assert 0 < values(ttft, "_sum", model=model)[0] < 3 * 60    # seconds: each call's deadline bounds it
 
     generated = values(families["glm_scheduler_generated_tokens"], "_total", **labels)[0]
     assert generated >= 8 + 8 + 3
@@ -284,21 +302,35 @@ def test_one_port_serves_every_documented_metric_with_sensible_values(stack):
     assert families["process_resident_memory_bytes"].samples                # the processes' own series
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 def test_busy_pool_shows_its_batch_and_kv_use(stack):
-    """While a long generation runs, the batch and KV gauges are non-zero."""
+    """While a long generation runs, the batch and KV gauges are non-zero. The worker is
+    held (SIGSTOP) inside the step, so the request is still running at the scrape."""
     from services.client import GLMClient
 
+    model, prompt = stack.options.model_name, "Stream the tokens [gMASK]"
+    worker = stack.pools[0].pids
     with GLMClient(stack.address) as client:
-        stream = client.generate_stream("Stream the tokens [gMASK]", model=stack.options.model_name,
-                                        max_new_tokens=400, temperature=0, timeout=60)
+        stream = client.generate_stream(prompt, model=model, max_new_tokens=_longest(client, model, prompt),
+                                        temperature=0, timeout=HANG_S)
         try:
-            next(iter(stream))
-            labels = {"model": stack.options.model_name, "pool": stack.pool_ids[0]}
+            # The gauges are set at the top of each loop iteration; the first step prefills
+            # and decodes (two tokens) under the gauges of the idle pool, so the third token
+            # comes from an iteration that began with the request running.
+            for i, _ in enumerate(stream):
+                if i == 2:
+                    break
+            for pid in worker:
+                os.kill(pid, signal.SIGSTOP)
+            labels = {"model": model, "pool": stack.pool_ids[0]}
 
             def busy(families):
                 assert values(families["glm_scheduler_batch_size"], **labels) == [1]
                 assert values(families["glm_scheduler_kv_cache_used_tokens"], **labels)[0] > 0
 
-            _wait_for(stack, busy, timeout_s=10)
+            _wait_for(stack, busy)
         finally:
+            for pid in worker:
+                os.kill(pid, signal.SIGCONT)
             stream.close()

@@ -146,6 +146,7 @@ def glm(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("gpus,gib,quant,fits", [TABLE[3], TABLE[4], TABLE[5], TABLE[6]])
+@pytest.mark.processes                 # the glm CLI as a subprocess
 def test_cli_json_matches_table(gpus, gib, quant, fits):
     out = glm("--model", "glm-130b", "--quant", quant, "--tp", str(gpus),
               "--gpu-memory-gib", str(gib), "--max-tokens", "2048", "--json")
@@ -156,6 +157,7 @@ def test_cli_json_matches_table(gpus, gib, quant, fits):
     assert data["per_gpu_gib"] == pytest.approx(expected.total / GIB, abs=1e-3)
 
 
+@pytest.mark.processes
 def test_cli_table_fp16_alias_and_checkpoint_folder(tmp_path):
     GLMConfig.from_name("glm-tiny").write_json(tmp_path)
     out = glm("--model", str(tmp_path), "--quant", "fp16", "--tp", "2",
@@ -174,6 +176,7 @@ def test_cli_table_fp16_alias_and_checkpoint_folder(tmp_path):
     (["--tp", "4", "--gpu-memory-gib", "24", "--max-tokens", "4096"], "max_tokens"),
     (["--model", "no-such-model", "--tp", "4", "--gpu-memory-gib", "24"], "--model"),
 ])
+@pytest.mark.processes
 def test_cli_bad_input_is_one_line_error(args, needle):
     out = glm(*args)
     assert out.returncode == 2 and out.stdout == ""

@@ -19,10 +19,11 @@ import pytest
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
 
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 TP = 2
-READY_S = 30.0
-EXIT_S = 15.0
+READY_S = 120.0            # the pool's --ready-timeout-s and the test's wait: only a hang reaches it
+EXIT_S = 60.0              # after the signal: --stop-grace-s 3 is the protocol bound, the rest only catches a hang
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from model.quantization import QuantSpec, ROW_PARALLEL_SUFFIXES, is_quantized_we
 from model.runner import load_model
 from tp_jobs import batch_logits, dequantized_state
 
+pytestmark = [pytest.mark.processes, pytest.mark.slow]     # ranks are real processes (run_local_ranks)
 TOL = 1e-4
 ROWS = [
     ([20100, 20200, MASK_ID, 20300, 20400, 20002], [20800, 20900]),

@@ -16,7 +16,6 @@ import time
 import uuid
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -33,20 +32,18 @@ from services.common.tracing import setup_tracing
 from services.scheduler.loop import LoopOptions, PoolFailure, PoolLoop
 from services.scheduler.policy import Limits
 from services.worker.pool import start_pool
+from redis_harness import url
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+pytestmark = [pytest.mark.redis, pytest.mark.processes, pytest.mark.slow]
+REDIS_URL = url(__name__)             # this module's own database (tests/redis_harness.py)
 GREEDY = Sampling(temperature=0.0, seed=7)
 HANG_S = 60.0                 # waits for an event give up after this: a hang, never a verdict on speed
 
 
-def _redis_up() -> bool:
-    try:
-        return redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _redis_up(), reason="needs a Redis server on 127.0.0.1:6379")
+@pytest.fixture(scope="module", autouse=True)
+def _database(redis_db):
+    """Flushed before and after the module; every test skipped when no Redis answers."""
+    return redis_db
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from model.config import GMASK_ID, MASK_ID
 from model.distributed import RankError, run_local_ranks
 from tp_jobs import batch_logits
 
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
+
 TOL = 1e-4
 ROWS = [
     ([20100, 20200, MASK_ID, 20300, 20400, 20002], [20800, 20900, 21000]),

@@ -6,7 +6,9 @@ gateway span under the caller's span, the scheduler's request span under it,
 every step span (served alone, so a child of the request span, and linked to
 it), each rank's forward span under each step span, and one ``worker.layer``
 span per layer per rank per forward (layer trace ratio 1.0). The spans are
-flushed by the stack's stop (each service shuts its BatchSpanProcessor down).
+flushed by the stack's stop (each service shuts its BatchSpanProcessor down, and
+an OTLP export is a unary call answered only after the receiver stored the
+spans), so once every process has exited, every span is here: no sleep.
 
 ``python -m tests.test_tracing_e2e OUT.json`` runs the same request once and
 writes the spans as JSON (``bench/render_trace.py`` draws them as a waterfall).
@@ -14,11 +16,11 @@ writes the spans as JSON (``bench/render_trace.py`` draws them as a waterfall).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from concurrent import futures
 from pathlib import Path
@@ -38,9 +40,12 @@ from services.local import LocalStack, StackOptions
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
 from services.common.net import free_port
 
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
+
 TP = 2
 NEW_TOKENS = 4                 # min = max: 1 prefill + 3 decodes, 4 forwards per rank
 PROMPT = "The river runs past the old mill and [MASK] into the valley."
+STOP_GRACE_S = 60.0            # SIGTERM, then this long to flush before SIGKILL: only a hang reaches it
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -101,8 +106,9 @@ def traced_request(checkpoint: str, workdir: str) -> dict:
             reply = pb_grpc.TextGenerationStub(channel).Generate(request, timeout=60, metadata=metadata)
         caller.end()
     finally:
-        stack.stop()
-    time.sleep(0.2)                    # an export may still be on the wire when a process exits
+        for pool in stack.pools:     # LocalStack.stop gives the ranks PoolHandle.stop's default grace
+            pool.stop = functools.partial(pool.stop, grace_s=STOP_GRACE_S)
+        stack.stop(grace_s=STOP_GRACE_S)
     receiver.stop()
     ctx = caller.get_span_context()
     return {"caller_trace_id": f"{ctx.trace_id:032x}", "caller_span_id": f"{ctx.span_id:016x}",
@@ -168,7 +174,7 @@ def test_serve_flags_reach_the_stack(monkeypatch, tmp_path):
     seen = []
 
     class Captured(Exception):
-        pass
+        """Raised by the fake stack: the options were seen, nothing was started."""
 
     def fake_stack(options):
         seen.append(options)

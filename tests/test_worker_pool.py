@@ -4,8 +4,10 @@ Tokens equal ``Generator`` (what ``glm generate`` runs) per request through join
 and leaves, the ranks provably apply the same tokens, Warmup's capacity follows
 ``--kv-memory-gib`` and an over-capacity Prefill is refused, malformed calls get
 INVALID_ARGUMENT, per-layer spans of every layer of every rank arrive over OTLP
-joined to the caller's trace, and a killed or stuck rank fails the pool in
-bounded time. Pools start once per module."""
+joined to the caller's trace, and a killed or stuck rank fails the pool: a dead
+peer is noticed (UNAVAILABLE, not a deadline waited out), a stuck one is declared
+broken by the collective timeout, never before it. Pools start once per module.
+Waits are for events, bounded by ``HANG_S``, which only a hang reaches."""
 
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ from services.worker.kv_budget import GIB
 from services.worker.pool import start_pool
 from tests.worker_cases import PROMPTS, SAMPLED, Tokens, mixed_batch, reference, request
 
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
 KV_GIB = 0.002
+HANG_S = 60.0
 COLLECTIVE_TIMEOUT_S = 4.0
 NUM_LAYERS = 2
 
@@ -197,7 +201,7 @@ def test_layer_spans_of_every_rank_join_the_callers_trace(pool, receiver):
         return span.get_span_context().trace_id
 
     trace_id = drive(pool.addresses, scenario).to_bytes(16, "big")
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + HANG_S      # the batch exporters send when they will: wait for it
     while True:
         with receiver.lock:
             spans = [(r, s) for r, s in receiver.spans if s.trace_id == trace_id]
@@ -225,13 +229,16 @@ def doomed_pool(ckpt):
 
 
 async def _rank0_broken(addresses, since: float, bound_s: float) -> ShardCallError:
-    """Poll rank 0's Health until it reports itself broken (UNAVAILABLE)."""
-    async with ShardClient(addresses[:1], timeout_s=1.0) as rank0:
+    """Poll rank 0's Health until it reports itself broken (UNAVAILABLE); ``bound_s``
+    after ``since`` only bounds a hang. A Health call that is merely slow (its own
+    deadline passed on a busy machine) is not an answer: poll again."""
+    async with ShardClient(addresses[:1], timeout_s=10.0) as rank0:
         while True:
             try:
                 await rank0.health()
             except ShardCallError as exc:
-                return exc
+                if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return exc
             assert time.monotonic() - since < bound_s, "rank 0 never reported its failed peer"
             await asyncio.sleep(0.1)
 
@@ -242,25 +249,25 @@ def test_killed_rank_fails_the_pool_in_bounded_time(ckpt):
         async def scenario(c):
             running = (await c.prefill(pb.Batch(id=60, requests=[request(61, PROMPTS["mask"], 40)]))).batch
             os.kill(pool.processes[1].pid, signal.SIGKILL)
-            pool.processes[1].wait(timeout=5)
+            pool.processes[1].wait(timeout=HANG_S)
             t0 = time.monotonic()
             with pytest.raises(ShardCallError) as dead:
-                await c.decode([running], timeout_s=30.0)
-            caller_s = time.monotonic() - t0
+                await c.decode([running], timeout_s=HANG_S)
             # A rank that had already been sent the step fails in its collective, then stays broken.
             async with ShardClient(pool.addresses[:1], timeout_s=30.0) as rank0:
                 with pytest.raises(ShardCallError) as failed:
                     await rank0.decode([running])
             assert failed.value.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE), failed.value
             assert "Connection closed by peer" in failed.value.details
-            broken = await _rank0_broken(pool.addresses, t0, COLLECTIVE_TIMEOUT_S + 5)
-            return dead.value, caller_s, broken, time.monotonic() - t0
+            broken = await _rank0_broken(pool.addresses, t0, HANG_S)
+            return dead.value, broken
 
-        dead, caller_s, broken, broken_s = drive(pool.addresses, scenario)
-        # well inside the 30 s deadline: the dead peer is noticed, not waited out (2-core CI: slack)
-        assert dead.code == grpc.StatusCode.UNAVAILABLE and dead.rank == 1 and caller_s < 10.0
+        dead, broken = drive(pool.addresses, scenario)
+        # UNAVAILABLE from rank 1, not DEADLINE_EXCEEDED: the dead peer is noticed, not
+        # waited out; and rank 0's collective failed on the closed connection ("Connection
+        # closed by peer" above), not on its timeout. No clock is read.
+        assert dead.code == grpc.StatusCode.UNAVAILABLE and dead.rank == 1
         assert broken.code == grpc.StatusCode.UNAVAILABLE and "broken" in broken.details
-        assert broken_s < COLLECTIVE_TIMEOUT_S + 5
         assert pool.dead_ranks() == [1] and pool.processes[0].poll() is None
     finally:
         pool.stop(grace_s=1.0)
@@ -275,14 +282,17 @@ def test_stuck_rank_hits_the_deadline_then_the_collective_timeout(ckpt):
             t0 = time.monotonic()
             with pytest.raises(ShardCallError) as err:
                 await c.decode([running], timeout_s=2.0)
-            caller_s = time.monotonic() - t0
-            broken = await _rank0_broken(pool.addresses, t0, COLLECTIVE_TIMEOUT_S + 5)
-            return err.value, caller_s, broken, time.monotonic() - t0
+            broken = await _rank0_broken(pool.addresses, t0, COLLECTIVE_TIMEOUT_S + HANG_S)
+            return err.value, broken, time.monotonic() - t0
 
-        err, caller_s, broken, broken_s = drive(pool.addresses, scenario)
-        assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED and caller_s < 3.0
+        err, broken, broken_s = drive(pool.addresses, scenario)
+        # The caller's deadline is honoured (its code says so). Rank 0 waits out the whole
+        # collective timeout before it declares itself broken: it entered the collective
+        # after t0, so a busy machine can only make broken_s longer; the upper bound only
+        # catches a hang.
+        assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert broken.code == grpc.StatusCode.UNAVAILABLE and "Timed out" in broken.details
-        assert COLLECTIVE_TIMEOUT_S - 1 < broken_s < COLLECTIVE_TIMEOUT_S + 5
+        assert COLLECTIVE_TIMEOUT_S - 1 < broken_s < COLLECTIVE_TIMEOUT_S + HANG_S
     finally:
         os.kill(pool.processes[1].pid, signal.SIGCONT)
         pool.stop(grace_s=1.0)
