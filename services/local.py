@@ -33,12 +33,6 @@ class StackError(RuntimeError):
     """A process of the stack died or the stack was not ready in time."""
 
 
-def StackOptions(**settings) -> ServeOptions:  # noqa: N802 - the name the tests and bench know
-    """``ServeOptions`` from flat keyword arguments: a ``RankOptions`` field (``dtype=``,
-    ``otlp_endpoint=`` ...) sets the ranks', any other one the stack's own."""
-    return ServeOptions.from_flat(**settings)
-
-
 def glm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "services.cli.main", *args]
 
@@ -189,6 +183,6 @@ class LocalStack:
                 proc.kill()
                 proc.wait()
         for pool in self.pools:
-            pool.stop()
+            pool.stop(grace_s=grace_s)
         if self.redis is not None:
             self.redis.stop()

@@ -195,13 +195,14 @@ def test_queue_depth_is_the_groups_lag_or_what_is_neither_pending_nor_acked():
 def stack(tmp_path_factory):
     pytest.importorskip("torch")
     from model.tiny import init_tiny
-    from services.local import LocalStack, StackOptions
+    from services.local import LocalStack
+    from services.local_options import ServeOptions
 
     checkpoint = tmp_path_factory.mktemp("metrics-tiny")
     init_tiny(checkpoint, preset="glm-tiny", seed=3)
-    options = StackOptions(checkpoint=str(checkpoint), model_name=f"metrics-{uuid.uuid4().hex[:6]}",
-                           port=free_port(), metrics_port=free_port(), max_batch_size=8,
-                           workdir=str(tmp_path_factory.mktemp("metrics-logs")))
+    options = ServeOptions.from_flat(checkpoint=str(checkpoint), model_name=f"metrics-{uuid.uuid4().hex[:6]}",
+                                     port=free_port(), metrics_port=free_port(), max_batch_size=8,
+                                     workdir=str(tmp_path_factory.mktemp("metrics-logs")))
     s = LocalStack(options).start()
     yield s
     s.stop()

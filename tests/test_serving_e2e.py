@@ -38,7 +38,8 @@ from model.tokenizer import GLMTokenizer
 from services.client import AsyncGLMClient, GLMClient, GLMError
 from services.common import redis_keys as keys
 from services.common.messages import Event
-from services.local import LocalStack, StackOptions
+from services.local import LocalStack
+from services.local_options import ServeOptions
 from services.common.net import free_port
 
 pytestmark = [pytest.mark.processes, pytest.mark.slow, pytest.mark.redis]
@@ -92,7 +93,7 @@ def tiny(checkpoint):
 
 @pytest.fixture(scope="module")
 def stack(tiny, tmp_path_factory):
-    options = StackOptions(
+    options = ServeOptions.from_flat(
         checkpoint=tiny, model_name=f"e2e-{uuid.uuid4().hex[:8]}", port=free_port(), tp=1, pools=1,
         gateway_args=("--max-queue-depth", "40"), workdir=str(tmp_path_factory.mktemp("logs")))
     s = LocalStack(options).start()
@@ -233,7 +234,7 @@ def small(checkpoint):
 
 @pytest.fixture(scope="module")
 def two_pools(small, tmp_path_factory, redis_db):
-    options = StackOptions(
+    options = ServeOptions.from_flat(
         checkpoint=small, model_name=f"e2e2-{uuid.uuid4().hex[:8]}", port=free_port(), tp=1, pools=2,
         redis_url=MACHINE_REDIS, scheduler_args=("--claim-idle-ms", "2000", "--max-batch-size", "4"),
         workdir=str(tmp_path_factory.mktemp("logs2")))

@@ -16,7 +16,6 @@ writes the spans as JSON (``bench/render_trace.py`` draws them as a waterfall).
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import tempfile
@@ -36,7 +35,8 @@ from services.cli.main import build_parser
 from services.client import build_request
 from services.common.env import apply_env_defaults
 from services.common.tracing import metadata_from_context, setup_tracing
-from services.local import LocalStack, StackOptions
+from services.local import LocalStack
+from services.local_options import ServeOptions
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
 from services.common.net import free_port
 
@@ -93,9 +93,9 @@ def traced_request(checkpoint: str, workdir: str) -> dict:
     receiver = Receiver()
     endpoint = receiver.start()
     name = f"trace-{uuid.uuid4().hex[:8]}"
-    stack = LocalStack(StackOptions(checkpoint=checkpoint, model_name=name, port=free_port(), tp=TP,
-                                    max_batch_size=4, workdir=workdir, otlp_endpoint=endpoint,
-                                    layer_trace_ratio=1.0))
+    stack = LocalStack(ServeOptions.from_flat(checkpoint=checkpoint, model_name=name, port=free_port(), tp=TP,
+                                              max_batch_size=4, workdir=workdir, otlp_endpoint=endpoint,
+                                              layer_trace_ratio=1.0))
     try:
         stack.start(ready_timeout_s=120)
         caller = setup_tracing("test-caller").get_tracer("test").start_span("caller")
@@ -106,8 +106,6 @@ def traced_request(checkpoint: str, workdir: str) -> dict:
             reply = pb_grpc.TextGenerationStub(channel).Generate(request, timeout=60, metadata=metadata)
         caller.end()
     finally:
-        for pool in stack.pools:     # LocalStack.stop gives the ranks PoolHandle.stop's default grace
-            pool.stop = functools.partial(pool.stop, grace_s=STOP_GRACE_S)
         stack.stop(grace_s=STOP_GRACE_S)
     receiver.stop()
     ctx = caller.get_span_context()
@@ -202,9 +200,9 @@ def test_serve_flags_reach_the_stack(monkeypatch, tmp_path):
 
 def test_the_stack_passes_tracing_to_every_process(monkeypatch):
     """Scheduler and gateway command lines carry --otlp-endpoint only when it is set."""
-    stack = LocalStack(StackOptions(checkpoint="/ckpt", model_name="m", otlp_endpoint="c:4317"))
+    stack = LocalStack(ServeOptions.from_flat(checkpoint="/ckpt", model_name="m", otlp_endpoint="c:4317"))
     assert stack._tracing_args() == ["--otlp-endpoint", "c:4317"]
-    assert LocalStack(StackOptions(checkpoint="/ckpt", model_name="m"))._tracing_args() == []
+    assert LocalStack(ServeOptions.from_flat(checkpoint="/ckpt", model_name="m"))._tracing_args() == []
 
 
 def test_without_an_endpoint_nothing_is_exported():
