@@ -116,12 +116,12 @@ class FakePool:
     an ``Event`` is appended to the request's event stream, a float sleeps, a
     ``threading.Event`` is waited on (a stalled pool, until the test sets it)."""
 
-    def __init__(self, model: str, script, delay: float = 0.0) -> None:
+    def __init__(self, model: str, script, delay: float = 0.0, redis_url: str = REDIS_URL) -> None:
         self.model = model
         self.script = script
         self.delay = delay
         self.seen: list[QueuedRequest] = []
-        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.redis = redis.Redis.from_url(redis_url)
         self.stopped = threading.Event()
         try:
             self.redis.xgroup_create(keys.queue(model), keys.GROUP, id="0", mkstream=True)

@@ -21,6 +21,7 @@ DATABASES = {
     "test_scheduler_redis": 2,
     "test_serving_e2e": 3,
     "test_tenants": 4,
+    "test_gateway_tenants": 5,
 }
 
 
