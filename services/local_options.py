@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.options import Options, compose, non_negative_int, option, positive_int
-from services.gateway.options import GatewayOptions
+from services.gateway.options import MAX_CONCURRENT_CALLS, GatewayOptions
 from services.scheduler.options import SchedulerOptions
 from services.scheduler.policy import MODES
 from services.worker.options import PoolOptions, RankOptions
@@ -48,6 +48,9 @@ class ServeOptions(Options):
     mode: str = option("continuous", choices=MODES, to=("scheduler",),
                        help="batching: continuous (iteration-level), static, or one request at a time")
     max_batch_size: int = option(32, type=positive_int, to=("scheduler",), help="rows of one batch at most")
+    max_concurrent_calls: int = option(MAX_CONCURRENT_CALLS, type=positive_int, to=("gateway",),
+                                       help="Generate/GenerateStream calls served at once; one more gets RESOURCE_EXHAUSTED "
+                                            "at once (the gateway's Redis pool is sized from it)")
     no_demo_call: bool = option(False, help="do not make the example client call")
     metrics_port: int = option(0, type=non_negative_int, env="GLM_SERVE_METRICS_PORT",
                                help="serve the Prometheus metrics of every process (gateway, schedulers, "
@@ -100,5 +103,6 @@ class ServeOptions(Options):
         """The options of the gateway (its metrics on loopback, for the hub)."""
         checkpoint, name = self._served()
         return GatewayOptions(models=((name, checkpoint),), tokenizer=self.tokenizer, host=self.host,
-                              port=self.port, redis_url=redis_url, otlp_endpoint=self.ranks.otlp_endpoint,
+                              port=self.port, redis_url=redis_url, max_concurrent_calls=self.max_concurrent_calls,
+                              otlp_endpoint=self.ranks.otlp_endpoint,
                               metrics_port=metrics_port, metrics_host=LOOPBACK)

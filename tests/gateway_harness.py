@@ -20,6 +20,7 @@ from redis_harness import url
 from services.common import redis_keys as keys
 from services.common.messages import (EVENT_BLANK, EVENT_FINAL, EVENT_TOKENS, Event,
                                       QueuedRequest)
+from services.gateway.auth import tenant_of
 from services.gateway.server import Gateway, GatewayOptions
 
 REDIS_URL = url("test_gateway")                 # the gateway tests' own database
@@ -56,6 +57,12 @@ class RunningGateway:
 
     def stop(self, grace: float = 0.0) -> None:
         self.loop.run(self.gateway.stop(grace), timeout=grace + HANG_S)
+
+
+def internal_id(request_id: str, api_key: str | None = None) -> str:
+    """The id the gateway gives a caller's ``request_id`` in Redis: namespaced by the
+    tenant of ``api_key`` (``anonymous`` on a gateway without keys)."""
+    return keys.namespaced(tenant_of(api_key), request_id)
 
 
 def unique_model() -> str:
@@ -109,12 +116,12 @@ class FakePool:
     an ``Event`` is appended to the request's event stream, a float sleeps, a
     ``threading.Event`` is waited on (a stalled pool, until the test sets it)."""
 
-    def __init__(self, model: str, script, delay: float = 0.0) -> None:
+    def __init__(self, model: str, script, delay: float = 0.0, redis_url: str = REDIS_URL) -> None:
         self.model = model
         self.script = script
         self.delay = delay
         self.seen: list[QueuedRequest] = []
-        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.redis = redis.Redis.from_url(redis_url)
         self.stopped = threading.Event()
         try:
             self.redis.xgroup_create(keys.queue(model), keys.GROUP, id="0", mkstream=True)

@@ -20,6 +20,8 @@ DATABASES = {
     "test_gateway": 1,
     "test_scheduler_redis": 2,
     "test_serving_e2e": 3,
+    "test_tenants": 4,
+    "test_gateway_tenants": 5,
 }
 
 

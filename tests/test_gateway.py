@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
 
 from gateway_harness import (HANG_S, FakePool, LoopThread, RunningGateway, closed_port,
-                             default_script, options, wait_for)
+                             default_script, internal_id, options, wait_for)
 from model.tokenizer import GLMTokenizer
 from services.common import redis_keys as keys
 from services.common.messages import EVENT_ERROR, EVENT_FINAL, EVENT_TOKENS, Event, QueuedRequest
@@ -132,6 +132,10 @@ BAD_REQUESTS = [
     ("output.top_logprobs", dict(top_logprobs=6)),
     ("request_id", dict(request_id="has space")),
     ("request_id", dict(request_id="x" * 129)),
+    ("request_id", dict(request_id="V%3Acancel")),
+    ("request_id", dict(request_id="tenant/V")),
+    ("request_id", dict(request_id="réquest")),
+    ("request_id", dict(request_id="V*")),
 ]
 
 
@@ -191,7 +195,7 @@ def test_full_queue_is_resource_exhausted_and_enqueues_nothing(start, rdb):
     with GLMClient(gateway.address, timeout=CALL_S) as client:
         error = call_code(lambda: client.generate("Hi", request_id="full-1"))
     assert error.code == Code.RESOURCE_EXHAUSTED
-    assert rdb.xlen(queue) == 2 and not rdb.exists(keys.request("full-1"))
+    assert rdb.xlen(queue) == 2 and not rdb.exists(keys.request(internal_id("full-1")))
 
 
 def test_same_request_id_enqueues_once_and_both_callers_get_the_result(start, pools, tokenizer, rdb):
@@ -219,7 +223,7 @@ def test_same_request_id_enqueues_once_and_both_callers_get_the_result(start, po
         error = call_code(lambda: client.generate("Say [MASK]", seed=6, request_id=request_id))
         assert error.code == Code.ALREADY_EXISTS and "request_id" in error.details
     assert len(pool.seen) == 1
-    assert 0 < rdb.ttl(keys.request(request_id)) <= keys.ACTIVE_TTL_S
+    assert 0 < rdb.ttl(keys.request(internal_id(request_id))) <= keys.ACTIVE_TTL_S
 
 
 # ---- relay -------------------------------------------------------------------------------
@@ -300,8 +304,8 @@ def test_client_leaving_a_stream_sets_the_cancel_key(start, pools, rdb):
             for message in client.generate_stream("Say [MASK]", request_id=request_id):
                 assert message.text == "a"
                 break  # closing the iterator cancels the call
-            assert wait_for(lambda: rdb.get(keys.cancel(request_id)) == b"1")
-        assert 0 < rdb.ttl(keys.cancel(request_id)) <= keys.CANCEL_TTL_S
+            assert wait_for(lambda: rdb.get(keys.cancel(internal_id(request_id))) == b"1")
+        assert 0 < rdb.ttl(keys.cancel(internal_id(request_id))) <= keys.CANCEL_TTL_S
     finally:
         stall.set()
 
@@ -316,7 +320,7 @@ def test_deadline_sets_the_cancel_key(start, rdb):
     with GLMClient(gateway.address) as client:
         error = call_code(lambda: client.generate("Say [MASK]", request_id=request_id, timeout=2.0))
     assert error.code == Code.DEADLINE_EXCEEDED
-    assert wait_for(lambda: rdb.get(keys.cancel(request_id)) == b"1")
+    assert wait_for(lambda: rdb.get(keys.cancel(internal_id(request_id))) == b"1")
     queued = QueuedRequest.from_json(rdb.xrange(keys.queue(gateway.model))[0][1][b"d"])
     assert queued.deadline > queued.created_at > 0
 
@@ -329,7 +333,7 @@ def test_finished_request_is_not_cancelled(start, pools, tokenizer, rdb):
     # stop() returns once every call has ended and the cancel keys the ended calls asked
     # for are written (drain): a cancel of this call would be in Redis by now.
     gateway.stop()
-    assert not rdb.exists(keys.cancel(reply.request_id))
+    assert not rdb.exists(keys.cancel(internal_id(reply.request_id)))
 
 
 # ---- Redis down, health, reflection --------------------------------------------------------

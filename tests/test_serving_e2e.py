@@ -151,8 +151,9 @@ def test_cancelled_request_ends_cancelled(stack):
                 break
         stream.close()                                     # the client goes away
     # the gateway sets the cancel key; the scheduler reads it before its next step
-    final = wait_until(lambda: final_event(r, request_id), "the final event after the cancel")
-    assert r.exists(keys.cancel(request_id))
+    internal = keys.namespaced(keys.ANONYMOUS, request_id)     # the gateway has no API keys
+    final = wait_until(lambda: final_event(r, internal), "the final event after the cancel")
+    assert r.exists(keys.cancel(internal))
     assert final.type == "final" and final.finish_reason == "cancelled"
     assert final.generated_tokens < max_new
 

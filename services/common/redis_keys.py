@@ -1,9 +1,21 @@
 """Every Redis key of the system, with its meaning and lifetime (``docs/architecture.md``,
 "Redis contract").
 
-All keys start with ``glm:``. Payloads are JSON documents described in
-``services.common.messages``; each stream entry stores its document under the
-single field ``d``.
+All keys start with ``glm:`` and are built here, and only here, from escaped parts:
+``part`` percent-encodes the UTF-8 bytes of everything outside ``[A-Za-z0-9._-]``
+(``:`` becomes ``%3A``, ``%`` itself ``%25``, glob characters too), so a part never
+holds the separator ``:`` and two different values never give the same part. A key is
+therefore read unambiguously: ``glm:req:{part}`` and ``glm:req:{part}:events`` belong to
+one request, whatever text its id holds, and no id spells another request's key.
+
+A request's id inside the system is namespaced by its tenant (``namespaced``):
+``{tenant}/{request_id}``, where the tenant is ``anonymous`` without API keys, else
+the first 16 hex digits of the SHA-256 of the caller's API key
+(``services.gateway.auth.tenant_of``). The caller only ever sees its own
+``request_id``; two tenants using the same id make two requests.
+
+Payloads are JSON documents described in ``services.common.messages``; each stream
+entry stores its document under the single field ``d``.
 
 =============================  ======  =================================================  ===========
 key                            type    meaning                                            lifetime
@@ -23,6 +35,9 @@ glm:dead:{model}               stream  requests that failed MAX_DELIVERIES times
 glm:pool:{pool}                hash    a pool's heartbeat: model, capacity, running,      POOL_TTL,
                                        updated_at                                         refreshed
 =============================  ======  =================================================  ===========
+
+``{model}``, ``{id}`` and ``{pool}`` stand for ``part(...)`` of the model name, the
+namespaced request id and the pool id.
 """
 
 from __future__ import annotations
@@ -39,29 +54,52 @@ DEAD_MAXLEN = 10_000
 MAX_DELIVERIES = 3           # a request delivered this many times without ending is poison
 CLAIM_IDLE_MS = 10_000       # a pending entry idle this long belongs to a dead pool
 
+ANONYMOUS = "anonymous"      # the one tenant of a gateway without API keys
+TENANT_SEPARATOR = "/"       # never in a tenant name: ``namespaced`` is one-to-one
+SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def part(text: str) -> str:
+    """``text`` as one key part: every UTF-8 byte outside ``[A-Za-z0-9._-]`` as ``%XX``.
+
+    One-to-one (``urllib.parse.unquote`` reverses it), and never holds ``:``."""
+    return "".join(chr(b) if b in SAFE else f"%{b:02X}" for b in text.encode("utf-8"))
+
+
+def namespaced(tenant: str, request_id: str) -> str:
+    """The system's id of a caller's ``request_id`` within ``tenant``."""
+    if not tenant or TENANT_SEPARATOR in tenant:
+        raise ValueError(f"tenant {tenant!r}: must be non-empty, without {TENANT_SEPARATOR!r}")
+    return f"{tenant}{TENANT_SEPARATOR}{request_id}"
+
+
+def caller_id(request_id: str) -> str:
+    """The caller's own ``request_id`` of a namespaced id (what the caller is shown)."""
+    return request_id.partition(TENANT_SEPARATOR)[2] or request_id
+
 
 def queue(model: str) -> str:
-    return f"{PREFIX}queue:{model}"
+    return f"{PREFIX}queue:{part(model)}"
 
 
 def request(request_id: str) -> str:
-    return f"{PREFIX}req:{request_id}"
+    return f"{PREFIX}req:{part(request_id)}"
 
 
 def events(request_id: str) -> str:
-    return f"{PREFIX}req:{request_id}:events"
+    return f"{request(request_id)}:events"
 
 
 def cancel(request_id: str) -> str:
-    return f"{PREFIX}req:{request_id}:cancel"
+    return f"{request(request_id)}:cancel"
 
 
 def dead_letter(model: str) -> str:
-    return f"{PREFIX}dead:{model}"
+    return f"{PREFIX}dead:{part(model)}"
 
 
 def pool(pool_id: str) -> str:
-    return f"{PREFIX}pool:{pool_id}"
+    return f"{PREFIX}pool:{part(pool_id)}"
 
 
 def pool_pattern() -> str:

@@ -2,16 +2,24 @@
 
 Health checks and server reflection stay open (probes and tools carry no key).
 Keys are compared in constant time.
+
+Each key is a tenant (``tenant_of``): its requests live in their own namespace of
+Redis keys (``services.common.redis_keys.namespaced``), so two tenants' request ids
+never meet. Without keys, every caller is the one tenant ``anonymous``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 
 import grpc
 
+from services.common.redis_keys import ANONYMOUS
+
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+TENANT_HEX = 16              # digits of the key's SHA-256 that name its tenant
 
 
 def read_keys_file(path: str | Path) -> list[str]:
@@ -33,6 +41,14 @@ def bearer_key(metadata) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
     return None
+
+
+def tenant_of(api_key: str | None) -> str:
+    """The tenant of a caller: a stable digest of its API key that does not reveal it
+    (the first ``TENANT_HEX`` hex digits of its SHA-256), or ``anonymous`` without one."""
+    if not api_key:
+        return ANONYMOUS
+    return hashlib.sha256(api_key.encode()).hexdigest()[:TENANT_HEX]
 
 
 def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

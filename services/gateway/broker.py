@@ -11,6 +11,17 @@
 
 Redis being unreachable is never a hang: the client has short connect/read
 timeouts and no retries, and every failure becomes UNAVAILABLE.
+
+Connections: a generation call holds at most one at a time (the submit script, then
+one blocking XREAD after another), cancel keys are written by at most
+``CANCEL_WRITERS`` tasks at once (the others wait their turn holding none), and the
+health check pings on one; ``pool_size(max_calls)`` is their sum, so a gateway that
+admits at most ``max_calls`` calls (``service.CallLimit``) never runs out of
+connections. The pool waits for a connection rather than failing, should one be
+late in coming back.
+
+``{id}`` above is the namespaced request id (``redis_keys.namespaced``); messages
+to the caller name its own ``request_id`` (``redis_keys.caller_id``).
 """
 
 from __future__ import annotations
@@ -43,6 +54,8 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
 return {'queued', redis.call('XADD', KEYS[2], '*', ARGV[6], ARGV[3])}
 """
 READ_COUNT = 256
+CANCEL_WRITERS = 8           # cancel keys written at once; each holds one connection
+MONITOR_CONNECTIONS = 1      # the health check's ping
 
 
 class AlreadyExists(ServiceError):
@@ -67,11 +80,19 @@ class Submitted:
     entry_id: str = ""      # the queue entry, when this call enqueued it
 
 
-def connect(url: str, timeout_s: float = 2.0) -> aioredis.Redis:
-    """A client that fails fast: short timeouts, no retries (the caller retries)."""
-    return aioredis.Redis.from_url(
-        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+def pool_size(max_calls: int) -> int:
+    """The Redis connections a gateway admitting ``max_calls`` concurrent calls can hold."""
+    return max_calls + CANCEL_WRITERS + MONITOR_CONNECTIONS
+
+
+def connect(url: str, timeout_s: float = 2.0, *, max_connections: int) -> aioredis.Redis:
+    """A client that fails fast: short timeouts, no retries (the caller retries), at most
+    ``max_connections`` connections (``pool_size``)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_s,
+        socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0), retry_on_timeout=False, decode_responses=False)
+    return aioredis.Redis.from_pool(pool)
 
 
 class Broker:
@@ -86,6 +107,7 @@ class Broker:
         self.block_ms = max(10, min(1000, int(timeout_s * 500)))
         self._submit = client.register_script(SUBMIT_SCRIPT)
         self._on_failure = on_failure or (lambda exc: None)   # e.g. flip health
+        self._cancel_writers = asyncio.Semaphore(CANCEL_WRITERS)
 
     def _unavailable(self, exc: RedisError) -> ServiceError:
         self._on_failure(exc)
@@ -113,8 +135,8 @@ class Broker:
                                     f"({self.max_queue_depth} requests waiting); retry later")
         if status == "attached":
             if value != fingerprint:
-                raise AlreadyExists(f"request_id: {queued.id!r} is already used by a different "
-                                    "request; use a new id")
+                raise AlreadyExists(f"request_id: {keys.caller_id(queued.id)!r} is already used by "
+                                    "a different request; use a new id")
             return Submitted(queued.id, attached=True)
         return Submitted(queued.id, attached=False, entry_id=value)
 
@@ -128,7 +150,7 @@ class Broker:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise DeadlineExceeded(f"request {request_id}: deadline passed")
+                    raise DeadlineExceeded(f"request {keys.caller_id(request_id)}: deadline passed")
                 block = max(1, min(block, int(left * 1000)))
             try:
                 reply = await self.redis.xread({stream: last}, count=READ_COUNT, block=block)
@@ -143,10 +165,11 @@ class Broker:
                         return
 
     async def cancel(self, request_id: str) -> None:
-        try:
-            await self.redis.set(keys.cancel(request_id), b"1", ex=keys.CANCEL_TTL_S)
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from None
+        async with self._cancel_writers:
+            try:
+                await self.redis.set(keys.cancel(request_id), b"1", ex=keys.CANCEL_TTL_S)
+            except (RedisError, OSError) as exc:
+                raise self._unavailable(exc) from None
 
     async def queue_depth(self, model: str) -> int:
         try:

@@ -11,6 +11,7 @@ from services.gateway.auth import read_keys_file
 from services.gateway.catalog import Limits, parse_model_arg
 
 MAX_PORT = 65535
+MAX_CONCURRENT_CALLS = 256   # the default: Redis connections 256 + a few, well under its maxclients
 
 
 def _model_text(model: tuple[str, str]) -> str:
@@ -36,6 +37,10 @@ class GatewayOptions(Options):
                                     help="Redis connect/read timeout; past it calls fail with UNAVAILABLE")
     max_queue_depth: int = option(1024, type=positive_int,
                                   help="requests waiting per model (XLEN of its queue) before RESOURCE_EXHAUSTED")
+    max_concurrent_calls: int = option(
+        MAX_CONCURRENT_CALLS, type=positive_int,
+        help="Generate/GenerateStream calls served at once; one more gets RESOURCE_EXHAUSTED at once "
+             "(the gateway's Redis pool is sized from it)")
     max_new_tokens_limit: int = option(2048, type=positive_int, help="max_new_tokens a request may ask for")
     default_max_new_tokens: int = option(128, type=positive_int,
                                          help="max_new_tokens per blank when a request does not say")

@@ -24,7 +24,7 @@ from services.common.errors import ServiceError
 from services.common.metrics import MetricsEndpoint, new_registry, serve_metrics
 from services.common.tracing import setup_tracing
 from services.gateway.auth import ApiKeyInterceptor
-from services.gateway.broker import Broker, connect
+from services.gateway.broker import Broker, connect, pool_size
 from services.gateway.catalog import Catalog, load_model
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.options import GatewayOptions
@@ -95,7 +95,9 @@ class Gateway:
         options = self.options
         health_servicer = health.aio.HealthServicer()
         self._health = RedisHealth(health_servicer)
-        self._broker = Broker(connect(options.redis_url, options.redis_timeout_s),
+        redis = connect(options.redis_url, options.redis_timeout_s,
+                        max_connections=pool_size(options.max_concurrent_calls))
+        self._broker = Broker(redis,
                               max_queue_depth=options.max_queue_depth,
                               timeout_s=options.redis_timeout_s,
                               on_failure=lambda exc: self._health.mark(False))
@@ -103,7 +105,9 @@ class Gateway:
             if options.api_keys else []
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         tracer = self.tracing.get_tracer("glm.gateway")
-        self._service = TextGenerationService(self.catalog, self._broker, tracer, self.metrics)
+        self._service = TextGenerationService(self.catalog, self._broker, tracer, self.metrics,
+                                              max_calls=options.max_concurrent_calls,
+                                              keyed=bool(options.api_keys))
         pb_grpc.add_TextGenerationServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME], server)

@@ -8,6 +8,15 @@ the call sets the request's cancel key so the pool drops it within one step;
 the callback fires however the handler was left, even when the caller vanished
 while the handler was suspended outside our code. Every call runs in a ``gateway.generate`` span whose W3C
 context comes from the caller's metadata and travels in the queued request.
+
+Tenants: the caller's ``request_id`` is namespaced by its tenant (its API key's digest,
+``auth.tenant_of``) before it names anything in Redis, so idempotency holds per tenant
+and no tenant can reach another's request; replies carry the caller's own id.
+
+Capacity: at most ``max_calls`` generation calls run at once (``CallLimit``); one more
+is refused at once with RESOURCE_EXHAUSTED, before any Redis command, so the gateway's
+Redis connections (sized from the same number, ``broker.pool_size``) never run out and
+overload never reads as Redis being down.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import AsyncIterator
 
@@ -22,9 +32,11 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from model.prompt import prepare_text_ids
-from services.common.errors import InvalidArgument, ServiceError, abort_code, one_line
+from services.common import redis_keys as keys
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, abort_code, one_line
 from services.common.messages import EVENT_TOKENS
 from services.common.tracing import context_from_metadata, metadata_from_context
+from services.gateway.auth import bearer_key, tenant_of
 from services.gateway.broker import Broker, Submitted, cancel_quietly
 from services.gateway.catalog import Catalog
 from services.gateway.metrics import OK, Call, GatewayMetrics, outcome_of
@@ -42,16 +54,43 @@ def _deadline(context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+class CallLimit:
+    """The generation calls running now, at most ``limit``: ``slot()`` holds one for the
+    length of a call, or raises RESOURCE_EXHAUSTED at once when all are taken."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the concurrent call limit must be >= 1, got {limit}")
+        self.limit = limit
+        self.active = 0
+
+    @contextmanager
+    def slot(self):
+        if self.active >= self.limit:
+            raise ResourceExhausted(f"gateway at its limit of {self.limit} concurrent calls; "
+                                    "retry later or use another gateway")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
 class TextGenerationService(pb_grpc.TextGenerationServicer):
     """The ``glm.v1.TextGeneration`` servicer: validates, enqueues and relays a generation;
-    answers ``Tokenize``, ``ListModels`` and ``ModelInfo`` from the catalog."""
+    answers ``Tokenize``, ``ListModels`` and ``ModelInfo`` from the catalog.
+
+    ``keyed``: the gateway requires API keys, so each key is a tenant; else every caller
+    is ``anonymous``."""
 
     def __init__(self, catalog: Catalog, broker: Broker, tracer: trace.Tracer,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, *, max_calls: int, keyed: bool = False) -> None:
         self.catalog = catalog
         self.broker = broker
         self.tracer = tracer
         self.metrics = metrics
+        self.calls = CallLimit(max_calls)
+        self.keyed = keyed
         self._background: set[asyncio.Task] = set()
 
     # ---- generation ------------------------------------------------------------------
@@ -61,11 +100,12 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
         span, call = self._span(context), self.metrics.call()
         outcome = "cancelled"
         try:
-            admission, relay = await self._submit(request, context, span, call)
-            async for event in self.broker.events(admission.queued.id, _deadline(context)):
-                if relay.accept(event) and event.type == EVENT_TOKENS:
-                    call.token()
-            response = relay.response()
+            with self.calls.slot():
+                admission, relay = await self._submit(request, context, span, call)
+                async for event in self.broker.events(admission.queued.id, _deadline(context)):
+                    if relay.accept(event) and event.type == EVENT_TOKENS:
+                        call.token()
+                response = relay.response()
             outcome = OK
             return response
         except ServiceError as exc:
@@ -83,12 +123,13 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
         span, call = self._span(context), self.metrics.call()
         outcome = "cancelled"
         try:
-            admission, relay = await self._submit(request, context, span, call)
-            async for event in self.broker.events(admission.queued.id, _deadline(context)):
-                if relay.accept(event) and (message := relay.stream_message(event)) is not None:
-                    if event.type == EVENT_TOKENS:
-                        call.token()
-                    yield message
+            with self.calls.slot():
+                admission, relay = await self._submit(request, context, span, call)
+                async for event in self.broker.events(admission.queued.id, _deadline(context)):
+                    if relay.accept(event) and (message := relay.stream_message(event)) is not None:
+                        if event.type == EVENT_TOKENS:
+                            call.token()
+                        yield message
             outcome = OK
         except ServiceError as exc:
             outcome = outcome_of(abort_code(exc))
@@ -107,7 +148,9 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
     async def _submit(self, request, context, span, call: Call) -> tuple[Admission, Relay]:
         served = self.catalog.get(request.model)
         call.model = served.name
-        admission = admit(request, served, request_id_of(request))
+        caller_id = request_id_of(request)
+        tenant = tenant_of(bearer_key(context.invocation_metadata())) if self.keyed else keys.ANONYMOUS
+        admission = admit(request, served, keys.namespaced(tenant, caller_id))
         traceparent = dict(metadata_from_context(trace.set_span_in_context(span))).get("traceparent", "")
         remaining = context.time_remaining()
         now = time.time()
@@ -117,8 +160,8 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
         span.set_attributes({"glm.request_id": queued.id, "glm.model": served.name,
                              "glm.prompt_tokens": len(queued.prompt_ids),
                              "glm.max_new_tokens": queued.max_new_tokens,
-                             "glm.reattached": submitted.attached})
-        relay = Relay(queued.id, served.name, served.tokenizer, logprobs=queued.logprobs,
+                             "glm.tenant": tenant, "glm.reattached": submitted.attached})
+        relay = Relay(caller_id, served.name, served.tokenizer, logprobs=queued.logprobs,
                       prompt_tokens=len(queued.prompt_ids), seed=queued.sampling.seed)
         self._cancel_if_abandoned(context, queued.id, relay)
         return replace(admission, queued=queued), relay

@@ -8,6 +8,9 @@ Delivery is at least once: ``refresh`` re-claims the entries this pool holds
 (XCLAIM JUSTID, which does not count as a delivery) so they never look idle;
 ``claim_idle`` takes the entries of a dead pool (XAUTOCLAIM; Redis 6.2 replies
 with two elements, 7.x with three) together with their delivery counts.
+
+A request id is opaque here (the gateway's tenant-namespaced id); every key comes from
+``redis_keys``, which escapes it, so no id can name another request's key.
 """
 
 from __future__ import annotations
