@@ -45,6 +45,11 @@ _TRANSIENT_TYPES = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, O
                    TryAgainError, MasterDownError, OSError)
 _TRANSIENT_PREFIXES = ("NOGROUP", "BUSY", "LOADING", "OOM", "MISCONF", "MASTERDOWN", "READONLY", "TRYAGAIN")
 
+# ``allow-oom`` (Redis >= 7.0): the requests a pool runs finish even at maxmemory (the
+# overshoot is bounded by their tokens), while the gateway's writes, and so new requests,
+# are refused. On an older server, the same script without the flag.
+OOM_FLAG = "#!lua flags=allow-oom\n"
+
 # KEYS: queue, dead letters, then per request its events stream and its idempotency record.
 # ARGV: group, pool, field, active ttl, result ttl, dead maxlen, n; per request: entry id
 # ("" = none), seq of its first event, event count, ended ("0"/"1"), dead-letter document
@@ -149,7 +154,8 @@ class PoolQueue:
         self.claim_idle_ms = claim_idle_ms
         self.result_ttl_s = result_ttl_s
         self._claim_cursor = "0-0"
-        self._publish = redis.register_script(PUBLISH_SCRIPT)
+        self._publish = redis.register_script(OOM_FLAG + PUBLISH_SCRIPT)
+        self._publish_plain = redis.register_script(PUBLISH_SCRIPT)
         self._refresh = redis.register_script(REFRESH_SCRIPT)
 
     async def ensure_group(self) -> None:
@@ -261,7 +267,13 @@ class PoolQueue:
             script_keys += [keys.events(request_id), keys.request(request_id)]
             args += [tags.get(request_id) or "", evs[0].seq if evs else 0, len(evs),
                      "1" if outcome is not None else "0", dead, *(e.to_json() for e in evs)]
-        lost = await self._publish(keys=script_keys, args=args)
+        try:
+            lost = await self._publish(keys=script_keys, args=args)
+        except ResponseError as exc:
+            if self._publish is self._publish_plain or "compil" not in str(exc).lower():
+                raise
+            self._publish = self._publish_plain          # Redis < 7.0: no script flags
+            lost = await self._publish(keys=script_keys, args=args)
         return {order[int(i) - 1] for i in lost or ()}
 
     async def drop_malformed(self, entry: Entry) -> None:
