@@ -10,23 +10,18 @@ ends it (``PoolLoop.cancel_marks`` records both step numbers). Between steps,
 on timers: XAUTOCLAIM a dead pool's entries and resume them from their events,
 the heartbeat hash, a Health call while idle.
 
-Leases: a separate task re-claims the held entries every ``refresh_s``, whatever
-a step takes (the shard calls are asynchronous gRPC, so the event loop runs it
-while a Decode is in flight); an entry is taken by another pool only when its
-lease expired without a refresh (this pool is gone or its event loop stalled),
-which is what the delivery count, and so the dead-letter limit, counts. A pool
-that finds an entry taken (the refresh, or the publish script, which writes only
-for entries still pending under this pool) drops the request without publishing
-anything more for it: exactly one final event per stream.
+Leases: a separate task re-claims the held entries every ``refresh_s`` whatever a
+step takes (the shard calls are asynchronous gRPC: the event loop runs it during a
+Decode), so another pool takes an entry only once its lease expired unrefreshed,
+and only that counts as a delivery toward the dead-letter limit. A pool that finds
+an entry taken (by the refresh, or the publish script, which writes only for
+entries still pending under this pool) drops the request and publishes nothing
+more for it: exactly one final event per stream.
 
-Redis failures (``queue.transient``: connection lost, restart, LOADING, OOM under
-maxmemory, NOGROUP) never end the loop. Events go through an outbox, published in
-order and retried with capped exponential backoff (``publish`` skips what a lost
-reply already wrote, so nothing is duplicated); the running requests keep
-decoding meanwhile. While Redis fails, no new entry is read (new work is refused
-upstream: the gateway's writes fail too) and no dead pool's entry is claimed; on
-recovery the group is re-created if the server lost it, and the entries still
-pending under this pool are re-read.
+Redis failures (``queue.transient``) never end the loop: events wait in order in
+an ``Outbox``, retried with capped exponential backoff, while the running
+requests keep decoding; no new entry is read meanwhile; on recovery the group is
+re-created if the server lost it and this pool's pending entries are re-read.
 
 A worker failure (any shard error but a request the workers reject) fails the
 pool loudly: ``PoolFailure`` is raised, nothing is acked, the entries stay
@@ -412,7 +407,7 @@ class PoolLoop:
         req = entry.request
         if self.core.state(req.id) is not None:
             return                  # this pool holds it already (it claimed its own entry): keep its span
-        events = await self._redis(self.queue.events, req.id) if entry.deliveries > 1 else []
+        events = await self._redis(self.queue.events, req.id) if entry.deliveries > 1 or entry.pending else []
         if events is None:            # Redis failed: add it once it is back
             self._held_back.append(entry)
             return

@@ -129,19 +129,20 @@ class Entry:
     raw: str
     deliveries: int = 1
     problem: str = ""                 # why ``request`` is None
+    pending: bool = False             # re-read from this pool's own pending entries: may have events
 
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _entry(entry_id, fields, deliveries: int = 1) -> Entry:
+def _entry(entry_id, fields, deliveries: int = 1, pending: bool = False) -> Entry:
     fields = {_text(k): v for k, v in (fields or {}).items()}
     raw = _text(fields.get(keys.FIELD, b""))
     try:
-        return Entry(_text(entry_id), QueuedRequest.from_json(raw), raw, deliveries)
+        return Entry(_text(entry_id), QueuedRequest.from_json(raw), raw, deliveries, pending=pending)
     except (ValueError, TypeError, KeyError) as exc:
-        return Entry(_text(entry_id), None, raw, deliveries, f"malformed queue entry: {exc}")
+        return Entry(_text(entry_id), None, raw, deliveries, f"malformed queue entry: {exc}", pending)
 
 
 class PoolQueue:
@@ -180,7 +181,7 @@ class PoolQueue:
         reply = await self.redis.xreadgroup(keys.GROUP, self.pool_id, {self.stream: "0"}, count=count)
         out = []
         for _stream, entries in reply or []:
-            out.extend(_entry(eid, fields) for eid, fields in entries if fields)
+            out.extend(_entry(eid, fields, pending=True) for eid, fields in entries if fields)
         return out
 
     async def lag(self) -> int:
