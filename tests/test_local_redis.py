@@ -77,7 +77,8 @@ def test_publish_and_refresh_scripts_on_this_server(server):
         await mine.ensure_group()
         ids = []
         for rid in ("kept", "taken"):
-            await r.xadd(keys.queue("m"), {keys.FIELD: QueuedRequest(id=rid, model="m", prompt_ids=(150001,)).to_json()})
+            queued = QueuedRequest(id=rid, model="m", prompt_ids=(150001,))
+            await r.xadd(keys.queue("m"), {keys.FIELD: queued.to_json()})
         entries = {e.request.id: e.entry_id for e in await mine.read(count=10, block_ms=None)}
         await r.xclaim(keys.queue("m"), keys.GROUP, "pool-b", 0, [entries["taken"]])
         taken = await mine.refresh(list(entries.values()))

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import (BusyLoadingError, ConnectionError as RedisConnectionError, MasterDownError,
-                              OutOfMemoryError, ReadOnlyError, RedisError, ResponseError,
+                              OutOfMemoryError, ReadOnlyError, ResponseError,
                               TimeoutError as RedisTimeoutError, TryAgainError)
 
 from services.common import redis_keys as keys
