@@ -5,10 +5,18 @@ launched from its options object (``services.local_options``) rendered as flags,
 
 ``LocalStack`` starts the pieces in dependency order, watches them, and stops
 them in reverse order. Tests use it to run the real system on loopback.
+
+Supervision: a scheduler that exits while its pool's ranks live is started again
+(``check_alive``), after 1, 2, 4... s, at most ``MAX_SCHEDULER_RESTARTS`` times
+(then the stack fails loudly: its workers are broken or it keeps failing), each
+time as a new consumer (``-r<n>`` pool id), so the entries it held are taken over
+after the claim idle time like a dead pool's and a request that keeps killing its
+scheduler reaches the dead-letter limit. A rank that dies fails the stack.
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import tempfile
@@ -27,6 +35,8 @@ from services.common.net import free_port
 from services.local_options import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_SCHEDULER_RESTARTS = 5
+log = logging.getLogger("glm.serve")
 
 
 class StackError(RuntimeError):
@@ -52,6 +62,8 @@ class LocalStack:
     pool_ids: list[str] = field(default_factory=list)
     metrics_targets: dict[str, str] = field(default_factory=dict)   # process -> its own metrics URL
     metrics: MetricsEndpoint | None = None                            # the one port (MetricsHub)
+    restarts: list[int] = field(default_factory=list)                 # per scheduler: restarts so far
+    restart_at: dict[int, float] = field(default_factory=dict)        # scheduler -> when to restart it
 
     def start(self, ready_timeout_s: float = 180.0) -> "LocalStack":
         from services.worker.pool import launch_pool    # the pool launcher needs no torch itself
@@ -96,8 +108,29 @@ class LocalStack:
         self.pools.append(pool)
         pool_id = f"{o.model_name}-pool-{index}-{pool.pids[0]}"
         self.pool_ids.append(pool_id)
+        self.restarts.append(0)
         cmd = glm_command(*self.scheduler_argv(index, tuple(pool.addresses), pool_id))
         self.schedulers.append(self._spawn(f"scheduler-{index}", cmd))
+
+    def _supervise_scheduler(self, index: int) -> None:
+        """Scheduler ``index`` exited: start it again after its backoff (a new consumer),
+        or raise StackError once it has used its restarts."""
+        proc = self.schedulers[index]
+        if self.restarts[index] >= MAX_SCHEDULER_RESTARTS or self.pools[index].dead_ranks():
+            raise StackError(f"scheduler {index} exited with code {proc.returncode} "
+                             f"({self.restarts[index]} restarts): {self._tail(proc)}")
+        now = time.monotonic()
+        due = self.restart_at.setdefault(index, now + 2.0 ** self.restarts[index])
+        if now < due:
+            return
+        del self.restart_at[index]
+        self.restarts[index] += 1
+        pool_id = f"{self.options.model_name}-pool-{index}-{self.pools[index].pids[0]}-r{self.restarts[index]}"
+        log.warning("scheduler %d exited with code %s: %s; starting it again as %s", index, proc.returncode,
+                    self._tail(proc), pool_id)
+        self.pool_ids[index] = pool_id
+        cmd = glm_command(*self.scheduler_argv(index, tuple(self.pools[index].addresses), pool_id))
+        self.schedulers[index] = self._spawn(f"scheduler-{index}", cmd)
 
     def scheduler_argv(self, index: int, workers: tuple[str, ...], pool_id: str) -> list[str]:
         """``glm`` arguments of pool ``index``'s scheduler."""
@@ -152,10 +185,11 @@ class LocalStack:
         raise StackError(f"the stack at {self.address} was not ready within {timeout_s:.0f} s")
 
     def check_alive(self) -> None:
-        """Raise StackError naming the first process that died."""
+        """Raise StackError naming the first process that died (a scheduler is restarted
+        first, see the module docstring)."""
         for i, proc in enumerate(self.schedulers):
             if proc.poll() is not None:
-                raise StackError(f"scheduler {i} exited with code {proc.returncode}: {self._tail(proc)}")
+                self._supervise_scheduler(i)
         for i, pool in enumerate(self.pools):
             if pool.dead_ranks():
                 raise StackError(f"pool {i} lost rank(s) {pool.dead_ranks()}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import threading
+import uuid
 
 import grpc
 import pytest
@@ -357,10 +358,21 @@ def test_redis_unreachable_is_unavailable_and_not_serving(start):
         health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def test_health_and_reflection_list_the_services(shared):
+def test_health_and_reflection_list_the_services(shared, rdb):
+    """``""`` follows Redis; ``glm.v1.TextGeneration`` also needs a live pool heartbeat."""
     assert health_status(shared.address) == health_pb2.HealthCheckResponse.SERVING
-    assert health_status(shared.address, "glm.v1.TextGeneration") == \
-        health_pb2.HealthCheckResponse.SERVING
+    heartbeat = keys.pool(f"health-{uuid.uuid4().hex[:8]}")
+    rdb.hset(heartbeat, mapping={"model": shared.model})
+    rdb.expire(heartbeat, 60)
+    try:
+        assert wait_for(lambda: health_status(shared.address, "glm.v1.TextGeneration") ==
+                        health_pb2.HealthCheckResponse.SERVING)
+        assert health_status(shared.address, f"glm.v1.TextGeneration/{shared.model}") == \
+            health_pb2.HealthCheckResponse.SERVING
+    finally:
+        rdb.delete(heartbeat)
+    assert wait_for(lambda: health_status(shared.address, "glm.v1.TextGeneration") ==
+                    health_pb2.HealthCheckResponse.NOT_SERVING)
     with grpc.insecure_channel(shared.address) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"glm.v1.TextGeneration", "grpc.health.v1.Health",

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway_harness import HANG_S, FakePool, LoopThread, RunningGateway, internal_id, options
+from gateway_harness import HANG_S, FakePool, LoopThread, RunningGateway, internal_id, options, wait_for
 from redis_harness import url
 from services.client import AsyncGLMClient, GLMClient, GLMError
 from services.common import redis_keys as keys
@@ -181,6 +181,11 @@ def _finish(rdb, rid) -> None:
 def test_calls_above_the_limit_are_resource_exhausted_and_health_stays_serving(start, rdb):
     gateway = start(max_concurrent_calls=4)   # no pool: the streams wait for events we write
     queue = keys.queue(gateway.model)
+    heartbeat = keys.pool(f"cap-{gateway.model}")             # a live pool, as far as health can tell
+    rdb.hset(heartbeat, mapping={"model": gateway.model})
+    rdb.expire(heartbeat, 600)
+    assert wait_for(lambda: health_status(gateway.address, "glm.v1.TextGeneration") ==
+                    health_pb2.HealthCheckResponse.SERVING)
     ids = [f"cap-{i}-{gateway.model}" for i in range(4)]
     assert gateway.gateway._broker.redis.connection_pool.max_connections == pool_size(4)
 

@@ -336,9 +336,33 @@ def test_probes(target):
     for probe in ("startupProbe", "livenessProbe"):
         assert worker[probe]["exec"]["command"] == ["python", "/opt/glm/pool_health.py"]
     assert worker["startupProbe"]["failureThreshold"] * worker["startupProbe"]["periodSeconds"] >= 1200
-    for deployment, container in (("glm-redis", "redis"), ("glm-otel-collector", "collector")):
-        c = _container(target, deployment, container)
+    redis_pod = _one(target, "StatefulSet", "glm-redis")["spec"]["template"]["spec"]
+    for c in (next(c for c in _containers(redis_pod) if c["name"] == "redis"),
+              _container(target, "glm-otel-collector", "collector")):
         assert "readinessProbe" in c and "livenessProbe" in c
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    return {name[2:]: value for name, value in zip(args[::2], args[1::2])}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_redis_persists_and_refuses_when_full(target):
+    """The in-cluster Redis keeps its data across restarts (AOF on a claim of its own)
+    and, full, refuses writes instead of evicting a stream (docs/deploy.md)."""
+    redis_set = _one(target, "StatefulSet", "glm-redis")["spec"]
+    assert redis_set["replicas"] == 1 and redis_set["serviceName"] == "glm-redis"
+    [claim] = redis_set["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    [redis] = [c for c in _containers(redis_set["template"]["spec"]) if c["name"] == "redis"]
+    flags = _flags(redis["args"])
+    assert flags["appendonly"] == "yes" and flags["appendfsync"] == "everysec"
+    assert flags["maxmemory-policy"] == "noeviction" and flags["maxmemory"]
+    mount = next(m for m in redis["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+    assert mount["mountPath"] == flags["dir"]
+    assert not redis_set["template"]["spec"].get("volumes"), "the data volume is the claim, not a pod volume"
+    assert not _docs(target, "Deployment") or all(d["metadata"]["name"] != "glm-redis"
+                                                  for d in _docs(target, "Deployment"))
 
 
 @pytest.mark.parametrize("target", TARGETS)

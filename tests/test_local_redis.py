@@ -62,3 +62,37 @@ def test_a_dead_pools_entry_is_claimed_on_this_server(server):
     claimed = asyncio.run(scenario())
     assert [e.request.id for e in claimed] == ["r1"]
     assert claimed[0].deliveries == 2
+
+
+def test_publish_and_refresh_scripts_on_this_server(server):
+    """The publish script (with ``allow-oom`` on 7.x, without it on 6.2) writes a held
+    request's events once, even when called again, and nothing for an entry another pool
+    took; ``refresh`` names the taken one."""
+    from services.common.messages import EVENT_FINAL, EVENT_TOKENS, Event
+    from services.scheduler.request import Outcome
+
+    async def scenario():
+        r = aioredis.Redis.from_url(server.url)
+        mine = PoolQueue(r, "m", "pool-a")
+        await mine.ensure_group()
+        ids = []
+        for rid in ("kept", "taken"):
+            queued = QueuedRequest(id=rid, model="m", prompt_ids=(150001,))
+            await r.xadd(keys.queue("m"), {keys.FIELD: queued.to_json()})
+        entries = {e.request.id: e.entry_id for e in await mine.read(count=10, block_ms=None)}
+        await r.xclaim(keys.queue("m"), keys.GROUP, "pool-b", 0, [entries["taken"]])
+        taken = await mine.refresh(list(entries.values()))
+        events = [("kept", Event(EVENT_TOKENS, 0, token_ids=(5,), text="a")),
+                  ("taken", Event(EVENT_TOKENS, 0, token_ids=(5,), text="a"))]
+        lost = await mine.publish(events, (), tags=entries)
+        again = await mine.publish(events + [("kept", Event(EVENT_FINAL, 1, text="a"))],
+                                   [Outcome("kept", entries["kept"])], tags=entries)
+        for rid in ("kept", "taken"):
+            ids.append([Event.from_json(f[b"d"]).seq for _, f in await r.xrange(keys.events(rid))])
+        pending = await r.xpending(keys.queue("m"), keys.GROUP)
+        await r.aclose()
+        return taken, lost, again, ids, pending["pending"], entries
+
+    taken, lost, again, ids, pending, entries = asyncio.run(scenario())
+    assert taken == {entries["taken"]} and lost == again == {"taken"}
+    assert ids == [[0, 1], []] and pending == 1          # "kept" acked, "taken" pending under pool-b

@@ -46,8 +46,12 @@ PREFIX = "glm:"
 GROUP = "pools"              # the consumer group of every request stream
 FIELD = "d"                  # the one field of every stream entry (a JSON document)
 
-RESULT_TTL_S = 3600          # idempotency record and event stream, after the request ends
-ACTIVE_TTL_S = 24 * 3600     # the same keys while the request is alive (refreshed on each event)
+# Idempotency record and event stream, after the request ends (``glm scheduler
+# --result-ttl-s``). Memory held = finishing rate x RESULT_TTL_S x size: ~5 KB a request
+# (~15 KB with logprobs), so 600 s at 100 requests/s is 300 MB (900 MB with logprobs),
+# inside the manifests' 1 GB maxmemory (docs/deploy.md).
+RESULT_TTL_S = 600
+ACTIVE_TTL_S = 24 * 3600     # the same keys while the request is alive (set once, at its first event)
 CANCEL_TTL_S = 3600
 POOL_TTL_S = 15              # a pool that stops refreshing its heartbeat disappears
 DEAD_MAXLEN = 10_000

@@ -6,11 +6,16 @@
   limit refuses (RESOURCE_EXHAUSTED, nothing written); otherwise it creates the
   consumer group if missing, writes ``glm:req:{id}`` and appends the request.
 * ``events``: blocking XREAD of ``glm:req:{id}:events`` from the start, until the
-  caller's deadline.
+  caller's deadline. It rides through a Redis restart for ``reconnect_s`` (reading
+  on from the last entry it saw), then fails UNAVAILABLE; a request whose record
+  vanished (a restart that lost the data) fails UNAVAILABLE at once, never waits.
 * ``cancel``: ``glm:req:{id}:cancel``, read by the scheduler every step.
+* ``live_models``: the models that have a pool heartbeat (``glm:pool:*``, which
+  expire ``POOL_TTL_S`` after a pool's last one), for the health status.
 
 Redis being unreachable is never a hang: the client has short connect/read
-timeouts and no retries, and every failure becomes UNAVAILABLE.
+timeouts and no retries, and every failure becomes UNAVAILABLE (a Redis at its
+``maxmemory``: RESOURCE_EXHAUSTED, saying so).
 
 Connections: a generation call holds at most one at a time (the submit script, then
 one blocking XREAD after another), cancel keys are written by at most
@@ -37,7 +42,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common import redis_keys as keys
@@ -56,6 +61,8 @@ return {'queued', redis.call('XADD', KEYS[2], '*', ARGV[6], ARGV[3])}
 READ_COUNT = 256
 CANCEL_WRITERS = 8           # cancel keys written at once; each holds one connection
 MONITOR_CONNECTIONS = 1      # the health check's ping
+RECONNECT_S = 30.0          # a call waiting for events rides through a Redis outage this long
+RECORD_CHECK_EVERY = 4      # empty XREADs between two checks that the request's record exists
 
 
 class AlreadyExists(ServiceError):
@@ -100,9 +107,10 @@ class Broker:
     reading, cancellation; Redis failures become UNAVAILABLE."""
 
     def __init__(self, client: aioredis.Redis, *, max_queue_depth: int, timeout_s: float = 2.0,
-                 on_failure=None) -> None:
+                 on_failure=None, reconnect_s: float = RECONNECT_S) -> None:
         self.redis = client
         self.max_queue_depth = max_queue_depth
+        self.reconnect_s = reconnect_s
         # A blocking XREAD must return before the socket read timeout fires.
         self.block_ms = max(10, min(1000, int(timeout_s * 500)))
         self._submit = client.register_script(SUBMIT_SCRIPT)
@@ -110,6 +118,9 @@ class Broker:
         self._cancel_writers = asyncio.Semaphore(CANCEL_WRITERS)
 
     def _unavailable(self, exc: RedisError) -> ServiceError:
+        if isinstance(exc, OutOfMemoryError):
+            return ResourceExhausted("the request queue (Redis) is full: it reached its maxmemory; new "
+                                     "requests are refused until finished results expire; retry later")
         self._on_failure(exc)
         if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
             return Unavailable(f"the request queue (Redis) is unreachable: {exc}")
@@ -145,6 +156,7 @@ class Broker:
 
         ``deadline`` is ``time.monotonic()`` seconds; past it, ``DeadlineExceeded``."""
         stream, last = keys.events(request_id), b"0-0"
+        failing_since, empty = None, 0
         while True:
             block = self.block_ms
             if deadline is not None:
@@ -154,8 +166,21 @@ class Broker:
                 block = max(1, min(block, int(left * 1000)))
             try:
                 reply = await self.redis.xread({stream: last}, count=READ_COUNT, block=block)
-            except (RedisError, OSError) as exc:
+                if not reply:
+                    empty += 1
+                    if empty % RECORD_CHECK_EVERY == 0 and not await self.redis.exists(keys.request(request_id)):
+                        raise Unavailable(f"request {request_id}: its record is gone from Redis (a restart "
+                                          "without persistence, or expired); submit it again")
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.reconnect_s:
+                    raise self._unavailable(exc) from None
+                self._on_failure(exc)
+                await asyncio.sleep(min(1.0, self.block_ms / 1000.0))
+                continue
+            except RedisError as exc:
                 raise self._unavailable(exc) from None
+            failing_since = None
             for _key, entries in reply or ():
                 for entry_id, fields in entries:
                     last = entry_id
@@ -170,6 +195,19 @@ class Broker:
                 await self.redis.set(keys.cancel(request_id), b"1", ex=keys.CANCEL_TTL_S)
             except (RedisError, OSError) as exc:
                 raise self._unavailable(exc) from None
+
+    async def live_models(self) -> set[str]:
+        """The models with at least one pool whose heartbeat has not expired."""
+        try:
+            names = [key async for key in self.redis.scan_iter(match=keys.pool_pattern(), count=256)]
+            if not names:
+                return set()
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.hget(name, "model")
+            return {m.decode() for m in await pipe.execute() if m}
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
 
     async def queue_depth(self, model: str) -> int:
         try:

@@ -2,9 +2,14 @@
 health service and server reflection (``v1`` and ``v1alpha``), optional API keys
 and TLS.
 
-Health follows Redis: NOT_SERVING while the queue cannot be reached (a
-background ping every ``health_interval_s``, and at once when a call fails),
-SERVING again when it answers. On SIGTERM/SIGINT the server reports
+Health follows Redis and the pools (a background check every
+``health_interval_s``, and at once when a call fails): the overall status ``""``
+(the readiness probe) is NOT_SERVING while the queue cannot be reached: a
+reachable queue takes requests even while no pool runs (they wait for one; pools
+may scale from zero on the queue's lag). ``glm.v1.TextGeneration`` is SERVING
+only while Redis answers and at least one of its models has a live pool
+heartbeat (``glm:pool:*``, expired ``POOL_TTL_S`` after a pool's last beat), and
+``glm.v1.TextGeneration/<model>`` says the same of each model. On SIGTERM/SIGINT the server reports
 NOT_SERVING, stops accepting calls and lets in-flight ones finish for up to
 ``grace_period_s``; calls still running then are cancelled (their requests'
 cancel keys are set).
@@ -38,30 +43,37 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 
 
 class RedisHealth:
-    """The health status of every service, in step with Redis reachability."""
+    """The health status of every service name: Redis reachability, and the models
+    that have a live pool (see the module docstring)."""
 
-    def __init__(self, servicer: health.aio.HealthServicer) -> None:
+    def __init__(self, servicer: health.aio.HealthServicer, models: tuple[str, ...] = ()) -> None:
         self.servicer = servicer
+        self.models = models
         self.serving: bool | None = None
+        self.state: tuple | None = None
         self.closed = False
         self._tasks: set[asyncio.Task] = set()
 
-    async def set(self, serving: bool) -> None:
-        if self.closed or serving == self.serving:
+    async def set(self, serving: bool, live: frozenset[str] = frozenset()) -> None:
+        state = (serving, live if serving else frozenset())
+        if self.closed or state == self.state:
             return
-        self.serving = serving
-        status = health_pb2.HealthCheckResponse.SERVING if serving else \
-            health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await self.servicer.set(name, status)
-        log.log(logging.INFO if serving else logging.WARNING,
-                "health: %s", "SERVING" if serving else "NOT_SERVING (Redis unreachable)")
+        self.serving, self.state = serving, state
+        statuses = {"": serving, SERVICE_NAME: serving and any(m in live for m in self.models)}
+        statuses.update({f"{SERVICE_NAME}/{m}": serving and m in live for m in self.models})
+        for name, up in statuses.items():
+            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if up else
+                                    health_pb2.HealthCheckResponse.NOT_SERVING)
+        missing = [m for m in self.models if m not in live]
+        log.log(logging.INFO if serving and not missing else logging.WARNING, "health: %s",
+                "Redis unreachable: NOT_SERVING" if not serving else
+                f"no live pool for {', '.join(missing)}" if missing else "SERVING")
 
     def mark(self, serving: bool) -> None:
         """Synchronous hook for the broker; the change is applied on the loop."""
         if self.closed or serving == self.serving:
             return
-        task = asyncio.ensure_future(self.set(serving))
+        task = asyncio.ensure_future(self.set(serving, self.state[1] if self.state else frozenset()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -94,7 +106,7 @@ class Gateway:
     async def start(self) -> int:
         options = self.options
         health_servicer = health.aio.HealthServicer()
-        self._health = RedisHealth(health_servicer)
+        self._health = RedisHealth(health_servicer, tuple(m.name for m in self.catalog))
         redis = connect(options.redis_url, options.redis_timeout_s,
                         max_connections=pool_size(options.max_concurrent_calls))
         self._broker = Broker(redis,
@@ -135,11 +147,12 @@ class Gateway:
     async def _check_redis(self) -> None:
         try:
             await self._broker.ping()
+            live = frozenset(await self._broker.live_models())
             serving = True
         except ServiceError as exc:
             log.warning("%s", exc)
-            serving = False
-        await self._health.set(serving)
+            serving, live = False, frozenset()
+        await self._health.set(serving, live)
 
     async def _watch_redis(self) -> None:
         while True:

@@ -4,12 +4,24 @@ workers around the pure core (``policy.Scheduler``, used through its public meth
 Per step: the held requests' cancel keys (one MGET) → FilterBatch; admission
 (XREADGROUP only as far as the budget reaches, a short BLOCK when idle); Prefill;
 Decode of the running + new batches; the step's events appended in one
-pipeline, ended requests acked. The cancel keys are read before the step is
+script, ended requests acked. The cancel keys are read before the step is
 planned, so a request whose flag was read runs no further step: the next plan
 ends it (``PoolLoop.cancel_marks`` records both step numbers). Between steps,
-on timers: re-claim the held entries (so they never look idle), XAUTOCLAIM a
-dead pool's entries and resume them from their events, the heartbeat hash, a
-Health call while idle.
+on timers: XAUTOCLAIM a dead pool's entries and resume them from their events,
+the heartbeat hash, a Health call while idle.
+
+Leases: a separate task re-claims the held entries every ``refresh_s`` whatever a
+step takes (the shard calls are asynchronous gRPC: the event loop runs it during a
+Decode), so another pool takes an entry only once its lease expired unrefreshed,
+and only that counts as a delivery toward the dead-letter limit. A pool that finds
+an entry taken (by the refresh, or the publish script, which writes only for
+entries still pending under this pool) drops the request and publishes nothing
+more for it: exactly one final event per stream.
+
+Redis failures (``queue.transient``) never end the loop: events wait in order in
+an ``Outbox``, retried with capped exponential backoff, while the running
+requests keep decoding; no new entry is read meanwhile; on recovery the group is
+re-created if the server lost it and this pool's pending entries are re-read.
 
 A worker failure (any shard error but a request the workers reject) fails the
 pool loudly: ``PoolFailure`` is raised, nothing is acked, the entries stay
@@ -37,6 +49,9 @@ from typing import Awaitable, Callable
 
 import grpc
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -47,14 +62,18 @@ from services.common.metrics import new_registry
 from services.common.tracing import context_from_traceparent
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.scheduler.metrics import MALFORMED, SchedulerMetrics
+from services.scheduler.outbox import Backoff, Outbox
 from services.scheduler.policy import BatchView, Limits, PrefillOp, Scheduler, StepOutput
-from services.scheduler.queue import Entry, PoolQueue
-from services.scheduler.request import Gen
+from services.scheduler.queue import Entry, PoolQueue, lost_group, transient
+from services.scheduler.request import Cancellation, Gen
 from services.worker.client import ShardCallError, ShardClient
 
 log = logging.getLogger("glm.scheduler")
 REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _REASONS = {pb.FINISH_REASON_STOP: FinishReason.STOP, pb.FINISH_REASON_LENGTH: FinishReason.LENGTH}
+
+
+_REDIS_ERRORS = (RedisError, OSError)
 
 
 class PoolFailure(RuntimeError):
@@ -92,6 +111,10 @@ class LoopOptions:
     health_every_s: float = 5.0           # Health while idle
     drain_timeout_s: float = 30.0         # on stop: finish running requests this long at most
     lag_every_s: float = 1.0              # the queue-depth gauge's XINFO GROUPS (with metrics on)
+    result_ttl_s: int = keys.RESULT_TTL_S  # a finished request's events and record are kept this long
+    redis_timeout_s: float = 5.0          # connect and read timeout of every Redis call
+    backoff_s: float = 0.05               # first retry after a Redis failure; doubles up to backoff_max_s
+    backoff_max_s: float = 2.0
 
     @property
     def refresh_s(self) -> float:
@@ -162,15 +185,26 @@ class PoolLoop:
         self.after_step = after_step
         self.cancel_marks: collections.deque[CancelMark] = collections.deque(maxlen=1024)   # the latest ones
         self._cancel_seen: dict[str, int] = {}    # request id -> steps done when its cancel flag was read
+        self.taken: set[str] = set()              # held requests whose entry another pool holds now
+        self.taken_count = 0                      # requests dropped so (for the tests)
+        self.redis_failures = 0                   # Redis failures ridden through (for the tests)
+        self.backoff = Backoff(options.backoff_s, options.backoff_max_s)
+        self._recovering = False                  # a Redis call failed: recover before reading new work
+        self._need_group = False                  # the server lost the consumer group
+        self._held_back: list[Entry] = []         # entries taken but not added yet (Redis failed meanwhile)
 
     def stop(self) -> None:
         self.stopping.set()
 
     async def run(self) -> None:
         o = self.options
-        redis = aioredis.from_url(o.redis_url)
+        redis = aioredis.from_url(o.redis_url, socket_connect_timeout=o.redis_timeout_s,
+                                  socket_timeout=o.redis_timeout_s + o.idle_block_ms / 1000.0,
+                                  retry=Retry(NoBackoff(), 0))
         client = ShardClient(list(o.workers), timeout_s=o.shard_timeout_s)
-        self.queue = PoolQueue(redis, o.model, o.pool_id, claim_idle_ms=o.claim_idle_ms)
+        self.queue = PoolQueue(redis, o.model, o.pool_id, claim_idle_ms=o.claim_idle_ms, result_ttl_s=o.result_ttl_s)
+        self.outbox = Outbox(self.queue)
+        refresher = None
         try:
             try:
                 warm = await client.warmup(o.limits.max_batch_size, o.limits.max_input_tokens,
@@ -183,12 +217,18 @@ class PoolLoop:
             self.metrics.kv_capacity.set(warm.max_batch_total_tokens)
             log.info("pool %s: model %s, KV capacity %d tokens, mode %s", o.pool_id, o.model,
                      warm.max_batch_total_tokens, o.limits.mode)
-            await self.queue.ensure_group()
+            while await self._redis(self.queue.ensure_group, default=False) is False:
+                if self.stopping.is_set():
+                    return
+                await asyncio.sleep(self.backoff.delay_s)
+            refresher = asyncio.ensure_future(self._refresh_leases())
             await self._serve(client)
         except ShardCallError as exc:
             log.error("pool %s: worker failure, stopping: %s", o.pool_id, exc)
             raise PoolFailure(f"worker failure: {exc}") from None
         finally:
+            if refresher is not None:
+                refresher.cancel()
             for span in self.spans.values():
                 span.set_status(trace.StatusCode.ERROR, "pool stopped")
                 span.end()
@@ -199,9 +239,101 @@ class PoolLoop:
                 pass
             await redis.aclose()
 
+    # -- Redis failures and leases -----------------------------------------------------------
+    @property
+    def degraded(self) -> bool:
+        """Redis failed and the pool has not caught up yet: no new work is read."""
+        return self._recovering or bool(self.outbox)
+
+    async def _redis(self, call, *args, default=None):
+        """``await call(*args)``; a transient Redis failure returns ``default`` (and starts the
+        backoff; while it runs, nothing is tried)."""
+        if self.backoff.failing and not self.backoff.ready:
+            return default
+        try:
+            result = await call(*args)
+        except _REDIS_ERRORS as exc:
+            if not transient(exc):
+                raise
+            self._redis_failed(exc)
+            return default
+        return result
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        self.redis_failures += 1
+        if not self.backoff.failing:
+            log.warning("pool %s: Redis failed (%s: %s); retrying with backoff, running requests go on",
+                        self.options.pool_id, type(exc).__name__, exc)
+        self.backoff.failed()
+        self._recovering = True
+        self._need_group = self._need_group or lost_group(exc)
+
+    async def _recover(self) -> None:
+        """After a Redis failure: the group (when the server lost it), the outbox, the
+        entries still pending under this pool; then new work again."""
+        if not self._recovering or not self.backoff.ready:
+            return
+        try:
+            if self._need_group:
+                await self.queue.ensure_group()
+                self._need_group = False
+            await self.outbox.flush(self.taken)
+            own = await self.queue.read_own(len(self.core.request_ids()) + self.options.limits.max_batch_size)
+        except _REDIS_ERRORS as exc:
+            if not transient(exc):
+                raise
+            self._redis_failed(exc)
+            return
+        log.warning("pool %s: Redis is back after %d failed tries", self.options.pool_id, self.backoff.failures)
+        self.backoff.ok()
+        self._recovering = False
+        entries, self._held_back = self._held_back + own, []
+        for entry in entries:
+            await self._add(entry)
+
+    async def _flush(self) -> None:
+        if self._recovering:
+            return                     # _recover flushes first
+        try:
+            await self.outbox.flush(self.taken)
+        except _REDIS_ERRORS as exc:
+            if not transient(exc):
+                raise
+            self._redis_failed(exc)
+
+    async def _refresh_leases(self) -> None:
+        """Every ``refresh_s``, whatever a step takes: re-claim the held entries, note
+        the ones another pool took."""
+        while True:
+            await asyncio.sleep(self.options.refresh_s)
+            held = {}
+            for rid in self.core.request_ids():
+                state = self.core.state(rid)
+                if state is not None and state.tag:
+                    held[state.tag] = rid
+            if not held:
+                continue
+            try:
+                taken = await self.queue.refresh(list(held))
+            except _REDIS_ERRORS as exc:
+                log.warning("pool %s: lease refresh failed: %s", self.options.pool_id, exc)
+                continue
+            self.taken |= {held[tag] for tag in taken if tag in held}
+
+    def _drop_taken(self) -> None:
+        """Stop generating the requests another pool holds now: each leaves at the next
+        plan, and ``_publish`` drops whatever they emit."""
+        for rid in list(self.taken):
+            state = self.core.state(rid)
+            if state is None:
+                self.taken.discard(rid)
+            elif self.core.cancel(rid, Cancellation.CALLER):
+                log.warning("pool %s: request %s is held by another pool now: stopped generating it",
+                            self.options.pool_id, rid)
+
     async def _serve(self, client: ShardClient) -> None:
         o, core = self.options, self.core
-        last = {"refresh": 0.0, "claim": 0.0, "heartbeat": 0.0, "health": time.monotonic(), "lag": 0.0}
+        last = {"claim": 0.0, "heartbeat": 0.0, "health": time.monotonic(), "lag": 0.0}
         drain_until = None
         while True:
             now = time.monotonic()
@@ -209,27 +341,29 @@ class PoolLoop:
             self.metrics.observe(snapshot)
             if self.poll_lag and now - last["lag"] >= o.lag_every_s:
                 last["lag"] = now
-                self.metrics.queue_depth.set(await self.queue.lag())
+                depth = await self._redis(self.queue.lag)
+                if depth is not None:
+                    self.metrics.queue_depth.set(depth)
             if self.stopping.is_set():
                 drain_until = drain_until or now + o.drain_timeout_s
-                if core.idle or now > drain_until:
+                if (core.idle and not self.outbox) or now > drain_until:
                     return
             if now - last["heartbeat"] >= o.heartbeat_s:
                 last["heartbeat"] = now
-                await self.queue.heartbeat({"model": o.model, "capacity": core.capacity,
-                                            "mode": o.limits.mode.value, "running": snapshot.running,
-                                            "waiting": snapshot.waiting})
-            if snapshot.requests and now - last["refresh"] >= o.refresh_s:
-                last["refresh"] = now
-                await self.queue.refresh(core.tags())
-            if drain_until is None and now - last["claim"] >= o.claim_every_s:
+                await self._redis(self.queue.heartbeat, {
+                    "model": o.model, "capacity": core.capacity, "mode": o.limits.mode.value,
+                    "running": snapshot.running, "waiting": snapshot.waiting})
+            await self._recover()
+            await self._flush()
+            self._drop_taken()
+            if drain_until is None and not self.degraded and now - last["claim"] >= o.claim_every_s:
                 last["claim"] = now
                 await self._claim()
             await self._read_cancel_flags()
-            room = 0 if drain_until is not None else core.room()
+            room = 0 if drain_until is not None or self.degraded else core.room()
             if room:
                 block = o.idle_block_ms if core.idle else None
-                for entry in await self.queue.read(room, block):
+                for entry in await self._redis(self.queue.read, room, block, default=[]):
                     await self._add(entry)
             if core.idle:
                 if now - last["health"] >= o.health_every_s:
@@ -245,7 +379,7 @@ class PoolLoop:
     async def _read_cancel_flags(self) -> None:
         """Mark the requests whose cancel key is set; the next step's plan ends them."""
         ids = self.core.request_ids()
-        for rid, flag in zip(ids, await self.queue.cancelled(ids)):
+        for rid, flag in zip(ids, await self._redis(self.queue.cancelled, ids, default=[])):
             if flag and self.core.cancel(rid):
                 self._cancel_seen[rid] = self.steps
                 log.info("pool %s: request %s cancelled by its caller (before step %d)",
@@ -255,7 +389,7 @@ class PoolLoop:
         room = self.core.room()
         if not room:
             return
-        for entry in await self.queue.claim_idle(room):
+        for entry in await self._redis(self.queue.claim_idle, room, default=[]):
             log.warning("pool %s: claimed %s (delivery %d)", self.options.pool_id, entry.entry_id,
                         entry.deliveries)
             if entry.request is not None:
@@ -265,13 +399,18 @@ class PoolLoop:
     async def _add(self, entry: Entry) -> None:
         if entry.request is None:
             log.error("pool %s: dead-lettering entry %s: %s", self.options.pool_id, entry.entry_id, entry.problem)
-            await self.queue.drop_malformed(entry)
+            if await self._redis(self.queue.drop_malformed, entry, default=False) is False:
+                self._held_back.append(entry)
+                return
             self.metrics.failure(MALFORMED)
             return
         req = entry.request
         if self.core.state(req.id) is not None:
             return                  # this pool holds it already (it claimed its own entry): keep its span
-        events = await self.queue.events(req.id) if entry.deliveries > 1 else []
+        events = await self._redis(self.queue.events, req.id) if entry.deliveries > 1 or entry.pending else []
+        if events is None:            # Redis failed: add it once it is back
+            self._held_back.append(entry)
+            return
         reject = ""
         if entry.deliveries > keys.MAX_DELIVERIES:
             reject = f"delivered {entry.deliveries} times without ending (a pool failed each time)"
@@ -330,16 +469,32 @@ class PoolLoop:
             await self.after_step(self.steps)
 
     async def _publish(self, out: StepOutput) -> None:
-        raw = {o.request_id: self.raw.get(o.request_id, "") for o in out.ended if o.dead}
-        await self.queue.publish(out.events, out.ended, raw)
-        self.metrics.published(out.events, out.ended, time.monotonic())
+        """Queue the output's events and ends in the outbox (dropping those of requests
+        another pool holds now) and publish what Redis takes."""
+        events = [(rid, e) for rid, e in out.events if rid not in self.taken]
+        ended = [o for o in out.ended if o.request_id not in self.taken]
+        tags = {}
+        for rid, _event in events:
+            state = self.core.state(rid)
+            if state is not None and state.tag:
+                tags[rid] = state.tag
+        raw = {o.request_id: self.raw.get(o.request_id, "") for o in ended if o.dead}
+        self.outbox.put(events, ended, raw, tags)
+        self.metrics.published(events, ended, time.monotonic())
         for outcome in out.ended:
+            lost = outcome.request_id in self.taken
+            if lost:
+                self.taken.discard(outcome.request_id)
+                self.taken_count += 1
             seen = self._cancel_seen.pop(outcome.request_id, None)
-            if seen is not None:
+            if seen is not None and not lost:
                 self.cancel_marks.append(CancelMark(outcome.request_id, seen, self.steps))
             self.raw.pop(outcome.request_id, None)
             span = self.spans.pop(outcome.request_id, None)
             if span is not None:
-                if outcome.code:
+                if lost:
+                    span.set_status(trace.StatusCode.ERROR, "another pool holds its entry now")
+                elif outcome.code:
                     span.set_status(trace.StatusCode.ERROR, f"{outcome.code}: {outcome.message}")
                 span.end()
+        await self._flush()

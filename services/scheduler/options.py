@@ -54,6 +54,10 @@ class SchedulerOptions(Options):
                                             "(default: redis_keys.CLAIM_IDLE_MS)")
     idle_block_ms: int = option(200, type=positive_int, help="XREADGROUP BLOCK while idle")
     drain_timeout_s: float = option(30.0, type=float, help="on SIGTERM: finish running requests")
+    result_ttl_s: int = option(keys.RESULT_TTL_S, type=positive_int,
+                               help="keep a finished request's events and idempotency record this long "
+                                    "(seconds; memory = rate x this x ~5 KB, ~15 KB with logprobs: "
+                                    "see docs/deploy.md)")
     metrics_port: int = option(0, type=non_negative_int,
                                help="serve this process's Prometheus metrics (text format) on this port; 0 = off")
     metrics_host: str = option("0.0.0.0", help="address of the metrics endpoint(s)")
@@ -95,4 +99,5 @@ class SchedulerOptions(Options):
             pool_id=self.pool_id or f"{socket.gethostname()}-{os.getpid()}",
             limits=self.limits(max_sequence_length), idle_block_ms=self.idle_block_ms,
             shard_timeout_s=self.shard_timeout_s, warmup_timeout_s=self.warmup_timeout_s,
-            claim_idle_ms=self.claim_idle_ms or keys.CLAIM_IDLE_MS, drain_timeout_s=self.drain_timeout_s)
+            claim_idle_ms=self.claim_idle_ms or keys.CLAIM_IDLE_MS, drain_timeout_s=self.drain_timeout_s,
+            result_ttl_s=self.result_ttl_s)

@@ -4,13 +4,26 @@ contract"; the keys: ``services.common.redis_keys``).
 A pool reads requests from ``glm:queue:{model}`` as consumer ``pool_id`` of the
 group ``pools``, appends events to ``glm:req:{id}:events``, and when a request
 ends XACKs + XDELs its entry and lets its keys expire after ``RESULT_TTL_S``.
-Delivery is at least once: ``refresh`` re-claims the entries this pool holds
-(XCLAIM JUSTID, which does not count as a delivery) so they never look idle;
+Delivery is at least once: ``refresh`` re-claims the entries this pool still
+holds (one Lua script: XPENDING names the owner, XCLAIM JUSTID resets the idle
+time without counting a delivery) and returns those another pool took;
 ``claim_idle`` takes the entries of a dead pool (XAUTOCLAIM; Redis 6.2 replies
 with two elements, 7.x with three) together with their delivery counts.
 
 A request id is opaque here (the gateway's tenant-namespaced id); every key comes from
 ``redis_keys``, which escapes it, so no id can name another request's key.
+``publish`` is one Lua script too, so ownership and writing are atomic: a
+request's events are appended only while its entry is pending under this pool
+(a pool that lost the claim writes nothing, so a stream never gets a second
+final event), and only past the stream's length (``XLEN`` = the next ``seq``),
+so a publish retried after a lost reply writes nothing twice. Its final event,
+ack, XDEL and expiry go in the same call. Expiry is set once per request: on
+its first event (``ACTIVE_TTL_S``, a bound on a lost request) and at its end
+(``result_ttl_s``), never per token.
+
+``transient`` names the Redis failures a pool rides through (connection lost,
+timeouts, LOADING/BUSY, OOM under ``maxmemory``, a restarted server that lost
+the group: NOGROUP); the loop retries them with backoff.
 """
 
 from __future__ import annotations
@@ -21,11 +34,92 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import (BusyLoadingError, ConnectionError as RedisConnectionError, MasterDownError,
+                              OutOfMemoryError, ReadOnlyError, ResponseError,
+                              TimeoutError as RedisTimeoutError, TryAgainError)
 
 from services.common import redis_keys as keys
 from services.common.messages import Event, QueuedRequest
 from services.scheduler.request import Outcome
+
+
+_TRANSIENT_TYPES = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OutOfMemoryError, ReadOnlyError,
+                   TryAgainError, MasterDownError, OSError)
+_TRANSIENT_PREFIXES = ("NOGROUP", "BUSY", "LOADING", "OOM", "MISCONF", "MASTERDOWN", "READONLY", "TRYAGAIN")
+
+# ``allow-oom`` (Redis >= 7.0): the requests a pool runs finish even at maxmemory (the
+# overshoot is bounded by their tokens), while the gateway's writes, and so new requests,
+# are refused. On an older server, the same script without the flag.
+OOM_FLAG = "#!lua flags=allow-oom\n"
+
+# KEYS: queue, dead letters, then per request its events stream and its idempotency record.
+# ARGV: group, pool, field, active ttl, result ttl, dead maxlen, n; per request: entry id
+# ("" = none), seq of its first event, event count, ended ("0"/"1"), dead-letter document
+# ("" = none), then its events. Returns the 1-based indices of the requests this pool no
+# longer holds (nothing was written for them).
+PUBLISH_SCRIPT = """
+local group, pool, field = ARGV[1], ARGV[2], ARGV[3]
+local active_ttl, result_ttl, dead_max, n = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local a, lost = 8, {}
+for i = 1, n do
+  local ev, req = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local entry, first, count = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local ended, dead = ARGV[a + 3], ARGV[a + 4]
+  local at = a + 5
+  a = at + count
+  local owned = true
+  if entry ~= '' then
+    local row = redis.call('XPENDING', KEYS[1], group, entry, entry, 1)[1]
+    owned = row ~= nil and row[2] == pool
+  end
+  local have = redis.call('XLEN', ev)
+  if not owned or (count > 0 and have < first) then
+    table.insert(lost, i)
+  else
+    for j = have - first, count - 1 do
+      if j >= 0 then redis.call('XADD', ev, '*', field, ARGV[at + j]) end
+    end
+    if have == 0 and count > 0 and ended ~= '1' then redis.call('EXPIRE', ev, active_ttl) end
+    if ended == '1' then
+      if dead ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', dead_max, '*', field, dead) end
+      if entry ~= '' then
+        redis.call('XACK', KEYS[1], group, entry)
+        redis.call('XDEL', KEYS[1], entry)
+      end
+      redis.call('EXPIRE', ev, result_ttl)
+      redis.call('EXPIRE', req, result_ttl)
+    end
+  end
+end
+return lost
+"""
+
+# KEYS: queue. ARGV: group, pool, entry ids. Re-claims (idle time 0, no delivery counted)
+# the entries still pending under this pool; returns the others (another pool took them).
+REFRESH_SCRIPT = """
+local lost = {}
+for i = 3, #ARGV do
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if row ~= nil and row[2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+
+
+def transient(exc: BaseException) -> bool:
+    """A Redis failure to ride through (retry with backoff), not a bug to stop on."""
+    if isinstance(exc, _TRANSIENT_TYPES):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_PREFIXES)
+
+
+def lost_group(exc: BaseException) -> bool:
+    """The server no longer has the consumer group (it restarted without its data)."""
+    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
 
 
 @dataclass(frozen=True)
@@ -37,30 +131,35 @@ class Entry:
     raw: str
     deliveries: int = 1
     problem: str = ""                 # why ``request`` is None
+    pending: bool = False             # re-read from this pool's own pending entries: may have events
 
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _entry(entry_id, fields, deliveries: int = 1) -> Entry:
+def _entry(entry_id, fields, deliveries: int = 1, pending: bool = False) -> Entry:
     fields = {_text(k): v for k, v in (fields or {}).items()}
     raw = _text(fields.get(keys.FIELD, b""))
     try:
-        return Entry(_text(entry_id), QueuedRequest.from_json(raw), raw, deliveries)
+        return Entry(_text(entry_id), QueuedRequest.from_json(raw), raw, deliveries, pending=pending)
     except (ValueError, TypeError, KeyError) as exc:
-        return Entry(_text(entry_id), None, raw, deliveries, f"malformed queue entry: {exc}")
+        return Entry(_text(entry_id), None, raw, deliveries, f"malformed queue entry: {exc}", pending)
 
 
 class PoolQueue:
     """One pool's calls on its model's queue, the requests' events and its heartbeat."""
 
     def __init__(self, redis: aioredis.Redis, model: str, pool_id: str, *,
-                 claim_idle_ms: int = keys.CLAIM_IDLE_MS) -> None:
+                 claim_idle_ms: int = keys.CLAIM_IDLE_MS, result_ttl_s: int = keys.RESULT_TTL_S) -> None:
         self.redis, self.model, self.pool_id = redis, model, pool_id
         self.stream = keys.queue(model)
         self.claim_idle_ms = claim_idle_ms
+        self.result_ttl_s = result_ttl_s
         self._claim_cursor = "0-0"
+        self._publish = redis.register_script(OOM_FLAG + PUBLISH_SCRIPT)
+        self._publish_plain = redis.register_script(PUBLISH_SCRIPT)
+        self._refresh = redis.register_script(REFRESH_SCRIPT)
 
     async def ensure_group(self) -> None:
         try:
@@ -76,6 +175,15 @@ class PoolQueue:
         out = []
         for _stream, entries in reply or []:
             out.extend(_entry(eid, fields) for eid, fields in entries)
+        return out
+
+    async def read_own(self, count: int) -> list[Entry]:
+        """The entries pending under this pool (XREADGROUP from ``0``): after a Redis
+        failure, those whose delivery reply was lost on the way."""
+        reply = await self.redis.xreadgroup(keys.GROUP, self.pool_id, {self.stream: "0"}, count=count)
+        out = []
+        for _stream, entries in reply or []:
+            out.extend(_entry(eid, fields, pending=True) for eid, fields in entries if fields)
         return out
 
     async def lag(self) -> int:
@@ -107,10 +215,13 @@ class PoolQueue:
             counts[_text(row["message_id"])] = int(row["times_delivered"])
         return [_entry(eid, fields, counts.get(_text(eid), 1)) for eid, fields in claimed]
 
-    async def refresh(self, entry_ids: Sequence[str]) -> None:
-        """Reset the idle time of the entries this pool holds (not a new delivery)."""
-        if entry_ids:
-            await self.redis.xclaim(self.stream, keys.GROUP, self.pool_id, 0, list(entry_ids), justid=True)
+    async def refresh(self, entry_ids: Sequence[str]) -> set[str]:
+        """Reset the idle time of the entries this pool still holds (not a new delivery);
+        the ids of those another pool took (this pool must stop generating them)."""
+        if not entry_ids:
+            return set()
+        lost = await self._refresh(keys=[self.stream], args=[keys.GROUP, self.pool_id, *entry_ids])
+        return {_text(e) for e in lost or ()}
 
     async def events(self, request_id: str) -> list[Event]:
         return [Event.from_json(fields[keys.FIELD.encode()] if keys.FIELD.encode() in fields else fields[keys.FIELD])
@@ -123,35 +234,50 @@ class PoolQueue:
         return [v is not None for v in values]
 
     async def publish(self, events: Sequence[tuple[str, Event]], ended: Sequence[Outcome] = (),
-                      entries: dict[str, str] | None = None) -> None:
-        """Append events (then end requests: ack, delete, expire; dead-letter the poison) in one
-        ordered pipeline."""
+                      entries: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> set[str]:
+        """Append events, then end requests (ack, delete, expire; dead-letter the poison),
+        in one script, request by request, only for entries this pool still holds.
+        ``tags``: request id -> its queue entry id (an ``Outcome`` names its own). Returns
+        the requests another pool holds now: nothing was written for them."""
         if not events and not ended:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        touched = []
+            return set()
+        tags = dict(tags or {})
+        order: list[str] = []
+        grouped: dict[str, list[Event]] = {}
         for request_id, event in events:
-            pipe.xadd(keys.events(request_id), {keys.FIELD: event.to_json()})
-            if request_id not in touched:
-                touched.append(request_id)
-        finished = {o.request_id for o in ended}
-        for request_id in touched:
-            if request_id not in finished:
-                pipe.expire(keys.events(request_id), keys.ACTIVE_TTL_S)
-                pipe.expire(keys.request(request_id), keys.ACTIVE_TTL_S)
+            if request_id not in grouped:
+                order.append(request_id)
+                grouped[request_id] = []
+            grouped[request_id].append(event)
+        done = {}
         for outcome in ended:
-            if outcome.dead:
-                doc = {"request_id": outcome.request_id, "entry_id": outcome.tag, "code": outcome.code,
-                       "reason": outcome.message, "pool": self.pool_id, "at": time.time(),
-                       "request": (entries or {}).get(outcome.request_id, "")}
-                pipe.xadd(keys.dead_letter(self.model), {keys.FIELD: json.dumps(doc)},
-                          maxlen=keys.DEAD_MAXLEN, approximate=True)
+            done[outcome.request_id] = outcome
             if outcome.tag:
-                pipe.xack(self.stream, keys.GROUP, outcome.tag)
-                pipe.xdel(self.stream, outcome.tag)
-            pipe.expire(keys.events(outcome.request_id), keys.RESULT_TTL_S)
-            pipe.expire(keys.request(outcome.request_id), keys.RESULT_TTL_S)
-        await pipe.execute()
+                tags[outcome.request_id] = outcome.tag
+            if outcome.request_id not in grouped:
+                order.append(outcome.request_id)
+                grouped[outcome.request_id] = []
+        script_keys = [self.stream, keys.dead_letter(self.model)]
+        args = [keys.GROUP, self.pool_id, keys.FIELD, keys.ACTIVE_TTL_S, self.result_ttl_s, keys.DEAD_MAXLEN,
+                len(order)]
+        for request_id in order:
+            evs, outcome = grouped[request_id], done.get(request_id)
+            dead = ""
+            if outcome is not None and outcome.dead:
+                dead = json.dumps({"request_id": request_id, "entry_id": outcome.tag, "code": outcome.code,
+                                   "reason": outcome.message, "pool": self.pool_id, "at": time.time(),
+                                   "request": (entries or {}).get(request_id, "")})
+            script_keys += [keys.events(request_id), keys.request(request_id)]
+            args += [tags.get(request_id) or "", evs[0].seq if evs else 0, len(evs),
+                     "1" if outcome is not None else "0", dead, *(e.to_json() for e in evs)]
+        try:
+            lost = await self._publish(keys=script_keys, args=args)
+        except ResponseError as exc:
+            if self._publish is self._publish_plain or "compil" not in str(exc).lower():
+                raise
+            self._publish = self._publish_plain          # Redis < 7.0: no script flags
+            lost = await self._publish(keys=script_keys, args=args)
+        return {order[int(i) - 1] for i in lost or ()}
 
     async def drop_malformed(self, entry: Entry) -> None:
         """A queue entry that is not a request: dead-letter it and ack it."""

@@ -1,0 +1,78 @@
+"""A pool's events on their way to Redis, in order, through Redis failures
+(``docs/architecture.md``, "Redis contract").
+
+``Outbox`` holds the step outputs not yet published and publishes them oldest
+first; one that fails stays at the head and is retried, so events are never
+dropped and never reordered. A retry after a lost reply writes nothing twice:
+``PoolQueue.publish`` appends only past the stream's length. ``Backoff`` is the
+capped exponential delay between tries while Redis fails.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+from services.common.messages import Event
+from services.scheduler.queue import PoolQueue
+from services.scheduler.request import Outcome
+
+
+class Backoff:
+    """Capped exponential backoff: ``failed`` doubles the delay (from ``first_s`` up to
+    ``cap_s``), ``ok`` resets it; ``ready`` says whether the next try is due."""
+
+    def __init__(self, first_s: float, cap_s: float) -> None:
+        self.first_s, self.cap_s = first_s, cap_s
+        self.delay_s = 0.0
+        self.retry_at = 0.0
+        self.failures = 0                 # consecutive failures
+
+    @property
+    def failing(self) -> bool:
+        return self.failures > 0
+
+    @property
+    def ready(self) -> bool:
+        return time.monotonic() >= self.retry_at
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.delay_s = min(self.cap_s, max(self.first_s, self.delay_s * 2))
+        self.retry_at = time.monotonic() + self.delay_s
+
+    def ok(self) -> None:
+        self.failures, self.delay_s, self.retry_at = 0, 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class _Batch:
+    events: tuple[tuple[str, Event], ...]
+    ended: tuple[Outcome, ...]
+    raw: dict[str, str]                   # request id -> queue document (dead letters)
+    tags: dict[str, str]                  # request id -> queue entry id
+
+
+class Outbox:
+    """Step outputs waiting to be published, oldest first (see the module docstring)."""
+
+    def __init__(self, queue: PoolQueue) -> None:
+        self.queue = queue
+        self._batches: collections.deque[_Batch] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def put(self, events, ended, raw: dict[str, str], tags: dict[str, str]) -> None:
+        if events or ended:
+            self._batches.append(_Batch(tuple(events), tuple(ended), dict(raw), dict(tags)))
+
+    async def flush(self, taken: set[str]) -> None:
+        """Publish every waiting output in order; the requests another pool holds now
+        are added to ``taken``. A Redis error propagates with the failed output (and
+        every later one) still waiting."""
+        while self._batches:
+            batch = self._batches[0]
+            taken |= await self.queue.publish(batch.events, batch.ended, batch.raw, batch.tags)
+            self._batches.popleft()
