@@ -95,7 +95,8 @@ def refused_request_id(trailing_metadata) -> int | None:
 
 class ShardClient:
     """Async fan-out client over the ranks' addresses (``unix:///path`` or ``host:port``).
-    ``token``: the pool's shard token (default: the one beside unix sockets, if any)."""
+    ``token``: the pool's shard token (default: the one beside unix sockets, if any; ``""``:
+    send none)."""
 
     def __init__(self, addresses: list[str], *, timeout_s: float = 60.0, token: str | None = None) -> None:
         if not addresses:
