@@ -12,6 +12,7 @@ and names it the way validation does (``prompt: invalid UTF-8 ...``,
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -122,26 +123,28 @@ def tolerant(message_class) -> Callable[[bytes], object]:
     return deserialize
 
 
-def _guarded(behaviour, streaming: bool):
-    async def unary(request, context):
+def _guarded(behaviour):
+    """``behaviour`` preceded by the check: a ``Malformed`` request ends INVALID_ARGUMENT."""
+    if inspect.isasyncgenfunction(behaviour):     # a handler that yields its replies
+        async def replies(request, context):
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            inner = behaviour(request, context)
+            try:
+                async for reply in inner:
+                    yield reply
+            finally:
+                await inner.aclose()
+
+        return replies
+
+    async def call(request, context):             # a reply, or replies through context.write
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await behaviour(request, context)
+        result = behaviour(request, context)
+        return await result if inspect.isawaitable(result) else result
 
-    async def stream(request, context):
-        if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        replies = behaviour(request, context)
-        if not hasattr(replies, "__aiter__"):     # a handler that writes with context.write
-            await replies
-            return
-        try:
-            async for reply in replies:
-                yield reply
-        finally:
-            await replies.aclose()
-
-    return stream if streaming else unary
+    return call
 
 
 class MalformedRequests(grpc.aio.ServerInterceptor):
@@ -160,8 +163,8 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         kwargs = dict(request_deserializer=tolerant(message_class),
                       response_serializer=handler.response_serializer)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_guarded(handler.unary_stream, True), **kwargs)
-        return grpc.unary_unary_rpc_method_handler(_guarded(handler.unary_unary, False), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(_guarded(handler.unary_stream), **kwargs)
+        return grpc.unary_unary_rpc_method_handler(_guarded(handler.unary_unary), **kwargs)
 
 
 def request_classes(*pb_modules) -> dict[str, type]:
