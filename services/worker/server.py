@@ -181,7 +181,10 @@ def bind(server: grpc.aio.Server, listen: str, *, token: bool) -> None:
             server.add_insecure_port(listen)
         finally:
             os.umask(previous)
-        os.chmod(path, 0o600)               # whatever the platform made of the umask
+        try:
+            os.chmod(path, 0o600)           # whatever the platform made of the umask
+        except OSError as exc:
+            raise ValueError(f"--listen {listen}: cannot bind: {exc.strerror or exc}") from None
         return
     check_listen(listen, token=token)
     if server.add_insecure_port(listen) == 0:
