@@ -4,6 +4,7 @@ NCCL on CUDA, gloo on CPU. ``run_local_ranks`` starts one real process per
 rank (spawned, so no state leaks from the parent), hands each a
 ``ParallelContext`` and returns every rank's result, or raises ``RankError``
 with the first rank's failure as one line — also when a rank dies without a word.
+A ``tcp://HOST:PORT`` rendezvous binds exactly ``HOST`` (loopback for local ranks).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import time
 import traceback
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -40,12 +42,41 @@ def default_backend(device: str) -> str:
 
 def init_group(rank: int, world_size: int, init_method: str, *, backend: str = "gloo",
                timeout_s: float = 300.0) -> ParallelContext:
-    """Join the default process group and return this rank's context."""
+    """Join the default process group and return this rank's context.
+
+    A ``tcp://HOST:PORT`` rendezvous listens on exactly ``HOST`` (``rendezvous_store``);
+    other init methods (``env://``, ``file://``) are torch's own."""
     if world_size == 1:
         return ParallelContext()
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    address = urlsplit(init_method)
+    if address.scheme == "tcp":
+        store = rendezvous_store(address.hostname or "127.0.0.1", address.port or 0, rank, world_size, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timeout)
     return ParallelContext(rank=rank, world_size=world_size, group=dist.group.WORLD)
+
+
+def rendezvous_store(host: str, port: int, rank: int, world_size: int,
+                     timeout: datetime.timedelta) -> dist.TCPStore:
+    """The ``TCPStore`` of a ``tcp://host:port`` rendezvous. Rank 0 serves it on a socket
+    it binds itself to ``host`` only: torch's own server (``init_method="tcp://..."``)
+    listens on every interface whatever the host. The other ranks connect to it."""
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+    except OSError as exc:
+        listener.close()
+        raise OSError(exc.errno, f"rendezvous tcp://{host}:{port}: cannot listen: {exc.strerror}") from None
+    # The store owns the descriptor from here on (and closes it).
+    return dist.TCPStore(host, port, world_size, True, timeout, master_listen_fd=listener.detach())
 
 
 def _rank_main(rank: int, world_size: int, init_method: str, backend: str, timeout_s: float,

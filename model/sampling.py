@@ -73,9 +73,9 @@ class SamplingParams:
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "must be in [-2, 2]")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64
         ):
-            raise bad("seed", "must be None or an integer in [0, 2**63)")
+            raise bad("seed", "must be None or an integer in [0, 2**64) (a uint64)")
 
     @property
     def is_greedy(self) -> bool:
@@ -151,7 +151,8 @@ def apply_penalties(
 
 def step_seed(seed: int, step: int) -> int:
     """The generator seed of a row's ``step``-th draw: ``seed`` itself for the first (as the
-    official sampler after ``torch.manual_seed(seed)``), then a hash of ``(seed, step)``."""
+    official sampler after ``torch.manual_seed(seed)``), then a hash of ``(seed, step)``.
+    Any uint64 ``seed`` works: ``torch.Generator.manual_seed`` takes the whole range."""
     if step == 0:
         return seed
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()

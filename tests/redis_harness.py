@@ -22,6 +22,7 @@ DATABASES = {
     "test_serving_e2e": 3,
     "test_tenants": 4,
     "test_gateway_tenants": 5,
+    "test_edges_gateway": 12,
 }
 
 

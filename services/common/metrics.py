@@ -54,9 +54,10 @@ class MetricsEndpoint:
         self.server.server_close()
 
 
-def serve_metrics(registry, port: int, host: str = "0.0.0.0") -> MetricsEndpoint | None:
-    """Serve ``registry`` (any object with ``collect()``) on ``host:port``; None when
-    ``port`` is 0 (metrics off). Raises OSError when the port is taken."""
+def serve_metrics(registry, port: int, host: str = "127.0.0.1") -> MetricsEndpoint | None:
+    """Serve ``registry`` (any object with ``collect()``) on exactly ``host:port`` (loopback
+    unless told otherwise); None when ``port`` is 0 (metrics off). Raises OSError when the
+    port is taken."""
     if not port:
         return None
     server, thread = start_http_server(port, addr=host, registry=registry)

@@ -56,7 +56,8 @@ class GatewayOptions(Options):
                                                   "under glm serve: every process)")
     metrics_port: int = option(0, type=non_negative_int,
                                help="serve this process's Prometheus metrics (text format) on this port; 0 = off")
-    metrics_host: str = option("0.0.0.0", help="address of the metrics endpoint(s)")
+    metrics_host: str = option("127.0.0.1", help="address of the metrics endpoint(s) (default: loopback "
+                                                   "only; 0.0.0.0 where Prometheus scrapes)")
     health_interval_s: float = 1.0        # the Redis ping behind the health status
 
     def __post_init__(self) -> None:

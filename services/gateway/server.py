@@ -1,6 +1,7 @@
 """The gateway process: a ``grpc.aio`` server with the public API, the standard
 health service and server reflection (``v1`` and ``v1alpha``), optional API keys
-and TLS.
+and TLS. A request whose bytes do not parse (not protobuf, a string field that is not
+UTF-8) ends INVALID_ARGUMENT naming the problem (``services.gateway.wire``).
 
 Health follows Redis and the pools (a background check every
 ``health_interval_s``, and at once when a call fails): the overall status ``""``
@@ -35,6 +36,7 @@ from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.options import GatewayOptions
 from services.gateway.reflection import enable_server_reflection
 from services.gateway.service import TextGenerationService
+from services.gateway.wire import MalformedRequests, request_classes
 from services.proto_gen.glm.v1 import generation_pb2 as pb
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
 
@@ -115,6 +117,8 @@ class Gateway:
                               on_failure=lambda exc: self._health.mark(False))
         interceptors = [ApiKeyInterceptor(list(options.api_keys), on_denied=self._denied)] \
             if options.api_keys else []
+        # After the API keys: a call without a valid key is refused before its bytes matter.
+        interceptors.append(MalformedRequests(request_classes(pb, health_pb2)))
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         tracer = self.tracing.get_tracer("glm.gateway")
         self._service = TextGenerationService(self.catalog, self._broker, tracer, self.metrics,

@@ -92,6 +92,9 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
         self.calls = CallLimit(max_calls)
         self.keyed = keyed
         self._background: set[asyncio.Task] = set()
+        # Calls whose request may outlive them: added once enqueued, left when the call
+        # ends with the request finished or its cancel key on the way (see ``drain``).
+        self._owed: dict[Relay, str] = {}
 
     # ---- generation ------------------------------------------------------------------
     # A call left without a result or a ServiceError was abandoned by its caller
@@ -171,23 +174,33 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
         deadline passed, Redis failed, the server stopped), set the cancel key so
         the pool drops the request within one step."""
         loop = asyncio.get_running_loop()
+        self._owed[relay] = request_id
 
         def on_done(_context) -> None:
-            if not relay.ended:
-                loop.call_soon_threadsafe(self._cancel, request_id)
+            if relay.ended:
+                self._owed.pop(relay, None)
+            else:
+                loop.call_soon_threadsafe(self._cancel, relay)
 
         context.add_done_callback(on_done)
 
-    def _cancel(self, request_id: str) -> None:
+    def _cancel(self, relay: Relay) -> None:
+        request_id = self._owed.pop(relay, None)
+        if request_id is None or relay.ended:     # written already (drain), or finished
+            return
         log.info("request %s: the call ended first; cancelling the generation", request_id)
         task = asyncio.ensure_future(cancel_quietly(self.broker, request_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
-        """Wait for the cancel keys still being written (at shutdown)."""
+        """At shutdown, once the server has stopped (every call ended or was cancelled):
+        write the cancel key of every request whose call ended first, including those
+        whose done-callback has not run yet, and wait until they are written."""
+        for relay in list(self._owed):
+            self._cancel(relay)
         if self._background:
-            await asyncio.wait(list(self._background), timeout=5)
+            await asyncio.wait(list(self._background), timeout=30)
 
     async def _abort(self, context, span, exc: ServiceError) -> None:
         span.set_status(Status(StatusCode.ERROR, one_line(exc)))

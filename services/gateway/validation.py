@@ -27,7 +27,7 @@ from services.proto_gen.glm.v1 import generation_pb2 as pb
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_TEMPERATURE = 100.0
 PENALTY_RANGE = (-2.0, 2.0)
-SEED_BITS = 63                       # fits every generator's seed type (int64 and uint64)
+SEED_BITS = 64                       # a drawn seed: any uint64, as a caller may give (the workers take all)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ class SchedulerOptions(Options):
                                     "see docs/deploy.md)")
     metrics_port: int = option(0, type=non_negative_int,
                                help="serve this process's Prometheus metrics (text format) on this port; 0 = off")
-    metrics_host: str = option("0.0.0.0", help="address of the metrics endpoint(s)")
+    metrics_host: str = option("127.0.0.1", help="address of the metrics endpoint(s) (default: loopback "
+                                                   "only; 0.0.0.0 where Prometheus scrapes)")
     otlp_endpoint: str | None = option(None, help="export traces over OTLP/gRPC to host:port (default: none; "
                                                   "under glm serve: every process)")
 

@@ -8,11 +8,19 @@ within the deadline, never a hang. A refusal that names one request of the batch
 carries its id in the trailing metadata (``REFUSED_REQUEST_METADATA``); the error
 exposes it as ``refused_request_id``. The caller's trace context travels in the
 metadata (W3C ``traceparent``).
+
+A pool may require its shard token (``docs/architecture.md``, "Shard protocol"): every
+call but ``Health`` then carries it as ``glm-shard-token`` metadata. ``glm pool`` writes
+the token beside the ranks' sockets (``<socket_dir>/shard-token``, mode 0600), and a
+client of unix-socket ranks reads it from there unless given one (``token=``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,8 +29,46 @@ from services.common.errors import REFUSED_REQUEST_METADATA
 from services.common.tracing import metadata_from_context
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
+from services.worker.options import TOKEN_FILE
 
 MAX_MESSAGE = 256 * 1024 * 1024
+TOKEN_METADATA = "glm-shard-token"
+
+
+def read_token(path: str | Path) -> str:
+    """The token in file ``path`` (surrounding whitespace dropped); ValueError when the
+    file cannot be read or holds nothing."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"--shard-token-file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise ValueError(f"--shard-token-file {path}: holds no token")
+    return token
+
+
+def write_token(path: str | Path) -> str:
+    """A new random token written to ``path``, readable by this user only (mode 0600)."""
+    token = secrets.token_hex(32)
+    path = Path(path)
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    staged.unlink(missing_ok=True)
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    os.replace(staged, path)
+    return token
+
+
+def token_beside(addresses: list[str]) -> str | None:
+    """The token of unix-socket ranks that share one folder holding ``shard-token``."""
+    if not addresses or not all(a.startswith("unix:") for a in addresses):
+        return None
+    folders = {os.path.dirname(a.removeprefix("unix://").removeprefix("unix:")) for a in addresses}
+    if len(folders) != 1:
+        return None
+    path = Path(folders.pop(), TOKEN_FILE)
+    return read_token(path) if path.exists() else None
 
 
 class ShardCallError(RuntimeError):
@@ -48,13 +94,17 @@ def refused_request_id(trailing_metadata) -> int | None:
 
 
 class ShardClient:
-    """Async fan-out client over the ranks' addresses (``unix:///path`` or ``host:port``)."""
+    """Async fan-out client over the ranks' addresses (``unix:///path`` or ``host:port``).
+    ``token``: the pool's shard token (default: the one beside unix sockets, if any; ``""``:
+    send none)."""
 
-    def __init__(self, addresses: list[str], *, timeout_s: float = 60.0) -> None:
+    def __init__(self, addresses: list[str], *, timeout_s: float = 60.0, token: str | None = None) -> None:
         if not addresses:
             raise ValueError("ShardClient needs at least one rank address")
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
+        token = token if token is not None else token_beside(self.addresses)
+        self._token = ((TOKEN_METADATA, token),) if token else ()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.max_send_message_length", MAX_MESSAGE)]
         self._channels = [grpc.aio.insecure_channel(a, options=options) for a in self.addresses]
@@ -72,7 +122,7 @@ class ShardClient:
     async def _one(self, rank: int, method: str, request, timeout_s: float):
         try:
             return await getattr(self._stubs[rank], method)(
-                request, timeout=timeout_s, metadata=metadata_from_context())
+                request, timeout=timeout_s, metadata=(*metadata_from_context(), *self._token))
         except grpc.aio.AioRpcError as exc:
             raise ShardCallError(rank, method, exc.code(), exc.details() or "",
                                  refused_request_id=refused_request_id(exc.trailing_metadata())) from None

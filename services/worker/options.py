@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from services.common.net import free_port
 from services.common.options import Options, compose, non_negative_int, option, positive_int
 
+TOKEN_FILE = "shard-token"             # beside the ranks' sockets (services.worker.client)
+TOKEN_HELP = ("file holding the pool's shard token, which every call to a rank but Health must carry "
+              "(glm worker: needed for a non-loopback TCP --listen; glm pool default: a new one in "
+              "<socket-dir>/shard-token, mode 0600)")
+
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 QUANTS = ("none", "int8", "int4")
@@ -88,7 +93,9 @@ class WorkerOptions(RankOptions):
                                                "checkpoint folder's name)")
     metrics_port: int = option(0, type=non_negative_int,
                                help="serve this process's Prometheus metrics (text format) on this port; 0 = off")
-    metrics_host: str = option("0.0.0.0", help="address of the metrics endpoint(s)")
+    metrics_host: str = option("127.0.0.1", help="address of the metrics endpoint(s) (default: loopback "
+                                                   "only; 0.0.0.0 where Prometheus scrapes)")
+    shard_token_file: str | None = option(None, help=TOKEN_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,7 +113,8 @@ class WorkerOptions(RankOptions):
 @dataclass(frozen=True, kw_only=True)
 class PoolOptions(Options):
     """``glm pool``: the ``tp`` ranks of one pool, launched and supervised as one unit. Rank
-    ``r`` listens on ``<socket_dir>/rank-<r>.sock`` and serves its metrics on ``metrics_port + r``."""
+    ``r`` listens on ``<socket_dir>/rank-<r>.sock`` and serves its metrics on ``metrics_port + r``;
+    every rank requires the pool's shard token (``token_file``)."""
 
     checkpoint: str = option(help="checkpoint folder (official layout)")
     tp: int = option(type=positive_int, help="tensor-parallel size: ranks per pool (one GPU each on cuda)")
@@ -118,7 +126,9 @@ class PoolOptions(Options):
                                                "checkpoint folder's name)")
     metrics_port: int = option(0, type=non_negative_int, env="GLM_POOL_METRICS_PORT",
                                help="rank r serves Prometheus metrics on PORT + r; 0 = off")
-    metrics_host: str = option("0.0.0.0", help="address of the metrics endpoint(s)")
+    metrics_host: str = option("127.0.0.1", help="address of the metrics endpoint(s) (default: loopback "
+                                                   "only; 0.0.0.0 where Prometheus scrapes)")
+    shard_token_file: str | None = option(None, help=TOKEN_HELP)
     ready_timeout_s: float = option(1800.0, type=float,
                                     help="every rank answers Health within this, or the pool stops (non-zero)")
     stop_grace_s: float = option(10.0, type=float,
@@ -138,6 +148,11 @@ class PoolOptions(Options):
     def address(self, rank: int) -> str:
         return f"unix://{os.path.join(self.socket_dir, f'rank-{rank}.sock')}"
 
+    @property
+    def token_file(self) -> str:
+        """The file of the ranks' shard token (``launch_pool`` writes it when not given)."""
+        return self.shard_token_file or os.path.join(self.socket_dir, TOKEN_FILE)
+
     def worker(self, rank: int, *, dist_port: int, metrics_port: int | None = None) -> WorkerOptions:
         """The options of rank ``rank`` (``metrics_port``: its own port, when the launcher
         chose one; otherwise ``metrics_port + rank``, or off)."""
@@ -148,7 +163,7 @@ class PoolOptions(Options):
         return WorkerOptions(**ranks, checkpoint=self.checkpoint, tp=self.tp, rank=rank,
                              listen=self.address(rank), dist_init=f"tcp://127.0.0.1:{dist_port}",
                              model_name=self.model_name, metrics_port=metrics_port,
-                             metrics_host=self.metrics_host)
+                             metrics_host=self.metrics_host, shard_token_file=self.token_file)
 
     def workers(self, metrics_ports: tuple[int, ...] | None = None) -> list[WorkerOptions]:
         """Every rank's options, meeting on ``dist_port`` (a free port when it is 0)."""

@@ -3,7 +3,10 @@ answer Health, and stop them cleanly.
 
 Each rank listens on a unix socket in the pool's folder (``rank-<r>.sock``) and
 writes its output to ``rank-<r>.log`` there; the ranks meet through a
-``tcp://127.0.0.1:<port>`` rendezvous. ``glm serve`` uses this to run a local
+``tcp://127.0.0.1:<port>`` rendezvous, bound to loopback only. Each socket is mode
+0600 and a folder the pool creates is 0700; unless given one, the pool writes a new
+shard token (``<folder>/shard-token``, 0600) that every rank requires and that
+``ShardClient`` reads from beside the sockets. ``glm serve`` uses this to run a local
 pool, ``glm pool`` to run and supervise one (the Kubernetes pool's worker
 container); the tests use it to drive real processes. What each rank is run with is
 ``services.worker.options.PoolOptions``.
@@ -25,6 +28,7 @@ import grpc
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
 from services.common.env import child_environ
+from services.worker.client import write_token
 from services.worker.options import PoolOptions, RankOptions
 
 
@@ -133,7 +137,10 @@ def launch_pool(options: PoolOptions, *, metrics_ports: tuple[int, ...] | None =
     inherited. ``metrics_ports``: each rank's own port (default: ``options.metrics_port + r``);
     ``ready_timeout_s`` (default: ``options.ready_timeout_s``) applies with ``wait``."""
     folder = Path(options.socket_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.exists():
+        folder.mkdir(mode=0o700, parents=True)   # the sockets' folder: this user only
+    if options.shard_token_file is None:
+        write_token(options.token_file)          # a new token for this launch, mode 0600
     handle = PoolHandle([], [], folder, own_workdir)
     environ = child_environ()
     try:

@@ -8,12 +8,22 @@ out of memory) -> RESOURCE_EXHAUSTED, anything else inside a forward (e.g. a
 peer rank died and the collective failed or timed out) -> INTERNAL, and the rank
 is then *broken*: every later call, Health included, gets UNAVAILABLE with the
 reason. The caller (scheduler) sees the pool fail loudly instead of hanging.
+
+Exposure (``docs/architecture.md``, "Shard protocol"): the protocol is internal, for
+the pool's own scheduler. A unix socket is created mode 0600 (only this user can
+connect); a TCP ``--listen`` binds exactly the host given, and one that is not loopback
+needs ``--shard-token-file``. With a token every call but ``Health`` must carry it
+(``glm-shard-token`` metadata), else UNAUTHENTICATED: ``ClearCache`` or ``Decode`` from
+a client that was not given the token changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +36,7 @@ from services.common.metrics import new_registry, serve_metrics
 from services.common.tracing import context_from_metadata, setup_tracing
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
+from services.worker.client import TOKEN_METADATA, read_token
 from services.worker.metrics import BROKEN, WorkerMetrics, failure_reason
 from services.worker.options import WorkerOptions
 from services.worker.shard import OutOfMemory, Shard
@@ -112,6 +123,74 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         return await self._run(context, self.shard.clear_cache, request, collective=False)
 
 
+class ShardToken(grpc.aio.ServerInterceptor):
+    """Refuses every call but ``Health`` (probes carry no token) with UNAUTHENTICATED
+    unless its ``glm-shard-token`` metadata is the pool's token (compared in constant time)."""
+
+    OPEN = ("/glm.v1.ShardService/Health",)
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the shard token must not be empty")
+        self._token = token.encode()
+
+    def authorized(self, metadata) -> bool:
+        given = [v for k, v in metadata or () if k == TOKEN_METADATA and isinstance(v, str)]
+        return bool(given) and hmac.compare_digest(given[0].encode(), self._token)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method in self.OPEN or \
+                self.authorized(handler_call_details.invocation_metadata):
+            return handler
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "the shard protocol is internal to its pool: this call lacks the "
+                                "pool's shard token (glm-shard-token)")
+
+        return grpc.unary_unary_rpc_method_handler(
+            refuse, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+def _loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(listen: str, *, token: bool) -> None:
+    """ValueError for a TCP ``listen`` that is not loopback when there is no token."""
+    if not listen.startswith("unix:") and not token and not _loopback(listen.rpartition(":")[0]):
+        raise ValueError(f"--listen {listen}: the shard protocol is internal; a non-loopback TCP "
+                         "address needs --shard-token-file (or use a unix socket)")
+
+
+def bind(server: grpc.aio.Server, listen: str, *, token: bool) -> None:
+    """Listen on ``listen``: a unix socket only this user can connect to (mode 0600), or
+    exactly the TCP host given; a TCP host that is not loopback needs a token."""
+    if listen.startswith("unix:"):
+        path = listen.removeprefix("unix://").removeprefix("unix:")
+        previous = os.umask(0o177)          # the socket file is born 0600
+        try:
+            server.add_insecure_port(listen)
+        finally:
+            os.umask(previous)
+        try:
+            os.chmod(path, 0o600)           # whatever the platform made of the umask
+        except OSError as exc:
+            raise ValueError(f"--listen {listen}: cannot bind: {exc.strerror or exc}") from None
+        return
+    check_listen(listen, token=token)
+    if server.add_insecure_port(listen) == 0:
+        raise ValueError(f"--listen {listen}: cannot bind")
+
+
 def model_name(opts: WorkerOptions) -> str:
     return opts.model_name or Path(opts.checkpoint).resolve().name
 
@@ -147,13 +226,15 @@ async def serve(opts: WorkerOptions) -> None:
     registry = new_registry()              # served from before the (long) load
     metrics = WorkerMetrics(registry, model=model_name(opts), rank=opts.rank)
     endpoint = serve_metrics(registry, opts.metrics_port, opts.metrics_host)
+    token = read_token(opts.shard_token_file) if opts.shard_token_file else None
+    check_listen(opts.listen, token=token is not None)      # before the (long) load
     shard = load_shard(opts, provider.get_tracer("services.worker"))
     servicer = ShardServicer(shard, metrics)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+    server = grpc.aio.server(interceptors=[ShardToken(token)] if token else [],
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                       ("grpc.max_send_message_length", MAX_MESSAGE)])
     shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, server)
-    if server.add_insecure_port(opts.listen) == 0 and not opts.listen.startswith("unix:"):
-        raise ValueError(f"--listen {opts.listen}: cannot bind")
+    bind(server, opts.listen, token=token is not None)
     await server.start()
     log.info("rank %d/%d serving %s on %s", opts.rank, opts.tp, shard.model_name, opts.listen)
     stop = asyncio.Event()
