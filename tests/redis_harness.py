@@ -20,6 +20,7 @@ DATABASES = {
     "test_gateway": 1,
     "test_scheduler_redis": 2,
     "test_serving_e2e": 3,
+    "test_isolation": 11,
 }
 
 

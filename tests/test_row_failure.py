@@ -3,13 +3,16 @@ gRPC), a row whose sampling raises leaves the batch (``PrefillResponse.failed`` 
 ``DecodeResponse.failed`` name it with the reason), the other rows of its batch give
 exactly their ``glm generate`` tokens, the rank stays healthy and serves the next
 batch; parameters outside ``model.limits`` are refused before any forward, naming the
-request; ``mask_position`` says which mask a blank fills."""
+request; ``mask_position`` says which mask a blank fills. At TP=2 (real processes)
+both ranks drop the failed row in the same step."""
 
 from __future__ import annotations
 
 import pytest
 
+import isolation_jobs
 from model.config import GMASK_ID, MASK_ID
+from model.distributed import run_local_ranks
 from model.runner import load_model
 from model.sampling import Sampler
 from services.common.errors import InvalidArgument
@@ -18,7 +21,7 @@ from services.worker.batch import ShardBatch
 from services.worker.shard import Shard
 from tests.worker_cases import PROMPTS, SAMPLED, Tokens, reference, request
 
-POISON = 666          # the seed of the row whose sampling raises
+POISON = isolation_jobs.POISON
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +114,22 @@ def test_mask_position_names_the_blank(model, shard):
     req.mask_position = 2
     with pytest.raises(InvalidArgument, match="mask_position"):
         ShardBatch.from_pb(pb.Batch(id=1, requests=[req]), model.config)
+
+
+@pytest.mark.processes
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_at", [0, 2], ids=["prefill", "decode"])
+def test_tp_ranks_drop_the_failed_row_in_step(checkpoint, fail_at):
+    """TP=2 over gloo: rank 0's sampling raises for one row; rank 0 broadcasts it failed, so
+    both ranks drop it in the same step and keep the same rows (the next collectives match),
+    and the other rows give what TP=1 gives."""
+    ckpt = checkpoint("glm-tiny", tp=1, seed=5)
+    rows = [(PROMPTS["mask"], {"greedy": True}), (PROMPTS["gmask"], dict(SAMPLED, seed=isolation_jobs.POISON)),
+            (PROMPTS["long_gmask"], SAMPLED)]
+    ranks = run_local_ranks(isolation_jobs.decode_with_a_failing_row, 2, ckpt, rows, 5, fail_at)
+    single = run_local_ranks(isolation_jobs.decode_with_a_failing_row, 1, ckpt, rows, 5, fail_at)[0]
+    (held0, failed0, tokens0), (held1, failed1, _) = ranks
+    assert failed0 == failed1 == [1] and held0 == held1
+    assert all(1 not in ids for ids in held0[fail_at:])
+    assert len(tokens0.get(1, [])) == fail_at
+    assert {r: tokens0[r] for r in (0, 2)} == {r: single[2][r] for r in (0, 2)}
