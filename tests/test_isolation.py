@@ -7,7 +7,9 @@ real TP=1 worker pool, requests XADDed as a client that skips the gateway would:
   output ``glm generate`` gives, the bad ones get an INVALID_ARGUMENT error naming the
   field, each is in the dead-letter stream once, and the pool stays up and serves the
   next request;
-* "x [MASK] " x 100 with max_new_tokens 1 ends: 100 blanks, one token each.
+* "x [MASK] " x 100 with max_new_tokens 1 ends: 100 blanks, one token each;
+* the same through the real stack (`glm serve`: gateway, scheduler, worker processes):
+  the gateway refuses the poison values naming the field, the neighbours finish.
 
 Verdicts on events and the dead-letter stream; ``HANG_S`` only turns a hang into a failure."""
 
@@ -18,16 +20,22 @@ import json
 import time
 import uuid
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
 
 from model.config import EOS_ID, GMASK_ID, MASK_ID
 from model.generation import GenerationOptions, Generator
+from model.prompt import prepare_text_ids
 from model.runner import load_model
 from model.sampling import SamplingParams
 from model.tokenizer import GLMTokenizer
+from services.client import AsyncGLMClient, GLMClient, GLMError
 from services.common import redis_keys as keys
 from services.common.messages import Event, QueuedRequest, Sampling
+from services.common.net import free_port
+from services.local import LocalStack
+from services.local_options import ServeOptions
 from services.scheduler.loop import LoopOptions, PoolLoop
 from services.scheduler.policy import Limits
 from services.worker.pool import start_pool
@@ -172,3 +180,44 @@ def test_x_mask_times_100_with_one_new_token_ends(pool, tokenizer):
     final = events[-1]
     assert final.type == "final" and len(final.blanks) == 100 and final.generated_tokens == 100
     assert [len(b) for b in blank_tokens(events)] == [1] * 100
+
+
+@pytest.fixture(scope="module")
+def stack(ckpt, tmp_path_factory):
+    options = ServeOptions.from_flat(
+        checkpoint=ckpt, model_name=f"iso-{uuid.uuid4().hex[:8]}", port=free_port(), tp=1, pools=1,
+        redis_url=REDIS_URL, scheduler_args=("--max-input-tokens", "400"),
+        workdir=str(tmp_path_factory.mktemp("logs")))
+    s = LocalStack(options).start()
+    yield s
+    s.stop()
+
+
+def test_the_real_stack_refuses_the_poison_and_serves_its_neighbours(stack, model, tokenizer):
+    """Through the gateway: the poison values are INVALID_ARGUMENT naming the field (the
+    workers would refuse them too); concurrent ordinary requests, "x [MASK] " x 100 with
+    max_new_tokens 1 among them, all end with their normal output."""
+    x_mask = "x [MASK] " * 100
+    ordinary = ["The river runs past the old mill and [MASK] into the valley.", "Stream the tokens [gMASK]",
+                x_mask]
+
+    async def main():
+        async with AsyncGLMClient(stack.address) as client:
+            calls = [client.generate(p, max_new_tokens=1 if p == x_mask else 6, temperature=0, timeout=HANG_S)
+                     for p in ordinary]
+            calls += [client.generate("Short [MASK]", temperature=1e-38, timeout=HANG_S),
+                      client.generate("Short [MASK]", temperature=0.7, repetition_penalty=1e-38, timeout=HANG_S)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    *good, bad_t, bad_rp = asyncio.run(main())
+    for error, field in ((bad_t, "sampling.temperature"), (bad_rp, "sampling.repetition_penalty")):
+        assert isinstance(error, GLMError) and error.code == grpc.StatusCode.INVALID_ARGUMENT, error
+        assert error.details.startswith(field), error.details
+    for prompt, reply in zip(ordinary, good):
+        assert not isinstance(reply, Exception), reply
+        ids = prepare_text_ids(tokenizer.tokenize(prompt))
+        want = generate(model, ids, Sampling(temperature=0.0), 1 if prompt == x_mask else 6)
+        assert list(reply.token_ids) == [t for blank in want for t in blank], prompt
+    assert len(good[2].blanks) == 100
+    with GLMClient(stack.address) as client:                           # still serving
+        assert client.generate("Short [MASK]", max_new_tokens=3, temperature=0, timeout=HANG_S).finish_reason
