@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from model.config import EOS_ID, MASK_ID
+from model.config import EOP_ID, EOS_ID, MASK_ID
 from model.limits import MAX_BLANKS
-from tests.test_scheduler_policy import FakeWorkers, by_request, check_stream, make, request
+from tests.test_scheduler_policy import FakeWorkers, by_request, check_stream, drain, make, request
 
 
 class FailingWorkers(FakeWorkers):
@@ -100,3 +100,24 @@ def test_more_blanks_than_the_limit_are_dead_lettered():
     out = core.add(request("many", [20100, MASK_ID] * (MAX_BLANKS + 1), max_new=1), 0)
     assert out.ended[0].dead and out.events[0][1].code == "INVALID_ARGUMENT"
     assert f"at most {MAX_BLANKS}" in out.events[0][1].message
+
+
+def test_a_resumed_request_keeps_generated_masks_as_content():
+    """A dead pool published blank 0, whose content is a generated [MASK]: the pool that
+    resumes the request fills the prompt's second mask next, not the generated one."""
+    prompt = [20100, MASK_ID, 20101, MASK_ID, 20102]
+    script = lambda row, k: [MASK_ID, EOP_ID][k]                   # noqa: E731
+    full_core, w1 = make(script=script)
+    full_core.add(request("a", prompt, max_new=4), 0)
+    full = [e for _, e in drain(full_core, w1)]
+    first_blank = next(i for i, e in enumerate(full) if e.type == "blank")
+    core, w2 = make(script=script)
+    core.add(request("a", prompt, max_new=4), 0, events=full[:first_blank + 1])
+    plan = core.plan(0)
+    assert [r.mask_position for r in plan.prefill.requests] == [3]
+    assert core.state("a").context == [20100, MASK_ID, 20101, MASK_ID, 20102]
+    gens, view = w2.prefill(plan.prefill)
+    rest = core.prefilled(plan.prefill, gens, view).events + drain(core, w2)
+    assert [e.to_json() for e in full[:first_blank + 1]] + [e.to_json() for _, e in rest] == \
+        [e.to_json() for e in full]
+    assert full[-1].type == "final" and len(full[-1].blanks) == 2
