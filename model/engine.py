@@ -11,7 +11,12 @@ translates protobuf to and from the types here. The rules live here once:
   the draw for a row's k-th token seeded from ``(seed, k)`` alone) and broadcasts the ids;
   every rank appends the *broadcast* ids, so the ranks' states cannot diverge;
 * a row finishes with ``stop`` on eop/eos, with ``length`` once it has generated what it
-  is allowed; finished rows leave the batch in the step that finished them.
+  is allowed; finished rows leave the batch in the step that finished them;
+* a row whose sampling raises on its own (rank 0 retries the rows one by one when the
+  batched draw raises) *fails*: rank 0 broadcasts ``FAILED`` as its id, every rank drops
+  it from the batch, and the step reports it (``StepOutput.failed``) while the other
+  rows go on. When every row of a batch of several fails, the fault is not one row's:
+  the exception propagates.
 
 Prefill is whole-prompt and left-padded (GLM's prefix-LM attention forbids chunking):
 ``context`` attends bidirectionally, ``sop + generated`` causally, with the positions of
@@ -39,6 +44,7 @@ from model.sampling import Sampler, SamplingParams
 
 STOP = "stop"        # the row chose eop or eos
 LENGTH = "length"    # the row generated every token it is allowed
+FAILED = -1          # the id rank 0 broadcasts for a row whose sampling failed
 
 CacheFactory = Callable[[int, int], DecodeCache]   # (rows, capacity in slots) -> empty cache
 
@@ -205,13 +211,23 @@ class StepToken:
     top_tokens: tuple[tuple[int, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class RowFailure:
+    """A row that failed on its own in a step and left the batch: why (rank 0 only knows
+    the message; the other ranks see ``FAILED`` broadcast and say so)."""
+
+    request: RequestState
+    message: str
+
+
 @dataclass
 class StepOutput:
-    """One step of a batch: a ``StepToken`` per row (the rows that went in, in order) and
-    the batch of the rows that did not finish (None when every row finished)."""
+    """One step of a batch: a ``StepToken`` per row that chose a token (in row order), the
+    rows that failed, and the batch of the rows that go on (None when none does)."""
 
     batch: Batch | None
     tokens: list[StepToken]
+    failed: list[RowFailure] = field(default_factory=list)
 
 
 def ban_end_tokens(logits: torch.Tensor, ban: Sequence[bool]) -> torch.Tensor:
@@ -270,28 +286,53 @@ class Engine:
         logits = self.decode_logits(batch.cache, batch.pending, batch.decode_positions(self.device))
         return self.step(batch, logits)
 
-    def choose(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+    def choose(self, batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
         """Rank 0 samples ``[b]`` ids from ``logits [b, V]`` (end tokens banned below
-        ``min_new_tokens``) and broadcasts them; every rank returns the broadcast ids."""
+        ``min_new_tokens``) and broadcasts them; every rank returns the broadcast ids
+        (``FAILED`` for a row whose sampling failed) and, on rank 0, why each failed row did."""
         reqs = batch.requests
         tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+        errors: dict[int, str] = {}
         if self.ctx.rank == 0:
             scores = ban_end_tokens(logits, [len(r.generated) < r.min_new for r in reqs])
-            chosen, _ = batch.sampler.sample(scores, [list(r.blank.context) for r in reqs],
-                                             [r.generated for r in reqs])
+            try:
+                chosen, _ = batch.sampler.sample(scores, [list(r.blank.context) for r in reqs],
+                                                 [r.generated for r in reqs])
+            except Exception as exc:  # noqa: BLE001 - attributed to rows below, or re-raised
+                chosen, errors = self._choose_rows(batch, scores, exc)
             tokens.copy_(chosen)
-        return self.ctx.broadcast(tokens)
+        return self.ctx.broadcast(tokens), errors
+
+    @staticmethod
+    def _choose_rows(batch: Batch, scores: torch.Tensor, batched: Exception) -> tuple[torch.Tensor, dict[int, str]]:
+        """The batched draw raised: draw each row alone (a row's draw does not depend on its
+        neighbours); the rows that raise alone fail. Re-raise when every row of several does."""
+        tokens = torch.full((len(batch.requests),), FAILED, dtype=torch.long, device=scores.device)
+        errors: dict[int, str] = {}
+        for row, req in enumerate(batch.requests):
+            try:
+                chosen, _ = batch.sampler.rows([row]).sample(scores[row: row + 1], [list(req.blank.context)],
+                                                             [req.generated])
+                tokens[row] = chosen[0]
+            except Exception as exc:  # noqa: BLE001 - this row's own failure, reported to its caller
+                errors[row] = f"sampling failed: {type(exc).__name__}: {exc}"
+        if len(errors) == len(batch.requests) > 1:
+            raise batched
+        return tokens, errors
 
     def step(self, batch: Batch, logits: torch.Tensor) -> StepOutput:
         """Choose, broadcast and append one token per row; decide who finished (eop/eos:
-        stop; the allowed count reached: length) and drop those rows."""
-        tokens = self.choose(batch, logits)
+        stop; the allowed count reached: length) and drop those rows and the failed ones."""
+        tokens, errors = self.choose(batch, logits)
         raw = torch.log_softmax(logits.float(), dim=-1)                      # [b, V]
-        logprobs = raw.gather(1, tokens[:, None])[:, 0].tolist()             # [b]
+        logprobs = raw.gather(1, tokens.clamp(min=0)[:, None])[:, 0].tolist()  # [b]
         top_n = max(r.top_n for r in batch.requests)
         top = raw.topk(top_n, dim=-1) if top_n else None                     # [b, top_n]
-        out, keep = [], []
+        out, keep, failed = [], [], []
         for row, (req, tok) in enumerate(zip(batch.requests, tokens.tolist())):
+            if tok == FAILED:
+                failed.append(RowFailure(req, errors.get(row, f"sampling failed on rank 0 (row {row})")))
+                continue
             req.generated.append(tok)
             reason = STOP if tok in END_IDS else LENGTH if len(req.generated) >= req.allowed else None
             if reason is None:
@@ -301,4 +342,4 @@ class Engine:
                 best = tuple(zip(top.indices[row, : req.top_n].tolist(), top.values[row, : req.top_n].tolist()))
             out.append(StepToken(req, tok, logprobs[row], len(req.generated), reason, best))
         batch.pending = tokens
-        return StepOutput(batch.rows(keep) if keep else None, out)
+        return StepOutput(batch.rows(keep) if keep else None, out, failed)

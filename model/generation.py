@@ -18,7 +18,7 @@ from model.beam_search import BeamSearch
 from model.config import END_IDS
 from model.engine import LENGTH, STOP, Batch, Engine, RequestState, allowed_new_tokens
 from model.glm import GLMModel
-from model.prompt import Blank, PromptError, check_length, generation_mask
+from model.prompt import Blank, PromptError, check_blanks, check_length, generation_mask, next_blank
 from model.sampling import SamplingParams
 
 
@@ -100,6 +100,8 @@ class Generator:
             return out
         step = self.engine.prefill(Batch(0, rows))
         while True:
+            if step.failed:
+                raise RuntimeError(f"blank {step.failed[0].request.id}: {step.failed[0].message}")
             for token in step.tokens:
                 done = out[token.request.id]
                 done.token_ids.append(token.token_id)
@@ -177,13 +179,18 @@ class Generator:
     def fill_blanks(self, ids: list[int], params: SamplingParams, options: GenerationOptions,
                     *, all_blanks: bool = True) -> FillResult:
         """Fill the generation mask's blanks left to right, as the official ``fill_blanks``
-        (one fresh prefill per blank); only the first with ``all_blanks=False``."""
+        (one fresh prefill per blank); only the first with ``all_blanks=False``.
+
+        The blanks are the prompt's own masks: the next one is searched after the content
+        just spliced in, so a mask id the model generates is content, never a new blank
+        (docs/model.md, "Generation"), and at most ``model.limits.MAX_BLANKS`` are filled."""
         mask = generation_mask(ids)
         if mask is None:
             raise PromptError("prompt holds no mask id ([MASK] 150000, [sMASK] 150002 or [gMASK] 150001)")
+        check_blanks(ids)
         seq, blanks = list(ids), []
-        while mask in seq:
-            blank = Blank.first(seq, mask)
+        blank = next_blank(seq, mask, 0)
+        while blank is not None:
             if options.num_beams > 1:
                 done = self.beam_search(blank, options)
             else:
@@ -192,4 +199,5 @@ class Generator:
             seq = blank.splice(done.content_ids)
             if not all_blanks:
                 break
+            blank = next_blank(seq, mask, blank.end(done.content_ids))
         return FillResult(blanks, seq)

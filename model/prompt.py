@@ -5,6 +5,11 @@ is ``[MASK]`` if present, else ``[sMASK]``, else ``[gMASK]``; the input is
 ``context + [sop]``; context tokens take positions ``0..n-2``; with ``[MASK]``
 or ``[sMASK]`` sop and every generated token take the mask's index, with
 ``[gMASK]`` positions keep counting.
+
+Blanks are the masks of the prompt itself: the next blank is the first mask at or
+after ``Blank.end`` of the one just filled (``next_blank``), so a mask id the model
+generated inside a blank is content, never a new blank, and a request fills at most
+as many blanks as its prompt holds (``check_blanks``: ``model.limits.MAX_BLANKS``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import EOS_ID, GMASK_ID, MASK_ID, SMASK_ID, SOP_ID
+from model.limits import blanks_problem
 
 
 class PromptError(ValueError):
@@ -46,11 +52,12 @@ class Blank:
     use_gmask: bool
 
     @classmethod
-    def first(cls, ids: list[int], mask: int | None = None) -> "Blank":
+    def first(cls, ids: list[int], mask: int | None = None, start: int = 0) -> "Blank":
+        """The first ``mask`` (the generation mask by default) at or after index ``start``."""
         mask = generation_mask(ids) if mask is None else mask
-        if mask is None or mask not in ids:
+        if mask is None or mask not in ids[start:]:
             raise PromptError("prompt holds no mask id ([MASK] 150000, [sMASK] 150002 or [gMASK] 150001)")
-        return cls(tuple(ids), ids.index(mask), mask == GMASK_ID)
+        return cls(tuple(ids), ids.index(mask, start), mask == GMASK_ID)
 
     @property
     def input_ids(self) -> list[int]:
@@ -73,6 +80,24 @@ class Blank:
         """The context with the mask replaced by ``generated`` (official ``fill_blanks``)."""
         ctx = list(self.context)
         return ctx[: self.mask_pos] + list(generated) + ctx[self.mask_pos + 1:]
+
+    def end(self, generated: list[int]) -> int:
+        """Index in ``splice(generated)`` just past the filled content: where the next blank
+        is searched from (a mask id inside ``generated`` is not a blank)."""
+        return self.mask_pos + len(generated)
+
+
+def next_blank(ids: list[int], mask: int, start: int) -> Blank | None:
+    """The blank after index ``start`` (None when no ``mask`` is left there)."""
+    return Blank.first(ids, mask, start) if mask in ids[start:] else None
+
+
+def check_blanks(ids: list[int]) -> None:
+    """Refuse a prompt with more blanks to fill than ``model.limits.MAX_BLANKS``."""
+    mask = generation_mask(ids)
+    problem = blanks_problem(ids.count(mask)) if mask is not None else ""
+    if problem:
+        raise PromptError(f"prompt {problem}")
 
 
 def check_length(ids: list[int], max_sequence_length: int) -> None:

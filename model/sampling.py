@@ -19,6 +19,15 @@ seeded from ``(seed, k)`` alone, so a request resumed elsewhere from its first k
 
 Extensions the official code lacks (issue #65): a CTRL/HF repetition penalty over
 prompt + output tokens and OpenAI presence/frequency penalties over output tokens.
+
+Numerically safe for every accepted parameter (the ranges are ``model.limits``): the
+processed logits are fp32 with NaN read as the lowest score and every value clamped
+to ``[-LOGIT_BOUND, LOGIT_BOUND]`` after the temperature (a no-op on ordinary logits,
+so those draws stay bit-identical to the official sampler); a row whose scaled logits
+fall below the filter value is filtered with ``-inf`` instead (so a removed token can
+never outrank a kept one); and a row whose distribution still degenerates (not finite,
+or summing to 0) takes its argmax instead of a draw. No accepted request can make
+``multinomial`` raise.
 """
 
 from __future__ import annotations
@@ -34,12 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.limits import (PENALTY_RANGE, TOP_P_RANGE, range_problem, repetition_penalty_problem,
+                          temperature_problem)
+
 FILTER_VALUE = -65504.0  # the official filter value (fp16 lowest), not -inf
+LOGIT_BOUND = 1e30       # processed fp32 logits are clamped to +-this (fp32 max is 3.4e38)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its next token. ``temperature == 0`` means greedy."""
+    """How one request picks its next token. ``temperature == 0`` means greedy; every
+    range is ``model.limits``'s (the gateway checks the same constants)."""
 
     greedy: bool = False
     temperature: float = 1.0
@@ -61,17 +75,18 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, "must be a finite number")
-        if self.temperature < 0:
-            raise bad("temperature", "must be >= 0")
+        problems = {
+            "temperature": temperature_problem(self.temperature),
+            "top_p": range_problem(self.top_p, *TOP_P_RANGE),
+            "repetition_penalty": repetition_penalty_problem(self.repetition_penalty),
+            "presence_penalty": range_problem(self.presence_penalty, *PENALTY_RANGE),
+            "frequency_penalty": range_problem(self.frequency_penalty, *PENALTY_RANGE),
+        }
+        for name, problem in problems.items():
+            if problem:
+                raise bad(name, problem)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("top_k", "must be an integer >= 0")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise bad("top_p", "must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be > 0")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise bad(name, "must be in [-2, 2]")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64
         ):
@@ -92,17 +107,21 @@ def apply_top_k_top_p(
     """The official ``top_k_logits`` rule applied to every row with one sort.
 
     logits [b, V] float; top_k LongTensor [b] (0 = off); top_p FloatTensor [b] (0 or 1 = off).
-    Returns new logits [b, V] with the removed entries set to ``filter_value``. Exact as
-    long as ``filter_value`` is below every kept logit (true for -65504 on real logits).
+    Returns new logits [b, V] with the removed entries set to ``filter_value``, or to
+    ``-inf`` in a row whose lowest logit is not above ``filter_value`` (logits scaled by a
+    small temperature), so a removed entry never outranks a kept one; on real logits the
+    softmax is the same either way (``exp`` of either is 0).
     """
     b, vocab = logits.shape
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # [b, V]
+    low = sorted_logits[:, -1:]                                            # [b, 1] each row's lowest
+    fill = torch.where(low > filter_value, torch.full_like(low, filter_value), torch.full_like(low, -math.inf))
     k = top_k.to(device=logits.device, dtype=torch.long).clamp(max=vocab)  # [b]
     k_on = k > 0
     # The k-th largest per row; rows with top-k off get a threshold nothing is below.
     kth = sorted_logits.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # [b, 1]
     kth = torch.where(k_on.unsqueeze(1), kth, torch.full_like(kth, -math.inf))
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, filter_value)
+    sorted_logits = torch.where(sorted_logits < kth, fill, sorted_logits)
 
     p = top_p.to(device=logits.device, dtype=torch.float32)  # [b]
     p_on = (p > 0) & (p < 1)
@@ -111,7 +130,7 @@ def apply_top_k_top_p(
         remove = cumulative > p.unsqueeze(1)
         remove = torch.cat([torch.zeros_like(remove[:, :1]), remove[:, :-1]], dim=1)  # shift right
         remove &= p_on.unsqueeze(1)
-        sorted_logits = sorted_logits.masked_fill(remove, filter_value)
+        sorted_logits = torch.where(remove, fill, sorted_logits)
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
@@ -221,6 +240,7 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = F.log_softmax(logits, dim=-1)  # [b, V]
         processed = apply_penalties(logits.clone(), self.params, prompt_ids, output_ids)
+        processed = torch.where(torch.isnan(processed), -math.inf, processed)  # NaN: the lowest score
 
         tokens = torch.argmax(processed, dim=-1)  # [b], greedy rows keep this
         sampled = [i for i, p in enumerate(self.params) if not p.is_greedy]
@@ -229,6 +249,7 @@ class Sampler:
             chosen = [self.params[i] for i in sampled]
             temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
             scaled = processed[rows] / temperature.unsqueeze(1)  # [s, V]
+            scaled = scaled.clamp(-LOGIT_BOUND, LOGIT_BOUND)    # finite; a no-op on ordinary logits
             if any(p.top_k > 0 or p.top_p_active for p in chosen):
                 scaled = apply_top_k_top_p(
                     scaled,
@@ -236,7 +257,11 @@ class Sampler:
                     torch.tensor([p.top_p for p in chosen]),
                 )
             probs = F.softmax(scaled.float(), dim=-1)  # [s, V]
+            usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()  # [s]
             for j, i in enumerate(sampled):
+                if not usable[j]:                      # degenerate distribution: its argmax
+                    tokens[i] = torch.argmax(scaled[j])
+                    continue
                 self.generators[i].manual_seed(step_seed(self.seeds[i], len(output_ids[i])))
                 draw = torch.multinomial(probs[j : j + 1], 1, generator=self.generators[i])  # [1, 1]
                 tokens[i] = draw.view(())

@@ -23,6 +23,7 @@ DATABASES = {
     "test_tenants": 4,
     "test_gateway_tenants": 5,
     "test_edges_gateway": 12,
+    "test_isolation": 11,
 }
 
 

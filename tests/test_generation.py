@@ -11,6 +11,7 @@ from glm_reference import forward as reference_forward
 from model.checkpoint import inspect_checkpoint, read_rank_state
 from model.config import EOP_ID, EOS_ID, GMASK_ID, MASK_ID, GLMConfig
 from model.generation import GenerationOptions, Generator
+from model.limits import MAX_BLANKS
 from model.prompt import Blank, PromptError
 from model.runner import load_model
 from model.sampling import SamplingParams
@@ -153,3 +154,36 @@ def test_generation_stops_at_max_sequence_length(gen):
     context = [20100] * (limit - 4) + [GMASK_ID]          # context + sop = limit - 2 tokens
     got = gen.sample([Blank.first(context)], [SamplingParams(greedy=True)], GenerationOptions(max_new_tokens=50))[0]
     assert len(got.token_ids) == 2 and got.finish_reason == "length"
+
+
+@pytest.fixture()
+def eager_to_mask(ckpt):
+    """The model with its LM head nudged so [MASK] is always the top logit."""
+    model = load_model(ckpt)
+    head = model.transformer.word_embeddings
+    plain = head.logits
+
+    def logits(hidden):
+        out = plain(hidden)
+        out[..., MASK_ID] += 100.0
+        return out
+
+    head.logits = logits
+    return Generator(model)
+
+
+@pytest.mark.parametrize("max_new", [1, 3])
+def test_a_generated_mask_never_opens_a_blank(eager_to_mask, max_new):
+    """"x [MASK] " x 100 on a model that only ever says [MASK]: exactly the prompt's 100
+    blanks are filled (the generated masks stay as content), so the request ends."""
+    ids = [20100, MASK_ID] * 100 + [EOS_ID]
+    result = eager_to_mask.fill_blanks(ids, SamplingParams(greedy=True), GenerationOptions(max_new_tokens=max_new))
+    assert len(result.blanks) == 100
+    assert all(b.token_ids == [MASK_ID] * max_new for b in result.blanks)
+    assert result.output_ids == [20100, *[MASK_ID] * max_new] * 100 + [EOS_ID]
+
+
+def test_too_many_blanks_are_refused(gen):
+    ids = [20100, MASK_ID] * (MAX_BLANKS + 1)
+    with pytest.raises(PromptError, match=f"at most {MAX_BLANKS}"):
+        gen.fill_blanks(ids, SamplingParams(greedy=True), GenerationOptions(max_new_tokens=1))

@@ -44,7 +44,7 @@ def test_kernels_import_no_model_or_service_code(path):
 # The prompt rules and the tokenizer are pure Python over sentencepiece; gateway and
 # scheduler need them (validation, stop texts, blank splicing). These three modules are
 # the only part of ``model`` they may import, and they must stay torch-free.
-TORCH_FREE_MODEL_MODULES = {"model.config", "model.kv_footprint", "model.prompt", "model.tokenizer"}
+TORCH_FREE_MODEL_MODULES = {"model.config", "model.kv_footprint", "model.limits", "model.prompt", "model.tokenizer"}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.limits import MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
 from model.sampling import Sampler, SamplingParams, apply_penalties, apply_top_k_top_p
 
 
@@ -179,3 +180,65 @@ def test_a_resumed_row_continues_with_the_same_draws():
         again.append(int(resumed.sample(logits, [[1]], [list(again)])[0][0]))
     assert again == out
     assert len(set(out)) > 1
+
+
+# -- numerically safe for every accepted parameter (issue 10) ------------------------------
+@pytest.mark.parametrize("value", [1e-38, 1e-6, -1e-9, 100.5, math.inf])
+def test_temperature_outside_its_range_is_refused(value):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=value)
+
+
+@pytest.mark.parametrize("value", [1e-38, 0.009, 101.0, -1.0, 0.0])
+def test_repetition_penalty_outside_its_range_is_refused(value):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=value)
+
+
+EXTREMES = [
+    dict(temperature=MIN_TEMPERATURE), dict(temperature=MAX_TEMPERATURE),
+    dict(temperature=MIN_TEMPERATURE, top_k=3, top_p=0.5),
+    dict(temperature=MIN_TEMPERATURE, repetition_penalty=MIN_REPETITION_PENALTY),
+    dict(temperature=MIN_TEMPERATURE, repetition_penalty=MAX_REPETITION_PENALTY, top_k=2),
+    dict(temperature=0.7, repetition_penalty=MIN_REPETITION_PENALTY, presence_penalty=2.0, frequency_penalty=2.0),
+    dict(temperature=MAX_TEMPERATURE, presence_penalty=-2.0, frequency_penalty=-2.0, top_p=1e-9),
+]
+
+
+@pytest.mark.parametrize("params", EXTREMES, ids=[str(i) for i in range(len(EXTREMES))])
+@pytest.mark.parametrize("scale", [1.0, 1e4, 6e4])
+def test_extreme_accepted_parameters_always_draw_a_token(params, scale):
+    """Logits as large as fp16 holds, the smallest temperature, the strongest penalties,
+    repeated tokens, a banned (-inf) entry: a token id is drawn, never an exception."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 64, generator=gen) * scale
+    logits[:, 7] = -math.inf                                  # an end token banned by min_new_tokens
+    sampler = Sampler([SamplingParams(seed=s, **params) for s in range(4)])
+    tokens, logprobs = sampler.sample(logits, [[1, 2, 3]] * 4, [[4, 5, 4, 5] * 50, [], [63] * 9, [7]])
+    assert tokens.dtype == torch.long and all(0 <= t < 64 and t != 7 for t in tokens.tolist())
+    assert not torch.isnan(logprobs).any()
+
+
+def test_smallest_temperature_filters_with_minus_inf_and_keeps_the_top_k():
+    """At temperature 1e-5 the scaled logits are ~1e5 apart: the official filter value -65504
+    would outrank kept logits; the filtered ones get -inf and the draw stays in the top k."""
+    logits = torch.tensor([[-3.0, -2.0, -1.5, -1.0, -4.0]])    # scaled: -3e5 .. -1e5, all below -65504
+    for seed in range(20):
+        sampler = Sampler([SamplingParams(temperature=MIN_TEMPERATURE, top_k=2, seed=seed)])
+        assert sampler.sample(logits.clone(), [[]], [[]])[0].item() == 3      # top-2, 5e4 apart: the argmax
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_a_degenerate_row_takes_its_argmax_and_leaves_its_neighbours_alone(poison):
+    """A row whose logits hold NaN or inf (a model that overflowed) still gets a token, the
+    row's argmax; the other rows draw exactly what they draw without it."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 32, generator=gen)
+    bad = logits.clone()
+    bad[1] = poison
+    bad[1, 5] = math.inf if poison == math.inf else 0.0
+    params = [SamplingParams(temperature=0.8, seed=s) for s in (1, 2, 3)]
+    alone, _ = Sampler(params).sample(logits.clone(), [[]] * 3, [[]] * 3)
+    tokens, _ = Sampler(params).sample(bad, [[]] * 3, [[]] * 3)
+    assert tokens[0] == alone[0] and tokens[2] == alone[2]
+    assert 0 <= tokens[1].item() < 32

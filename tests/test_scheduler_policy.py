@@ -42,7 +42,7 @@ class Refused(Exception):
 
 
 class FakeWorkers:
-    """The workers' batch accounting (docs/worker.md): dense, left-padded caches whose
+    """The workers' batch accounting (docs/architecture.md, "Shard protocol"): dense, left-padded caches whose
     footprint is ``model.kv_footprint.padded_kv_slots``; a prefill that could exceed
     the capacity is refused. ``script(row_id, k)`` gives the k-th token of a phase."""
 
@@ -451,3 +451,4 @@ def test_finish_reasons_keep_their_json():
     assert Event.from_json(event.to_json()).finish_reason is FinishReason.CANCELLED
     assert Event("blank", 0, finish_reason="stop").finish_reason is FinishReason.STOP
     assert Event("tokens", 0).finish_reason is None and "finish_reason" not in Event("tokens", 0).to_json()
+

@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import secrets
 import uuid
 from dataclasses import asdict, dataclass
 
 from model.config import MASK_IDS
-from model.prompt import prepare_text_ids
+from model.limits import (PENALTY_RANGE, TOP_P_RANGE, blanks_problem, range_problem, repetition_penalty_problem,
+                          temperature_problem)
+from model.prompt import generation_mask, prepare_text_ids
 from services.common.errors import InvalidArgument
 from services.common.messages import QueuedRequest, Sampling
 from services.gateway.catalog import ServedModel
 from services.proto_gen.glm.v1 import generation_pb2 as pb
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-MAX_TEMPERATURE = 100.0
-PENALTY_RANGE = (-2.0, 2.0)
 SEED_BITS = 64                       # a drawn seed: any uint64, as a caller may give (the workers take all)
 
 
@@ -67,6 +66,9 @@ def prompt_ids_of(request: pb.GenerateRequest, served: ServedModel) -> list[int]
                                   "([MASK] 150000, [gMASK] 150001 or [sMASK] 150002)")
     else:
         raise InvalidArgument("prompt: empty; give prompt or prompt_token_ids")
+    blanks = blanks_problem(ids.count(generation_mask(ids)))
+    if blanks:
+        raise InvalidArgument(f"{field}: {blanks}")
     if len(ids) + 1 > served.max_sequence_length:
         raise InvalidArgument(f"{field}: too long: {len(ids)} tokens + sop exceed the model's "
                               f"max_sequence_length {served.max_sequence_length}")
@@ -78,28 +80,32 @@ def _float(value: float) -> float:
     return float(f"{value:.7g}")
 
 
-def _in_range(field: str, value: float, low: float, high: float) -> float:
-    if not low <= value <= high:  # also catches NaN
-        raise InvalidArgument(f"{field}: {value:g} is outside [{low:g}, {high:g}]")
+def _checked(field: str, value: float, problem: str) -> float:
+    """``value`` as the caller meant it, or INVALID_ARGUMENT naming ``field`` with the
+    ``model.limits`` problem (the workers check the same ranges)."""
+    if problem:
+        raise InvalidArgument(f"{field}: {value:g} {problem}")
     return _float(value)
 
 
 def sampling_of(options: pb.SamplingOptions, served: ServedModel) -> tuple[Sampling, bool]:
     temperature = options.temperature if options.HasField("temperature") else 1.0
-    temperature = _in_range("sampling.temperature", temperature, 0.0, MAX_TEMPERATURE)
+    temperature = _checked("sampling.temperature", temperature, temperature_problem(_float(temperature)))
     top_p = options.top_p if options.HasField("top_p") else 1.0
-    top_p = _in_range("sampling.top_p", top_p, 0.0, 1.0)
+    top_p = _checked("sampling.top_p", top_p, range_problem(_float(top_p), *TOP_P_RANGE))
     if options.top_k > served.vocab_size:
         raise InvalidArgument(
             f"sampling.top_k: {options.top_k} exceeds the vocabulary size {served.vocab_size}")
     repetition = options.repetition_penalty if options.HasField("repetition_penalty") else 1.0
-    if not (repetition > 0 and math.isfinite(repetition)):
-        raise InvalidArgument(f"sampling.repetition_penalty: {repetition:g} must be > 0 (1 = off)")
-    presence = _in_range("sampling.presence_penalty", options.presence_penalty, *PENALTY_RANGE)
-    frequency = _in_range("sampling.frequency_penalty", options.frequency_penalty, *PENALTY_RANGE)
+    repetition = _checked("sampling.repetition_penalty", repetition,
+                          repetition_penalty_problem(_float(repetition)))
+    presence = _checked("sampling.presence_penalty", options.presence_penalty,
+                        range_problem(_float(options.presence_penalty), *PENALTY_RANGE))
+    frequency = _checked("sampling.frequency_penalty", options.frequency_penalty,
+                         range_problem(_float(options.frequency_penalty), *PENALTY_RANGE))
     drawn = not options.HasField("seed")
     seed = secrets.randbits(SEED_BITS) if drawn else options.seed
-    return Sampling(temperature, options.top_k, top_p, _float(repetition), presence, frequency,
+    return Sampling(temperature, options.top_k, top_p, repetition, presence, frequency,
                     seed), drawn
 
 

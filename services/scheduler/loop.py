@@ -130,6 +130,10 @@ def _gens(reply) -> list[Gen]:
                 g.finished, _REASONS.get(g.finish_reason)) for g in reply.generations]
 
 
+def _failed(reply) -> list[tuple[int, str]]:
+    return [(f.request_id, f.message) for f in reply.failed]
+
+
 def view_of(reply) -> BatchView | None:
     """The batch a reply names (None: none, or no row left). A batch without its
     ``width`` comes from a worker that predates it: the pool fails loudly."""
@@ -153,7 +157,7 @@ def _batch_pb(op: PrefillOp) -> pb.Batch:
         requests.append(pb.Request(
             id=r.row_id, input_ids=r.input_ids, generated_ids=r.generated_ids, sampling=sampling,
             stopping=pb.StoppingCriteria(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens),
-            top_logprobs=r.top_logprobs))
+            top_logprobs=r.top_logprobs, mask_position=r.mask_position))
     return pb.Batch(id=op.batch_id, requests=requests)
 
 
@@ -456,14 +460,14 @@ class PoolLoop:
             if reply is not None:
                 self.metrics.prompt.inc(sum(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests))
                 self.metrics.generated.inc(len(reply.generations))
-                await self._publish(core.prefilled(op, _gens(reply), view_of(reply)))
+                await self._publish(core.prefilled(op, _gens(reply), view_of(reply), _failed(reply)))
         batches = core.decode_batches()
         if batches:
             with self._step_span("scheduler.decode", core.request_ids_of(batches), {
                     "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
                 reply = await client.decode([_cached_pb(v) for v in batches])
             self.metrics.generated.inc(len(reply.generations))
-            await self._publish(core.decoded(_gens(reply), view_of(reply)))
+            await self._publish(core.decoded(_gens(reply), view_of(reply), _failed(reply)))
         self.steps += 1
         if self.after_step is not None:
             await self.after_step(self.steps)

@@ -24,6 +24,11 @@ loop uses only the public methods: ``add`` / ``cancel``, ``request_ids`` /
 ``tags`` / ``idle`` / ``room`` / ``snapshot``, then per step ``plan`` and the
 replies (``filtered``, ``prefilled`` or ``prefill_refused``, ``decode_batches``
 with ``request_ids_of``, ``decoded``).
+
+A row the workers report failed (``RowFailure``: it failed on its own, e.g. its
+sampling raised, and left their batch) ends its request at once with an INTERNAL
+error carrying the workers' message, and the request goes to the dead letters:
+the failure is deterministic, so no other pool retries it. Its neighbours go on.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any, Callable, Sequence
 
 from model.config import END_IDS
 from model.kv_footprint import padded_kv_slots
+from model.limits import blanks_problem
 from services.common.messages import Event, FinishReason, QueuedRequest, Sampling
 from services.scheduler.request import Cancellation, Gen, Outcome, RequestState, RequestStatus
 from services.scheduler.resume import Resumed, ResumeError, apply_events
@@ -116,6 +122,7 @@ class ShardRequest:
     max_new_tokens: int
     min_new_tokens: int
     top_logprobs: int
+    mask_position: int          # index in input_ids of the mask this phase fills
 
 
 @dataclass(frozen=True)
@@ -225,6 +232,9 @@ class Scheduler:
         if not state.done and len(state.req.prompt_ids) + 1 > self.limits.max_input_tokens:
             return (f"prompt_ids: {len(state.req.prompt_ids)} tokens + sop exceed this pool's "
                     f"max_input_tokens {self.limits.max_input_tokens}")
+        blanks = blanks_problem(state.req.prompt_ids.count(state.mask))
+        if blanks:
+            return f"prompt_ids: {blanks}"
         if state.req.max_new_tokens < 1:
             return f"max_new_tokens must be >= 1, got {state.req.max_new_tokens}"
         need = padded_kv_slots(1, state.input_len, state.allowed)
@@ -306,7 +316,7 @@ class Scheduler:
                 self._row_remaining[state.row_id] = state.remaining
                 requests.append(ShardRequest(
                     state.row_id, tuple(state.context), tuple(state.tokens), state.req.sampling,
-                    state.allowed, state.req.min_new_tokens, state.req.top_logprobs))
+                    state.allowed, state.req.min_new_tokens, state.req.top_logprobs, state.blank.mask_pos))
             out.prefill = PrefillOp(next(self._batch_ids), tuple(requests), tuple(s.id for s in phases))
         return out
 
@@ -369,10 +379,13 @@ class Scheduler:
                     self._row_remaining.pop(row, None)
         self._running = view
 
-    def prefilled(self, op: PrefillOp, gens: Sequence[Gen], view: BatchView | None) -> StepOutput:
+    def prefilled(self, op: PrefillOp, gens: Sequence[Gen], view: BatchView | None,
+                  failed: Sequence[tuple[int, str]] = ()) -> StepOutput:
+        """The workers prefilled ``op``: ``gens`` per row, ``failed`` (row id, message) rows
+        that failed on their own and left the batch."""
         self._steps_since_prefill = 0
         self._fresh = view
-        return self._apply(gens)
+        return self._rows_failed(failed).merge(self._apply(gens))
 
     def prefill_refused(self, op: PrefillOp, code: str, message: str,
                         refused_row_id: int | None = None) -> StepOutput:
@@ -394,10 +407,24 @@ class Scheduler:
             self._blocked_at = self._running.size
         return out
 
-    def decoded(self, gens: Sequence[Gen], view: BatchView | None) -> StepOutput:
+    def decoded(self, gens: Sequence[Gen], view: BatchView | None,
+                failed: Sequence[tuple[int, str]] = ()) -> StepOutput:
+        """The workers decoded one step: as ``prefilled``."""
         self._running, self._fresh = view, None
         self._steps_since_prefill += 1
-        return self._apply(gens)
+        return self._rows_failed(failed).merge(self._apply(gens))
+
+    def _rows_failed(self, failed: Sequence[tuple[int, str]]) -> StepOutput:
+        """End the requests of rows that failed on the workers: an error, then the dead letters."""
+        out = StepOutput()
+        for row_id, message in failed:
+            self._row_remaining.pop(row_id, None)
+            state = self._by_row.get(row_id)
+            if state is None or state.status is not RequestStatus.RUNNING:
+                continue                                   # it had left already (a stop text)
+            self._fail(state, "INTERNAL", f"the workers failed on this request (not retried): {message}",
+                       dead=True, out=out)
+        return out
 
     def fail_all(self, code: str, message: str) -> StepOutput:
         """Give every request an error (used when the pool shuts down on purpose)."""

@@ -3,7 +3,10 @@
 A request fills the blanks of its generation mask left to right, one generation
 phase per blank (the official ``fill_blanks``): when a blank ends, its content
 ids (a trailing end token dropped) are spliced into the context and the next
-blank of the same mask kind becomes a new phase. Every event it appends gets
+blank of the same mask kind becomes a new phase. The next blank is searched
+after the content just spliced in (``model.prompt.Blank.end``), so a mask id the
+model generated is content, never a new blank: a request has at most as many
+phases as its prompt has blanks (docs/model.md, "Generation"). Every event it appends gets
 the next sequence number; ``tokens`` events carry tokens with exactly the text
 they add (``text.BlankText``), then one ``blank`` event per blank, then exactly
 one ``final`` or ``error``. Pure: the policy drives it, the loop publishes.
@@ -88,6 +91,7 @@ class RequestState:
     tag: Any = None                               # the queue entry id
     context: list[int] = field(default_factory=list)
     mask: int = 0
+    search_from: int = 0                          # the current blank is the first mask at or after this
     done: list[BlankDone] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)      # current blank: every id received
     logprobs: list[float] = field(default_factory=list)
@@ -115,7 +119,7 @@ class RequestState:
     # -- the current phase ----------------------------------------------------------------
     @property
     def blank(self) -> Blank:
-        return Blank.first(self.context, self.mask)
+        return Blank.first(self.context, self.mask, self.search_from)
 
     @property
     def input_len(self) -> int:
@@ -192,10 +196,12 @@ class RequestState:
 
     def next_phase(self) -> bool:
         """Splice the finished blank; True when another blank of the mask kind is left."""
-        self.context = self.blank.splice(self.done[-1].content_ids)
+        blank, content = self.blank, self.done[-1].content_ids
+        self.context = blank.splice(content)
+        self.search_from = blank.end(content)
         self.tokens, self.logprobs, self.tops, self.received = [], [], [], 0
         self.text = BlankText(self.decode, self.req.stop)
-        return self.mask in self.context
+        return self.mask in self.context[self.search_from:]
 
     def final(self) -> Event:
         last = self.done[-1] if self.done else BlankDone([], "", FinishReason.LENGTH)

@@ -4,7 +4,8 @@ The engine owns the batch (rows, cache, samplers, pending tokens), the decoding
 rules and the step; this module only translates: ``from_pb`` validates a
 ``Batch`` into engine rows (a refusal names the request: ``InvalidArgument`` with
 ``request_id``), ``to_pb`` gives the ``CachedBatch`` (``width``, ``max_tokens``),
-``generations_pb`` turns a step's output into ``Generation`` messages, and
+``generations_pb`` turns a step's output into ``Generation`` messages and
+``failures_pb`` its failed rows into ``RowFailure`` messages, and
 ``filter`` refuses unknown request ids as INVALID_ARGUMENT. The contract follows
 TGI's shard server: ``from_pb``, ``to_pb``, ``filter`` and ``concatenate``
 (docs/architecture.md, "Shard protocol").
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from model.config import GLMConfig
+from model.config import GMASK_ID, MASK_IDS
 from model.engine import LENGTH, STOP, Batch, RequestState, StepOutput, UnknownRequest, allowed_new_tokens
 from model.prompt import Blank, PromptError, check_ids, check_length, generation_mask
 from model.sampling import SamplingParams
@@ -57,12 +59,23 @@ def request_from_pb(msg: pb.Request, config: GLMConfig) -> RequestState:
     if msg.top_logprobs > MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"{where}: top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {msg.top_logprobs}",
                               request_id=msg.id)
-    blank = Blank.first(ids)
+    blank = blank_of(msg, ids)
     allowed = allowed_new_tokens(blank, stop.max_new_tokens, config.max_sequence_length)
     try:                                    # the engine refuses rows with nothing left to generate
         return RequestState(msg.id, blank, params, allowed, stop.min_new_tokens, msg.top_logprobs, generated)
     except ValueError as exc:
         raise InvalidArgument(f"{where}: {exc}", request_id=msg.id) from None
+
+
+def blank_of(msg: pb.Request, ids: list[int]) -> Blank:
+    """The blank ``mask_position`` names (a mask id must be there), else the first one."""
+    if not msg.HasField("mask_position"):
+        return Blank.first(ids)
+    pos = msg.mask_position
+    if pos >= len(ids) or ids[pos] not in MASK_IDS:
+        raise InvalidArgument(f"request {msg.id}: mask_position {pos} does not hold a mask id in input_ids",
+                              request_id=msg.id)
+    return Blank(tuple(ids), pos, ids[pos] == GMASK_ID)
 
 
 class ShardBatch(Batch):
@@ -111,3 +124,8 @@ def generations_pb(step: StepOutput) -> list[pb.Generation]:
         gen.top_tokens.extend(pb.TopToken(token_id=i, logprob=v) for i, v in t.top_tokens)
         out.append(gen)
     return out
+
+
+def failures_pb(step: StepOutput) -> list[pb.RowFailure]:
+    """One ``RowFailure`` per row that failed in the step (it left the batch)."""
+    return [pb.RowFailure(request_id=f.request.id, message=f.message) for f in step.failed]

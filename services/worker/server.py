@@ -5,9 +5,13 @@ stays free (Health answers during a long forward) and the collectives of
 consecutive calls never interleave. Errors map to gRPC status codes:
 ``InvalidArgument`` -> INVALID_ARGUMENT, ``ResourceExhausted`` (KV capacity,
 out of memory) -> RESOURCE_EXHAUSTED, anything else inside a forward (e.g. a
-peer rank died and the collective failed or timed out) -> INTERNAL, and the rank
-is then *broken*: every later call, Health included, gets UNAVAILABLE with the
-reason. The caller (scheduler) sees the pool fail loudly instead of hanging.
+peer rank died and the collective failed or timed out) -> INTERNAL, and a rank
+of a tensor-parallel pool is then *broken* (its peers may be left inside a
+collective): every later call, Health included, gets UNAVAILABLE with the
+reason. The caller (scheduler) sees the pool fail loudly instead of hanging. A
+single rank stays healthy (the failed call's batches are dropped, nothing else
+is out of step). A row that fails on its own is no error at all: it leaves the
+batch and the response's ``failed`` names it (``services.worker.shard``).
 
 Exposure (``docs/architecture.md``, "Shard protocol"): the protocol is internal, for
 the pool's own scheduler. A unix socket is created mode 0600 (only this user can
@@ -72,7 +76,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             raise
         except Exception as exc:
             log.exception("rank %d: %s failed", self.rank, method.__name__)
-            if collective:
+            if collective and self.shard.ctx.distributed:
                 self.broken = one_line(exc)
             raise
 

@@ -7,7 +7,10 @@ Every method is synchronous and runs on the server's single model thread, in
 the order the calls arrive; the scheduler sends the same calls in the same
 order to every rank, so every rank runs the same collectives. Anything that can
 be refused is checked *before* the first collective (the same check on every
-rank gives the same answer), so a refusal never leaves ranks out of step.
+rank gives the same answer), so a refusal never leaves ranks out of step. A row
+that fails on its own inside a step (``model.engine``: rank 0 broadcasts which)
+leaves the batch on every rank and is reported in the response's ``failed``; the
+rank stays healthy and the other rows go on.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from model.kv_footprint import padded_kv_slots
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.tracing import LayerSampler
 from services.proto_gen.glm.v1 import shard_pb2 as pb
-from services.worker.batch import ShardBatch, generations_pb
+from services.worker.batch import ShardBatch, failures_pb, generations_pb
 from services.worker.kv_budget import kv_bytes_per_token, kv_memory_bytes
 
 WARMUP_TOKEN = 20100  # any text id
@@ -220,8 +223,9 @@ class Shard:
                            total_ns=time.perf_counter_ns() - start)
 
     def _store(self, response_type, result: StepOutput, **timings):
-        generations = generations_pb(result) if self.ctx.rank == 0 else []
-        out = response_type(generations=generations, **timings)
+        rank0 = self.ctx.rank == 0
+        out = response_type(generations=generations_pb(result) if rank0 else [],
+                            failed=failures_pb(result) if rank0 else [], **timings)
         if result.batch is not None:
             self.batches[result.batch.id] = result.batch
             out.batch.CopyFrom(result.batch.to_pb())
