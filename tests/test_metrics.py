@@ -34,6 +34,7 @@ from services.common.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG_S = 60.0
+CALL_S = 600.0                     # a whole call's deadline: only a hang reaches it, on any load
 DOCUMENTED = re.compile(r"^\| `(glm_[a-z0-9_]+)` \| (\w+) \| ([a-z, ]+) \|", re.M)
 
 
@@ -222,7 +223,7 @@ def _traffic(stack) -> None:
     with GLMClient(stack.address) as client:
         for prompt in ("The river runs past the old mill and [MASK] into the valley.", "Short [MASK]"):
             reply = client.generate(prompt, model=model, max_new_tokens=8, min_new_tokens=8, temperature=0,
-                                    timeout=60)
+                                    timeout=CALL_S)
             assert len(reply.token_ids) == 8
         prompt = "Stream the tokens [gMASK]"
         stream = client.generate_stream(prompt, model=model, max_new_tokens=_longest(client, model, prompt),
@@ -232,10 +233,10 @@ def _traffic(stack) -> None:
                 break
         stream.close()                                             # the caller goes away: cancelled
         with pytest.raises(GLMError) as refused:
-            client.generate("Short [MASK]", model=model, max_new_tokens=4, repetition_penalty=-1.0, timeout=30)
+            client.generate("Short [MASK]", model=model, max_new_tokens=4, repetition_penalty=-1.0, timeout=CALL_S)
         assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(GLMError) as unknown:
-            client.generate("Short [MASK]", model="no-such-model", timeout=30)
+            client.generate("Short [MASK]", model="no-such-model", timeout=CALL_S)
         assert unknown.value.code == grpc.StatusCode.NOT_FOUND
 
 

@@ -54,6 +54,7 @@ PROMPTS = [
 ]
 MACHINE_REDIS = url(__name__)      # this module's own database (tests/redis_harness.py)
 HANG_S = 60.0                      # bounds a wait for an event: only a hang reaches it
+CALL_S = 600.0                     # a whole call's deadline: only a hang reaches it, on any load
 
 
 def wait_until(predicate, what: str, timeout_s: float = HANG_S):
@@ -118,7 +119,7 @@ def test_32_concurrent_greedy_streams_equal_glm_generate(stack, tiny):
         ids, indexes = [], []
         finish = ""
         async for message in client.generate_stream(prompt, model=stack.options.model_name,
-                                                    max_new_tokens=6, temperature=0, timeout=120):
+                                                    max_new_tokens=6, temperature=0, timeout=CALL_S):
             indexes.extend(range(message.index, message.index + len(message.token_ids)))
             ids.extend(message.token_ids)
             finish = message.finish_reason or finish
@@ -145,7 +146,7 @@ def test_cancelled_request_ends_cancelled(stack):
         ids = client.tokenize(prompt, stack.options.model_name, timeout=HANG_S).token_ids
         max_new = client.model_info(stack.options.model_name, timeout=HANG_S).max_sequence_length - len(ids) - 1
         stream = client.generate_stream(prompt, model=stack.options.model_name, max_new_tokens=max_new,
-                                        temperature=0, request_id=request_id, timeout=HANG_S)
+                                        temperature=0, request_id=request_id, timeout=CALL_S)
         for i, _ in enumerate(stream):
             if i == 2:
                 break
@@ -170,7 +171,7 @@ def test_backpressure_admits_exactly_the_queue_limit(stack):
     async def one(client, i):
         try:
             await client.generate("Short [MASK]", model=stack.options.model_name, max_new_tokens=100,
-                                  temperature=0, timeout=3 * HANG_S)
+                                  temperature=0, timeout=CALL_S)
             return "ok"
         except GLMError as exc:
             return exc.code
@@ -202,16 +203,16 @@ def test_gateway_restart_keeps_requests(stack):
     request_id = f"restart-{uuid.uuid4().hex}"
     with GLMClient(stack.address) as client:
         first = client.generate("A [MASK] holds one slice", model=stack.options.model_name,
-                                max_new_tokens=5, temperature=0, request_id=request_id, timeout=60)
+                                max_new_tokens=5, temperature=0, request_id=request_id, timeout=CALL_S)
     stack.gateway.terminate()
     stack.gateway.wait(timeout=HANG_S)
     stack.start_gateway()
     stack.wait_ready(2 * HANG_S)
     with GLMClient(stack.address) as client:
         again = client.generate("A [MASK] holds one slice", model=stack.options.model_name,
-                                max_new_tokens=5, temperature=0, request_id=request_id, timeout=60)
+                                max_new_tokens=5, temperature=0, request_id=request_id, timeout=CALL_S)
         fresh = client.generate("Short [MASK]", model=stack.options.model_name, max_new_tokens=3,
-                                temperature=0, timeout=60)
+                                temperature=0, timeout=CALL_S)
     assert list(again.token_ids) == list(first.token_ids) and again.text == first.text
     assert len(fresh.token_ids) >= 1
 
@@ -272,7 +273,7 @@ def test_two_pools_share_one_queue(two_pools):
         async with AsyncGLMClient(two_pools.address) as client:
             return await asyncio.gather(*(
                 client.generate(PROMPTS[i % len(PROMPTS)], model=model, max_new_tokens=40, min_new_tokens=40,
-                                temperature=0, timeout=3 * HANG_S) for i in range(8)))
+                                temperature=0, timeout=CALL_S) for i in range(8)))
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -297,7 +298,7 @@ def test_kill_9_of_a_pool_mid_generation_is_invisible_to_the_client(two_pools, s
     killed = None
     with GLMClient(two_pools.address) as client:
         for message in client.generate_stream(prompt, model=model, max_new_tokens=160, **sampling,
-                                              request_id=request_id, timeout=180):
+                                              request_id=request_id, timeout=CALL_S):
             indexes.extend(range(message.index, message.index + len(message.token_ids)))
             ids.extend(message.token_ids)
             finish = message.finish_reason or finish

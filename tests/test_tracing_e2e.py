@@ -103,7 +103,7 @@ def traced_request(checkpoint: str, workdir: str) -> dict:
         request = build_request(PROMPT, model=name, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                 temperature=0)
         with grpc.insecure_channel(stack.address) as channel:
-            reply = pb_grpc.TextGenerationStub(channel).Generate(request, timeout=60, metadata=metadata)
+            reply = pb_grpc.TextGenerationStub(channel).Generate(request, timeout=10 * STOP_GRACE_S, metadata=metadata)
         caller.end()
     finally:
         stack.stop(grace_s=STOP_GRACE_S)
