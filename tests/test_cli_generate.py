@@ -119,6 +119,7 @@ CASES = {
     "no mask id": (lambda c, t: c, ["--prompt-ids", "20100,20200"], "no mask"),
     "too long": (lambda c, t: c, ["--prompt-ids", ",".join(["20100"] * 600) + ",150001"], "too long"),
     "unknown id": (lambda c, t: c, ["--prompt-ids", "20100,150001,999999"], "999999"),
+    "too many blanks": (lambda c, t: c, ["--prompt-ids", ",".join(["150000"] * 257)], "257 blanks"),
     "bad id list": (lambda c, t: c, ["--prompt-ids", "20100,abc"], "--prompt-ids"),
     "bad tokenizer": (lambda c, t: c, ["--tokenizer", "/dev/null", "--prompt", "hi"], "/dev/null"),
     "rank fails at tp 2": (truncated, ["--tp", "2"], "mp_rank_00"),

@@ -11,7 +11,7 @@ from model.checkpoint import check_reshard, inspect_checkpoint
 from model.distributed import default_backend, run_local_ranks
 from model.generation import GenerationOptions
 from model.quantization import QuantSpec
-from model.prompt import PromptError, check_ids, check_length, generation_mask, prepare_text_ids
+from model.prompt import PromptError, check_blanks, check_ids, check_length, generation_mask, prepare_text_ids
 from model.runner import GenerateJob, generate_on_rank
 from model.sampling import SamplingParams
 from model.tokenizer import GLMTokenizer, demo_tokenizer
@@ -66,6 +66,7 @@ def build_job(args, tokenizer_needed: bool):
             raise PromptError("--prompt-ids holds no mask id ([MASK] 150000, [sMASK] 150002 or [gMASK] 150001)")
     check_ids(ids, config.vocab_size)
     check_length(ids, config.max_sequence_length)
+    check_blanks(ids)                      # refused here, before any rank starts
     sampling = SamplingParams(
         greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
