@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common import redis_keys as keys
 from services.common.options import Options, compose, non_negative_int, option, positive_int
 from services.gateway.options import MAX_CONCURRENT_CALLS, GatewayOptions
 from services.scheduler.options import SchedulerOptions
@@ -48,6 +49,9 @@ class ServeOptions(Options):
     mode: str = option("continuous", choices=MODES, to=("scheduler",),
                        help="batching: continuous (iteration-level), static, or one request at a time")
     max_batch_size: int = option(32, type=positive_int, to=("scheduler",), help="rows of one batch at most")
+    result_ttl_s: int = option(keys.RESULT_TTL_S, type=positive_int, to=("scheduler",),
+                               help="keep a finished request's events and idempotency record this long "
+                                    "(seconds; see docs/deploy.md)")
     max_concurrent_calls: int = option(MAX_CONCURRENT_CALLS, type=positive_int, to=("gateway",),
                                        help="Generate/GenerateStream calls served at once; one more gets RESOURCE_EXHAUSTED "
                                             "at once (the gateway's Redis pool is sized from it)")
@@ -96,7 +100,8 @@ class ServeOptions(Options):
         checkpoint, name = self._served()
         return SchedulerOptions(redis_url=redis_url, model=name, checkpoint=checkpoint, tokenizer=self.tokenizer,
                                 workers=workers, pool_id=pool_id, mode=self.mode,
-                                max_batch_size=self.max_batch_size, otlp_endpoint=self.ranks.otlp_endpoint,
+                                max_batch_size=self.max_batch_size, result_ttl_s=self.result_ttl_s,
+                                otlp_endpoint=self.ranks.otlp_endpoint,
                                 metrics_port=metrics_port, metrics_host=LOOPBACK)
 
     def gateway(self, *, redis_url: str, metrics_port: int = 0) -> GatewayOptions:
