@@ -288,3 +288,15 @@ def test_a_running_stack_passes_serve_flags_to_its_children(checkpoint, tmp_path
         assert scheduler[scheduler.index("--max-batch-size") + 1] == "3"
     finally:
         stack.stop()
+
+
+def test_the_scheduler_reads_the_shard_token_file_for_tcp_ranks(tmp_path):
+    from services.worker.client import write_token
+    token = write_token(tmp_path / "shard-token")
+    options = SchedulerOptions(model="m", checkpoint="c", workers=("127.0.0.1:1",),
+                               shard_token_file=str(tmp_path / "shard-token"))
+    assert options.loop_options(512).shard_token == token
+    assert SchedulerOptions(model="m", checkpoint="c", workers=("w",)).loop_options(512).shard_token is None
+    missing = SchedulerOptions(model="m", checkpoint="c", workers=("w",), shard_token_file=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="--shard-token-file"):
+        missing.loop_options(512)

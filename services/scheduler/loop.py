@@ -115,6 +115,7 @@ class LoopOptions:
     redis_timeout_s: float = 5.0          # connect and read timeout of every Redis call
     backoff_s: float = 0.05               # first retry after a Redis failure; doubles up to backoff_max_s
     backoff_max_s: float = 2.0
+    shard_token: str | None = None        # the pool's shard token (None: the one beside unix sockets)
 
     @property
     def refresh_s(self) -> float:
@@ -205,7 +206,7 @@ class PoolLoop:
         redis = aioredis.from_url(o.redis_url, socket_connect_timeout=o.redis_timeout_s,
                                   socket_timeout=o.redis_timeout_s + o.idle_block_ms / 1000.0,
                                   retry=Retry(NoBackoff(), 0))
-        client = ShardClient(list(o.workers), timeout_s=o.shard_timeout_s)
+        client = ShardClient(list(o.workers), timeout_s=o.shard_timeout_s, token=o.shard_token)
         self.queue = PoolQueue(redis, o.model, o.pool_id, claim_idle_ms=o.claim_idle_ms, result_ttl_s=o.result_ttl_s)
         self.outbox = Outbox(self.queue)
         refresher = None

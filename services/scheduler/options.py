@@ -15,6 +15,7 @@ from services.common import redis_keys as keys
 from services.common.options import Options, non_negative_int, option, positive_int
 from services.scheduler.loop import LoopOptions
 from services.scheduler.policy import MODES, Limits
+from services.worker.client import read_token
 
 MAX_PORT = 65535
 
@@ -58,6 +59,9 @@ class SchedulerOptions(Options):
                                help="keep a finished request's events and idempotency record this long "
                                     "(seconds; memory = rate x this x ~5 KB, ~15 KB with logprobs: "
                                     "see docs/deploy.md)")
+    shard_token_file: str | None = option(None, help="file holding the pool's shard token, which every call to "
+                                                     "a rank but health must carry (default: the shard-token "
+                                                     "file beside the ranks' unix sockets)")
     metrics_port: int = option(0, type=non_negative_int,
                                help="serve this process's Prometheus metrics (text format) on this port; 0 = off")
     metrics_host: str = option("127.0.0.1", help="address of the metrics endpoint(s) (default: loopback "
@@ -101,4 +105,5 @@ class SchedulerOptions(Options):
             limits=self.limits(max_sequence_length), idle_block_ms=self.idle_block_ms,
             shard_timeout_s=self.shard_timeout_s, warmup_timeout_s=self.warmup_timeout_s,
             claim_idle_ms=self.claim_idle_ms or keys.CLAIM_IDLE_MS, drain_timeout_s=self.drain_timeout_s,
-            result_ttl_s=self.result_ttl_s)
+            result_ttl_s=self.result_ttl_s,
+            shard_token=read_token(self.shard_token_file) if self.shard_token_file else None)
