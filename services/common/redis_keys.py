@@ -23,11 +23,11 @@ key                            type    meaning                                  
 glm:queue:{model}              stream  requests waiting for a pool; consumer group        trimmed as
                                        ``pools``, one consumer per pool; an entry is      entries are
                                        XACKed and XDELeted when its request ends          acked
-glm:req:{id}                   string  idempotency record: the request's fingerprint      RESULT_TTL
-                                       (SET NX by the gateway before XADD)
-glm:req:{id}:events            stream  token deltas (with sequence numbers), then one     RESULT_TTL
-                                       final or error event; read by the gateway with     after the end
-                                       blocking XREAD, by a resuming pool with XRANGE
+glm:req:{id}                   string  idempotency record: the request's fingerprint      ACTIVE_TTL,
+                                       (SET NX by the gateway before XADD)                RESULT_TTL
+glm:req:{id}:events            stream  token deltas (with sequence numbers), then one     after the end
+                                       final or error event; read by the gateway with     (ACTIVE_TTL
+                                       blocking XREAD, by a resuming pool with XRANGE     while alive)
 glm:req:{id}:cancel            string  set by the gateway when the caller goes away;      CANCEL_TTL
                                        read by the scheduler every step
 glm:dead:{model}               stream  requests that failed MAX_DELIVERIES times          DEAD_MAXLEN
