@@ -332,7 +332,7 @@ class PoolLoop:
             state = self.core.state(rid)
             if state is None:
                 self.taken.discard(rid)
-            elif self.core.cancel(rid, Cancellation.CALLER):
+            elif self.core.cancel(rid, Cancellation.TAKEN):
                 log.warning("pool %s: request %s is held by another pool now: stopped generating it",
                             self.options.pool_id, rid)
 

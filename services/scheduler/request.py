@@ -38,6 +38,7 @@ class Cancellation(Enum):
 
     CALLER = "cancelled"       # its cancel key was set: ends with a final event, finish_reason cancelled
     DEADLINE = "deadline"      # its deadline passed: ends with a DEADLINE_EXCEEDED error
+    TAKEN = "taken"            # another pool holds its entry now: leaves, and nothing it emits is published
 
 
 @dataclass(frozen=True)
