@@ -24,7 +24,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.common.messages import EVENT_FINAL, EVENT_TOKENS, Event
 from services.common.metrics import new_registry, serve_metrics
 from services.common.metrics_hub import MetricsHub, merge
 from services.gateway.metrics import GatewayMetrics, outcome_of

@@ -17,7 +17,6 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from model.config import GMASK_ID, MASK_ID

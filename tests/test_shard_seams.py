@@ -15,7 +15,7 @@ from model.kv_footprint import padded_kv_slots
 from services.common.errors import REFUSED_REQUEST_METADATA
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
-from services.scheduler.loop import PoolFailure, view_of
+from services.scheduler.shard_pb import PoolFailure, view_of
 from services.worker.client import ShardCallError, ShardClient, refused_request_id
 
 

@@ -57,27 +57,21 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.common import redis_keys as keys
-from services.common.messages import FinishReason
 from services.common.metrics import new_registry
 from services.common.tracing import context_from_traceparent
-from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.scheduler.metrics import MALFORMED, SchedulerMetrics
 from services.scheduler.outbox import Backoff, Outbox
-from services.scheduler.policy import BatchView, Limits, PrefillOp, Scheduler, StepOutput
+from services.scheduler.policy import Limits, Scheduler, StepOutput
 from services.scheduler.queue import Entry, PoolQueue, lost_group, transient
-from services.scheduler.request import Cancellation, Gen
+from services.scheduler.request import Cancellation
+from services.scheduler.shard_pb import PoolFailure, batch_pb, cached_pb, failed_rows, generations, view_of
 from services.worker.client import ShardCallError, ShardClient
 
 log = logging.getLogger("glm.scheduler")
 REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
-_REASONS = {pb.FINISH_REASON_STOP: FinishReason.STOP, pb.FINISH_REASON_LENGTH: FinishReason.LENGTH}
 
 
 _REDIS_ERRORS = (RedisError, OSError)
-
-
-class PoolFailure(RuntimeError):
-    """The workers failed; the pool stops and leaves its entries to another pool."""
 
 
 @dataclass(frozen=True)
@@ -124,46 +118,6 @@ class LoopOptions:
     @property
     def claim_every_s(self) -> float:
         return self.claim_idle_ms / 2000.0
-
-
-def _gens(reply) -> list[Gen]:
-    return [Gen(g.request_id, g.token_id, g.logprob, tuple((t.token_id, t.logprob) for t in g.top_tokens),
-                g.finished, _REASONS.get(g.finish_reason)) for g in reply.generations]
-
-
-def _failed(reply) -> list[tuple[int, str]]:
-    return [(f.request_id, f.message) for f in reply.failed]
-
-
-def view_of(reply) -> BatchView | None:
-    """The batch a reply names (None: none, or no row left). A batch without its
-    ``width`` comes from a worker that predates it: the pool fails loudly."""
-    if not reply.HasField("batch") or not reply.batch.request_ids:
-        return None
-    b = reply.batch
-    if b.width < 1:
-        raise PoolFailure(f"the workers sent batch {b.id} without its width (CachedBatch.width): "
-                          "a worker older than this scheduler")
-    return BatchView(b.id, tuple(b.request_ids), width=b.width, max_tokens=b.max_tokens)
-
-
-def _batch_pb(op: PrefillOp) -> pb.Batch:
-    requests = []
-    for r in op.requests:
-        s = r.sampling
-        sampling = pb.SamplingParameters(
-            greedy=s.greedy, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-            repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty, seed=s.seed)
-        requests.append(pb.Request(
-            id=r.row_id, input_ids=r.input_ids, generated_ids=r.generated_ids, sampling=sampling,
-            stopping=pb.StoppingCriteria(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens),
-            top_logprobs=r.top_logprobs, mask_position=r.mask_position))
-    return pb.Batch(id=op.batch_id, requests=requests)
-
-
-def _cached_pb(v: BatchView) -> pb.CachedBatch:
-    return pb.CachedBatch(id=v.id, request_ids=v.row_ids, size=v.size, max_tokens=v.max_tokens, width=v.width)
 
 
 class PoolLoop:
@@ -260,11 +214,11 @@ class PoolLoop:
         except _REDIS_ERRORS as exc:
             if not transient(exc):
                 raise
-            self._redis_failed(exc)
+            self._redisfailed_rows(exc)
             return default
         return result
 
-    def _redis_failed(self, exc: BaseException) -> None:
+    def _redisfailed_rows(self, exc: BaseException) -> None:
         self.redis_failures += 1
         if not self.backoff.failing:
             log.warning("pool %s: Redis failed (%s: %s); retrying with backoff, running requests go on",
@@ -287,7 +241,7 @@ class PoolLoop:
         except _REDIS_ERRORS as exc:
             if not transient(exc):
                 raise
-            self._redis_failed(exc)
+            self._redisfailed_rows(exc)
             return
         log.warning("pool %s: Redis is back after %d failed tries", self.options.pool_id, self.backoff.failures)
         self.backoff.ok()
@@ -304,7 +258,7 @@ class PoolLoop:
         except _REDIS_ERRORS as exc:
             if not transient(exc):
                 raise
-            self._redis_failed(exc)
+            self._redisfailed_rows(exc)
 
     async def _refresh_leases(self) -> None:
         """Every ``refresh_s``, whatever a step takes: re-claim the held entries, note
@@ -450,7 +404,7 @@ class PoolLoop:
             with self._step_span("scheduler.prefill", op.request_ids, {
                     "glm.batch_id": op.batch_id, "glm.batch_size": len(op.requests), "glm.tokens": op.tokens}):
                 try:
-                    reply = await client.prefill(_batch_pb(op))
+                    reply = await client.prefill(batch_pb(op))
                 except ShardCallError as exc:
                     if exc.code not in REQUEST_ERRORS or exc.method != "Prefill":
                         raise
@@ -461,14 +415,14 @@ class PoolLoop:
             if reply is not None:
                 self.metrics.prompt.inc(sum(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests))
                 self.metrics.generated.inc(len(reply.generations))
-                await self._publish(core.prefilled(op, _gens(reply), view_of(reply), _failed(reply)))
+                await self._publish(core.prefilled(op, generations(reply), view_of(reply), failed_rows(reply)))
         batches = core.decode_batches()
         if batches:
             with self._step_span("scheduler.decode", core.request_ids_of(batches), {
                     "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
-                reply = await client.decode([_cached_pb(v) for v in batches])
+                reply = await client.decode([cached_pb(v) for v in batches])
             self.metrics.generated.inc(len(reply.generations))
-            await self._publish(core.decoded(_gens(reply), view_of(reply), _failed(reply)))
+            await self._publish(core.decoded(generations(reply), view_of(reply), failed_rows(reply)))
         self.steps += 1
         if self.after_step is not None:
             await self.after_step(self.steps)

@@ -38,7 +38,6 @@ import torch
 from services.common.errors import REFUSED_REQUEST_METADATA, InvalidArgument, ServiceError, Unavailable, one_line
 from services.common.metrics import new_registry, serve_metrics
 from services.common.tracing import context_from_metadata, setup_tracing
-from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
 from services.worker.client import TOKEN_METADATA, read_token
 from services.worker.metrics import BROKEN, WorkerMetrics, failure_reason
