@@ -16,6 +16,7 @@ scheduler reaches the dead-letter limit. A rank that dies fails the stack.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -68,6 +69,8 @@ class LocalStack:
     def start(self, ready_timeout_s: float = 180.0) -> "LocalStack":
         from services.worker.pool import launch_pool    # the pool launcher needs no torch itself
 
+        if not self.options.port:       # 0: a free port, chosen now, so the stack knows its address
+            self.options = dataclasses.replace(self.options, port=free_port())
         o = self.options
         try:
             if o.redis_url:

@@ -31,7 +31,7 @@ class ServeOptions(Options):
 
     host: str = option(LOOPBACK, to=("gateway",), help="the gateway's listen address")
     port: int = option(50051, type=non_negative_int, to=("gateway",),
-                       help="the gateway's port (0 = any free port)")
+                       help="the gateway's port (0 = a free port, chosen at start and printed)")
     redis_url: str | None = option(None, to=("scheduler", "gateway"),
                                    help="Redis URL of the queue (default: start a private one)")
     checkpoint: str | None = option(None, to=("worker", "scheduler", "gateway"),

@@ -16,7 +16,6 @@ import pytest
 
 from services.cli.main import build_parser
 from services.common.env import apply_env_defaults, child_environ, variable
-from services.common.net import free_port
 from services.common.options import compose, flag_name, flag_of, option
 from services.gateway.options import GatewayOptions
 from services.local import LocalStack
@@ -271,16 +270,18 @@ def test_children_inherit_no_glm_variable():
 
 def test_a_running_stack_passes_serve_flags_to_its_children(checkpoint, tmp_path):
     """Real processes: the scheduler and gateway of a running stack were given
-    ``--tokenizer`` (a copy elsewhere, so the one beside the checkpoint is not what works)."""
+    ``--tokenizer`` (a copy elsewhere, so the one beside the checkpoint is not what works);
+    ``--port 0`` is a free port the stack chose and serves on."""
     folder = checkpoint("glm-tiny", tp=1, seed=3)
     tokenizer = tmp_path / "tok" / "ice_text.model"
     tokenizer.parent.mkdir()
     shutil.copy(Path(folder) / "ice_text.model", tokenizer)
     args = parse(["serve", "--checkpoint", folder, "--model-name", f"opt-{uuid.uuid4().hex[:6]}",
-                  "--port", str(free_port()), "--tokenizer", str(tokenizer), "--max-batch-size", "3"])
+                  "--port", "0", "--tokenizer", str(tokenizer), "--max-batch-size", "3"])
     stack = LocalStack(dataclasses.replace(ServeOptions.from_args(args), workdir=str(tmp_path)))
     try:
         stack.start(ready_timeout_s=120)
+        assert stack.options.port > 0 and stack.address.endswith(f":{stack.options.port}")
         for proc in [stack.gateway, *stack.schedulers]:
             argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
             assert argv[argv.index("--tokenizer") + 1] == str(tokenizer), argv
