@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,12 @@ class PoolHandle:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Block until every rank answers Health; PoolError if one dies or time runs out."""
+    def wait_ready(self, timeout_s: float = 120.0, stop: threading.Event | None = None) -> None:
+        """Block until every rank answers Health (or ``stop`` is set); PoolError if one dies
+        or time runs out."""
         deadline = time.monotonic() + timeout_s
         pending = set(range(len(self.addresses)))
-        while pending:
+        while pending and not (stop is not None and stop.is_set()):
             dead = self.dead_ranks()
             if dead:
                 r = dead[0]
