@@ -64,7 +64,10 @@ class RequestState:
     """One row of a batch: its blank, how it samples, and what it generated so far.
 
     ``allowed`` counts every token the row may generate, ``generated`` included (a
-    resumed row arrives with some); ``top_n`` is how many top log-probs it wants.
+    resumed row arrives with some); ``logprobs``: whether it wants the log-prob of each
+    chosen token; ``top_n``: how many top log-probs it wants (either costs a log-softmax
+    over the vocabulary for this row, on rank 0 only; without them a step costs a greedy
+    row one argmax).
     """
 
     id: int
@@ -74,6 +77,7 @@ class RequestState:
     min_new: int = 0
     top_n: int = 0
     generated: list[int] = field(default_factory=list)
+    logprobs: bool = True
 
     def __post_init__(self) -> None:
         if any(t in END_IDS for t in self.generated):
@@ -232,14 +236,23 @@ class StepOutput:
 
 def ban_end_tokens(logits: torch.Tensor, ban: Sequence[bool]) -> torch.Tensor:
     """``logits [b, V]`` with eop/eos at -inf in the rows where ``ban`` is True
-    (``min_new_tokens``); the input itself when no row is banned."""
-    if not any(ban):
+    (``min_new_tokens``); the input itself when no row is banned, else a copy."""
+    rows = [i for i, banned in enumerate(ban) if banned]
+    if not rows:
         return logits
     scores = logits.clone()
-    is_end = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    is_end[list(END_IDS)] = True
-    scores[torch.tensor(list(ban), device=logits.device)[:, None] & is_end] = -float("inf")
+    _set_end(scores, rows, -float("inf"))
     return scores
+
+
+def _set_end(logits: torch.Tensor, rows: list[int], value) -> torch.Tensor:
+    """Write ``value`` (a scalar or ``[len(rows), len(END_IDS)]``) at eop/eos of ``rows``,
+    in place; the entries that were there before."""
+    r = torch.tensor(rows, device=logits.device)[:, None]
+    c = torch.tensor(END_IDS, device=logits.device)[None, :]
+    before = logits[r, c]
+    logits[r, c] = value if isinstance(value, torch.Tensor) else torch.full_like(before, value)
+    return before
 
 
 class Engine:
@@ -289,17 +302,25 @@ class Engine:
     def choose(self, batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
         """Rank 0 samples ``[b]`` ids from ``logits [b, V]`` (end tokens banned below
         ``min_new_tokens``) and broadcasts them; every rank returns the broadcast ids
-        (``FAILED`` for a row whose sampling failed) and, on rank 0, why each failed row did."""
+        (``FAILED`` for a row whose sampling failed) and, on rank 0, why each failed row did.
+        The ban is written into ``logits`` and undone before returning (no copy)."""
         reqs = batch.requests
         tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
         errors: dict[int, str] = {}
         if self.ctx.rank == 0:
-            scores = ban_end_tokens(logits, [len(r.generated) < r.min_new for r in reqs])
+            banned = [i for i, r in enumerate(reqs) if len(r.generated) < r.min_new]
+            with torch.inference_mode(logits.is_inference()):     # the ban is written in place
+                saved = _set_end(logits, banned, -float("inf")) if banned else None
             try:
-                chosen, _ = batch.sampler.sample(scores, [list(r.blank.context) for r in reqs],
-                                                 [r.generated for r in reqs])
-            except Exception as exc:  # noqa: BLE001 - attributed to rows below, or re-raised
-                chosen, errors = self._choose_rows(batch, scores, exc)
+                try:
+                    chosen = batch.sampler.choose(logits, [r.blank.context for r in reqs],
+                                                  [r.generated for r in reqs])
+                except Exception as exc:  # noqa: BLE001 - attributed to rows below, or re-raised
+                    chosen, errors = self._choose_rows(batch, logits, exc)
+            finally:
+                if saved is not None:
+                    with torch.inference_mode(logits.is_inference()):
+                        _set_end(logits, banned, saved)
             tokens.copy_(chosen)
         return self.ctx.broadcast(tokens), errors
 
@@ -311,8 +332,8 @@ class Engine:
         errors: dict[int, str] = {}
         for row, req in enumerate(batch.requests):
             try:
-                chosen, _ = batch.sampler.rows([row]).sample(scores[row: row + 1], [list(req.blank.context)],
-                                                             [req.generated])
+                chosen = batch.sampler.rows([row]).choose(scores[row: row + 1], [req.blank.context],
+                                                          [req.generated])
                 tokens[row] = chosen[0]
             except Exception as exc:  # noqa: BLE001 - this row's own failure, reported to its caller
                 errors[row] = f"sampling failed: {type(exc).__name__}: {exc}"
@@ -320,14 +341,33 @@ class Engine:
             raise batched
         return tokens, errors
 
+    def _logprobs(self, batch: Batch, logits: torch.Tensor, tokens: torch.Tensor):
+        """On rank 0, for the rows that asked only: the raw fp32 log-softmax of each chosen
+        token ``{row: logprob}`` and its ``top_n`` best ``{row: ((id, logprob), ...)}``."""
+        rows = [i for i, r in enumerate(batch.requests) if r.logprobs or r.top_n]
+        if self.ctx.rank != 0 or not rows:
+            return {}, {}
+        every = len(rows) == len(batch.requests)
+        index = torch.tensor(rows, device=logits.device)
+        raw = torch.log_softmax((logits if every else logits[index]).float(), dim=-1)   # [r, V]
+        chosen = raw.gather(1, (tokens if every else tokens[index]).clamp(min=0)[:, None])[:, 0].tolist()
+        logprobs = {row: lp for row, lp in zip(rows, chosen)}
+        top_n = max(batch.requests[i].top_n for i in rows)
+        top: dict[int, tuple] = {}
+        if top_n:
+            values, indices = raw.topk(top_n, dim=-1)                            # [r, top_n]
+            values, indices = values.tolist(), indices.tolist()
+            for k, row in enumerate(rows):
+                n = batch.requests[row].top_n
+                if n:
+                    top[row] = tuple(zip(indices[k][:n], values[k][:n]))
+        return logprobs, top
+
     def step(self, batch: Batch, logits: torch.Tensor) -> StepOutput:
         """Choose, broadcast and append one token per row; decide who finished (eop/eos:
         stop; the allowed count reached: length) and drop those rows and the failed ones."""
         tokens, errors = self.choose(batch, logits)
-        raw = torch.log_softmax(logits.float(), dim=-1)                      # [b, V]
-        logprobs = raw.gather(1, tokens.clamp(min=0)[:, None])[:, 0].tolist()  # [b]
-        top_n = max(r.top_n for r in batch.requests)
-        top = raw.topk(top_n, dim=-1) if top_n else None                     # [b, top_n]
+        logprobs, top = self._logprobs(batch, logits, tokens)
         out, keep, failed = [], [], []
         for row, (req, tok) in enumerate(zip(batch.requests, tokens.tolist())):
             if tok == FAILED:
@@ -337,9 +377,6 @@ class Engine:
             reason = STOP if tok in END_IDS else LENGTH if len(req.generated) >= req.allowed else None
             if reason is None:
                 keep.append(row)
-            best = ()
-            if top is not None and req.top_n:
-                best = tuple(zip(top.indices[row, : req.top_n].tolist(), top.values[row, : req.top_n].tolist()))
-            out.append(StepToken(req, tok, logprobs[row], len(req.generated), reason, best))
+            out.append(StepToken(req, tok, logprobs.get(row, 0.0), len(req.generated), reason, top.get(row, ())))
         batch.pending = tokens
         return StepOutput(batch.rows(keep) if keep else None, out, failed)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -97,6 +96,10 @@ class SamplingParams:
         return self.greedy or self.temperature == 0
 
     @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def top_p_active(self) -> bool:
         return 0.0 < self.top_p < 1.0
 
@@ -142,30 +145,42 @@ def apply_penalties(
 ) -> Tensor:
     """Repetition (CTRL/HF: prompt + output, >0 divided, <0 multiplied), then presence and
     frequency penalties (OpenAI: output only, ``-= count * frequency + presence``).
-    logits [b, V] float32, modified in place and returned."""
-    rep_rows, rep_cols, rep_by = [], [], []
-    pen_rows, pen_cols, pen_by = [], [], []
-    for row, p in enumerate(params):
-        if p.repetition_penalty != 1.0:
-            seen = set(prompt_ids[row]) | set(output_ids[row])
-            rep_rows += [row] * len(seen)
-            rep_cols += sorted(seen)
-            rep_by += [p.repetition_penalty] * len(seen)
-        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-            for token, count in Counter(output_ids[row]).items():
-                pen_rows.append(row)
-                pen_cols.append(token)
-                pen_by.append(count * p.frequency_penalty + p.presence_penalty)
+    logits [b, V] float32, modified in place and returned.
+
+    Vectorised over the rows that have a penalty: each row's ids are padded into one
+    ``[r, L]`` tensor and counted with one ``scatter_add`` per kind; the subtracted amount
+    ``count * frequency + presence`` is formed in float64 and rounded once, so it equals the
+    per-token Python arithmetic bit for bit."""
     device = logits.device
-    if rep_rows:
-        r, c = torch.tensor(rep_rows, device=device), torch.tensor(rep_cols, device=device)
-        by = torch.tensor(rep_by, device=device, dtype=logits.dtype)
-        values = logits[r, c]
-        logits[r, c] = torch.where(values > 0, values / by, values * by)
-    if pen_rows:
-        r, c = torch.tensor(pen_rows, device=device), torch.tensor(pen_cols, device=device)
-        logits[r, c] -= torch.tensor(pen_by, device=device, dtype=logits.dtype)
+    rep = [row for row, p in enumerate(params) if p.repetition_penalty != 1.0]
+    pen = [row for row, p in enumerate(params) if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
+    if rep:
+        seen = _counts(logits.shape[1], [list(prompt_ids[r]) + list(output_ids[r]) for r in rep], device) > 0
+        rows = torch.tensor(rep, device=device)
+        by = torch.tensor([params[r].repetition_penalty for r in rep], device=device, dtype=logits.dtype)[:, None]
+        values = logits[rows]                                                    # [r, V]
+        logits[rows] = torch.where(seen, torch.where(values > 0, values / by, values * by), values)
+    if pen:
+        counts = _counts(logits.shape[1], [output_ids[r] for r in pen], device).double()   # [r, V]
+        rows = torch.tensor(pen, device=device)
+        freq = torch.tensor([params[r].frequency_penalty for r in pen], device=device, dtype=torch.float64)[:, None]
+        pres = torch.tensor([params[r].presence_penalty for r in pen], device=device, dtype=torch.float64)[:, None]
+        amount = torch.where(counts > 0, counts * freq + pres, torch.zeros_like(counts)).to(logits.dtype)
+        logits[rows] -= amount
     return logits
+
+
+def _counts(vocab: int, ids: Sequence[Sequence[int]], device) -> Tensor:
+    """How often each id occurs in each row of ``ids``: ``[len(ids), vocab]`` int32."""
+    width = max(1, max(len(row) for row in ids))
+    index = torch.zeros((len(ids), width), dtype=torch.long)
+    ones = torch.zeros((len(ids), width), dtype=torch.int32)
+    for row, seq in enumerate(ids):
+        if seq:
+            index[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            ones[row, : len(seq)] = 1
+    counts = torch.zeros((len(ids), vocab), dtype=torch.int32, device=device)
+    return counts.scatter_add_(1, index.to(device), ones.to(device))
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -225,12 +240,13 @@ class Sampler:
             [g for s in samplers for g in s.generators], samplers[0].device,
         )
 
-    def sample(
-        self, logits: Tensor, prompt_ids: list[list[int]], output_ids: list[list[int]]
-    ) -> tuple[Tensor, Tensor]:
-        """logits [b, V] -> (tokens LongTensor [b], logprobs FloatTensor [b]).
+    def choose(self, logits: Tensor, prompt_ids: Sequence[Sequence[int]],
+               output_ids: Sequence[Sequence[int]]) -> Tensor:
+        """logits [b, V] -> the chosen tokens, LongTensor [b]; ``logits`` is not modified.
 
-        The logprob is ``log_softmax`` of the raw logits (before any processing)."""
+        Work is proportional to what the rows ask: a greedy row without penalties is one
+        argmax over its logits (no copy); only the other rows (penalties, sampling, or a
+        NaN in their logits) are copied and processed, together."""
         b, _ = logits.shape
         if b != len(self.params) or len(prompt_ids) != b or len(output_ids) != b:
             raise ValueError(
@@ -238,17 +254,38 @@ class Sampler:
                 f"{len(prompt_ids)} prompts, {len(output_ids)} outputs"
             )
         logits = logits.float()
-        raw_logprobs = F.log_softmax(logits, dim=-1)  # [b, V]
-        processed = apply_penalties(logits.clone(), self.params, prompt_ids, output_ids)
-        processed = torch.where(torch.isnan(processed), -math.inf, processed)  # NaN: the lowest score
+        plain = [i for i, p in enumerate(self.params) if p.is_greedy and not p.has_penalties]
+        tokens = torch.zeros(b, dtype=torch.long, device=logits.device)
+        if plain:
+            whole = len(plain) == b
+            sub = logits if whole else logits[torch.tensor(plain, device=logits.device)]
+            best = torch.argmax(sub, dim=-1)                                   # [p]
+            nan = torch.isnan(sub.gather(1, best[:, None])[:, 0])              # argmax picks a NaN first
+            if whole:
+                tokens = best
+            else:
+                tokens[torch.tensor(plain, device=logits.device)] = best
+            plain = [i for i, bad in zip(plain, nan.tolist()) if not bad]
+        rest = sorted(set(range(b)) - set(plain))
+        if rest:
+            tokens[torch.tensor(rest, device=logits.device)] = self._process(logits, rest, prompt_ids, output_ids)
+        return tokens
 
-        tokens = torch.argmax(processed, dim=-1)  # [b], greedy rows keep this
-        sampled = [i for i, p in enumerate(self.params) if not p.is_greedy]
+    def _process(self, logits: Tensor, rows: list[int], prompt_ids, output_ids) -> Tensor:
+        """The full rule for ``rows`` of ``logits``: penalties, NaN as the lowest score, then
+        the argmax (greedy) or the seeded draw; the chosen tokens ``[len(rows)]``."""
+        index = torch.tensor(rows, device=logits.device)
+        params = [self.params[i] for i in rows]
+        processed = apply_penalties(logits[index], params, [prompt_ids[i] for i in rows],
+                                    [output_ids[i] for i in rows])
+        processed = torch.where(torch.isnan(processed), -math.inf, processed)   # NaN: the lowest score
+        tokens = torch.argmax(processed, dim=-1)  # [r], greedy rows keep this
+        sampled = [j for j, p in enumerate(params) if not p.is_greedy]
         if sampled:
-            rows = torch.tensor(sampled, device=logits.device)
-            chosen = [self.params[i] for i in sampled]
+            sub = torch.tensor(sampled, device=logits.device)
+            chosen = [params[j] for j in sampled]
             temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
-            scaled = processed[rows] / temperature.unsqueeze(1)  # [s, V]
+            scaled = processed[sub] / temperature.unsqueeze(1)  # [s, V]
             scaled = scaled.clamp(-LOGIT_BOUND, LOGIT_BOUND)    # finite; a no-op on ordinary logits
             if any(p.top_k > 0 or p.top_p_active for p in chosen):
                 scaled = apply_top_k_top_p(
@@ -258,12 +295,21 @@ class Sampler:
                 )
             probs = F.softmax(scaled.float(), dim=-1)  # [s, V]
             usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()  # [s]
-            for j, i in enumerate(sampled):
-                if not usable[j]:                      # degenerate distribution: its argmax
-                    tokens[i] = torch.argmax(scaled[j])
+            for k, j in enumerate(sampled):
+                if not usable[k]:                      # degenerate distribution: its argmax
+                    tokens[j] = torch.argmax(scaled[k])
                     continue
+                i = rows[j]
                 self.generators[i].manual_seed(step_seed(self.seeds[i], len(output_ids[i])))
-                draw = torch.multinomial(probs[j : j + 1], 1, generator=self.generators[i])  # [1, 1]
-                tokens[i] = draw.view(())
-        logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [b]
+                draw = torch.multinomial(probs[k : k + 1], 1, generator=self.generators[i])  # [1, 1]
+                tokens[j] = draw.view(())
+        return tokens
+
+    def sample(
+        self, logits: Tensor, prompt_ids: list[list[int]], output_ids: list[list[int]]
+    ) -> tuple[Tensor, Tensor]:
+        """logits [b, V] -> (tokens LongTensor [b], logprobs FloatTensor [b]): ``choose``
+        plus the ``log_softmax`` of the raw logits (before any processing) of each token."""
+        tokens = self.choose(logits, prompt_ids, output_ids)
+        logprobs = F.log_softmax(logits.float(), dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)  # [b]
         return tokens, logprobs

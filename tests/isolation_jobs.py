@@ -13,7 +13,7 @@ POISON = 666          # the seed of the row whose sampling raises
 
 
 def _poisoned_sample(fail_at: int):
-    plain = Sampler.sample
+    plain = Sampler.choose
 
     def sample(self, logits, prompt_ids, output_ids):
         for seed, out in zip(self.seeds, output_ids):
@@ -28,7 +28,7 @@ def decode_with_a_failing_row(ctx, checkpoint: str, rows: list[tuple[list[int], 
                               fail_at: int):
     """Every rank: the row ids of its batch after each step, the ids it failed, and (rank 0)
     the tokens of each row."""
-    Sampler.sample = _poisoned_sample(fail_at)
+    Sampler.choose = _poisoned_sample(fail_at)
     engine = Engine(load_model(checkpoint, ctx))
     batch = Batch(1, [RequestState(i, Blank.first(ids), SamplingParams(**params), max_new)
                       for i, (ids, params) in enumerate(rows)])

@@ -168,3 +168,37 @@ def test_another_cache_plugs_in_through_the_factory(model):
     assert beams.token_ids == Generator(model).beam_search(
         blanks[0], GenerationOptions(max_new_tokens=4, num_beams=2, beam_deterministic=True)).token_ids
     assert "select" in ForwardingCache.calls
+
+
+def test_logprobs_only_for_the_rows_that_ask_and_the_ban_leaves_the_logits_alone(model, monkeypatch):
+    """A row that asked for neither logprobs nor top logprobs costs no log-softmax: the
+    step computes it over the asking rows only, and their values equal the raw fp32
+    log-softmax; the min_new_tokens ban is undone in the logits afterwards."""
+    calls = []
+    plain = torch.log_softmax
+
+    def counted(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return plain(x, *args, **kwargs)
+
+    engine = Engine(model)
+    reqs = [RequestState(i, Blank.first(PROMPTS[name]), SamplingParams(greedy=True), 4, min_new=2,
+                         top_n=top_n, logprobs=lp)
+            for i, (name, lp, top_n) in enumerate([("mask", False, 0), ("gmask", True, 0),
+                                                   ("mid_mask", False, 3), ("long_gmask", False, 0)])]
+    batch = Batch(1, reqs)
+    logits = engine.prefill_logits(batch)
+    batch.sampler = Sampler([r.params for r in reqs])
+    before = logits.clone()
+    monkeypatch.setattr(torch, "log_softmax", counted)
+    out = engine.step(batch, logits)
+    assert calls == [(2, logits.shape[1])]                              # rows 1 and 2 only
+    assert torch.equal(logits, before)
+    raw = plain(before.float(), dim=-1)
+    by_row = {t.request.id: t for t in out.tokens}
+    assert by_row[0].logprob == 0.0 and by_row[3].logprob == 0.0 and by_row[0].top_tokens == ()
+    assert by_row[1].logprob == pytest.approx(raw[1, by_row[1].token_id].item(), abs=0)
+    assert [i for i, _ in by_row[2].top_tokens] == raw[2].topk(3).indices.tolist()
+    banned = before.clone()
+    banned[:, [EOP_ID, EOS_ID]] = -float("inf")
+    assert [t.token_id for t in out.tokens] == banned.argmax(-1).tolist()

@@ -41,7 +41,7 @@ def poison(monkeypatch):
     """Sampling raises for a row seeded ``POISON`` once it has generated ``at[0]`` tokens
     (a fault of that row alone: the batched draw raises, and so does that row's own)."""
     at = [0]
-    plain = Sampler.sample
+    plain = Sampler.choose
 
     def sample(self, logits, prompt_ids, output_ids):
         for seed, out in zip(self.seeds, output_ids):
@@ -49,7 +49,7 @@ def poison(monkeypatch):
                 raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return plain(self, logits, prompt_ids, output_ids)
 
-    monkeypatch.setattr(Sampler, "sample", sample)
+    monkeypatch.setattr(Sampler, "choose", sample)
     return at
 
 
@@ -88,7 +88,7 @@ def test_a_batch_whose_every_row_fails_is_no_row_fault(shard, monkeypatch):
     def sample(self, *args):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(Sampler, "sample", sample)
+    monkeypatch.setattr(Sampler, "choose", sample)
     batch = pb.Batch(id=1, requests=[request(1, PROMPTS["gmask"], 3), request(2, PROMPTS["mask"], 3)])
     with pytest.raises(RuntimeError, match="device lost"):
         shard.prefill(pb.PrefillRequest(batch=batch))

@@ -242,3 +242,56 @@ def test_a_degenerate_row_takes_its_argmax_and_leaves_its_neighbours_alone(poiso
     tokens, _ = Sampler(params).sample(bad, [[]] * 3, [[]] * 3)
     assert tokens[0] == alone[0] and tokens[2] == alone[2]
     assert 0 <= tokens[1].item() < 32
+
+
+def per_token_penalties(logits, params, prompt_ids, output_ids):
+    """The penalties token by token in Python (the rule, written the slow way)."""
+    out = logits.clone()
+    for row, p in enumerate(params):
+        for token in set(prompt_ids[row]) | set(output_ids[row]):
+            if p.repetition_penalty != 1.0:
+                v = out[row, token]
+                out[row, token] = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
+        for token in set(output_ids[row]):
+            count = output_ids[row].count(token)
+            out[row, token] -= torch.tensor(count * p.frequency_penalty + p.presence_penalty, dtype=out.dtype)
+    return out
+
+
+def test_vectorised_penalties_equal_the_per_token_rule_bit_for_bit():
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 97, generator=gen) * 3
+    params = [SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3),
+              SamplingParams(), SamplingParams(repetition_penalty=0.7),
+              SamplingParams(frequency_penalty=-1.1), SamplingParams(presence_penalty=2.0),
+              SamplingParams(repetition_penalty=2.0, frequency_penalty=0.1)]
+    prompt = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 9, 0, 30, 3, 1)]
+    output = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (12, 0, 4, 40, 0, 7)]
+    got = apply_penalties(logits.clone(), params, prompt, output)
+    assert torch.equal(got, per_token_penalties(logits, params, prompt, output))
+
+
+def full_rule(params, logits, prompt_ids, output_ids):
+    """Every row through penalties, NaN-as-lowest and argmax / the seeded draw: what
+    ``choose`` must return whatever shortcut it takes for plain greedy rows."""
+    sampler = Sampler(params)
+    return sampler._process(logits.float(), list(range(len(params))), prompt_ids, output_ids)
+
+
+def test_choose_takes_shortcuts_only_where_they_equal_the_full_rule():
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(7, 300, generator=gen)
+    logits[2, 10] = math.nan                                  # a NaN row: the shortcut must not take it
+    logits[4, :] = logits[4, 0]                                # all tied: the lowest index
+    params = [SamplingParams(greedy=True), SamplingParams(temperature=0.8, seed=3),
+              SamplingParams(greedy=True), SamplingParams(greedy=True, repetition_penalty=1.5),
+              SamplingParams(greedy=True), SamplingParams(temperature=0.0, frequency_penalty=0.5),
+              SamplingParams(top_k=5, seed=9)]
+    prompt = [[1, 2, 3]] * 7
+    output = [[4, 5, 5], [], [6], [int(logits[3].argmax())], [], [int(logits[5].argmax())] * 3, [7]]
+    before = logits.clone()
+    got = Sampler(params).choose(logits, prompt, output)
+    assert torch.allclose(logits, before, rtol=0, atol=0, equal_nan=True)     # the caller's logits untouched
+    assert got.tolist() == full_rule(params, before, prompt, output).tolist()
+    assert got[4] == 0 and got[2] != 10
+    assert got[3] != logits[3].argmax() and got[5] != logits[5].argmax()   # penalised rows took the full rule

@@ -20,9 +20,9 @@ SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.2, pre
 
 
 def request(rid: int, ids: list[int], max_new: int = 6, *, generated=(), top_n: int = 0,
-            min_new: int = 0, **sampling) -> pb.Request:
+            min_new: int = 0, logprobs: bool = True, **sampling) -> pb.Request:
     params = sampling or {"greedy": True}
-    return pb.Request(id=rid, input_ids=ids, generated_ids=list(generated), top_logprobs=top_n,
+    return pb.Request(id=rid, input_ids=ids, generated_ids=list(generated), top_logprobs=top_n, logprobs=logprobs,
                       sampling=pb.SamplingParameters(**params),
                       stopping=pb.StoppingCriteria(max_new_tokens=max_new, min_new_tokens=min_new))
 

@@ -123,6 +123,7 @@ class ShardRequest:
     min_new_tokens: int
     top_logprobs: int
     mask_position: int          # index in input_ids of the mask this phase fills
+    logprobs: bool = False      # the chosen tokens' log-probs are wanted
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,8 @@ class Scheduler:
                 self._row_remaining[state.row_id] = state.remaining
                 requests.append(ShardRequest(
                     state.row_id, tuple(state.context), tuple(state.tokens), state.req.sampling,
-                    state.allowed, state.req.min_new_tokens, state.req.top_logprobs, state.blank.mask_pos))
+                    state.allowed, state.req.min_new_tokens, state.req.top_logprobs, state.blank.mask_pos,
+                    state.req.logprobs))
             out.prefill = PrefillOp(next(self._batch_ids), tuple(requests), tuple(s.id for s in phases))
         return out
 

@@ -48,7 +48,7 @@ def batch_pb(op: PrefillOp) -> pb.Batch:
         requests.append(pb.Request(
             id=r.row_id, input_ids=r.input_ids, generated_ids=r.generated_ids, sampling=sampling,
             stopping=pb.StoppingCriteria(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens),
-            top_logprobs=r.top_logprobs, mask_position=r.mask_position))
+            top_logprobs=r.top_logprobs, mask_position=r.mask_position, logprobs=r.logprobs))
     return pb.Batch(id=op.batch_id, requests=requests)
 
 

@@ -62,7 +62,8 @@ def request_from_pb(msg: pb.Request, config: GLMConfig) -> RequestState:
     blank = blank_of(msg, ids)
     allowed = allowed_new_tokens(blank, stop.max_new_tokens, config.max_sequence_length)
     try:                                    # the engine refuses rows with nothing left to generate
-        return RequestState(msg.id, blank, params, allowed, stop.min_new_tokens, msg.top_logprobs, generated)
+        return RequestState(msg.id, blank, params, allowed, stop.min_new_tokens, msg.top_logprobs, generated,
+                            logprobs=msg.logprobs)
     except ValueError as exc:
         raise InvalidArgument(f"{where}: {exc}", request_id=msg.id) from None
 
