@@ -19,13 +19,48 @@ from model.quantization import SCALE_SUFFIX, QuantSpec, is_quantized_weight
 from model.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO = "auto"           # the fastest dtype for the device (``default_dtype``)
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as ``/proc/cpuinfo`` lists them (x86 ``flags``, Arm
+    ``Features``); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (x86 AVX512_BF16 or AMX-BF16, Arm BF16).
+    oneDNN emulates bf16 on other AVX-512 CPUs, and there it is slower than fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def default_dtype(device: str | torch.device) -> str:
+    """``auto``: float16 on CUDA (the official GLM-130B inference dtype); on a CPU bfloat16
+    where it is native, else float32. Measured on the demo model (``docs/benchmarks.md``):
+    bf16 serves ~1.5x the tokens/s of fp32 on a Zen 5 with AVX512_BF16, while on an AVX2-only
+    Zen 3 a bf16 matmul row cost ~5x an fp32 one."""
+    if torch.device(device).type == "cuda":
+        return "float16"
+    return "bfloat16" if native_bf16() else "float32"
+
+
+def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype by name; ``auto`` is ``default_dtype(device)``."""
+    if name == AUTO:
+        name = default_dtype(device)
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)} or {AUTO}") from None
 
 
 def rank_device(device: str, ctx: ParallelContext) -> torch.device:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from model.config import EOP_ID, PRESETS, GLMConfig
 from services.cli.main import build_parser, main
@@ -75,3 +76,19 @@ def test_bad_env_value_is_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["plan", "--tp", "1", "--gpu-memory-gib", "24"])
     assert "GLM_PLAN_TP='two'" in capsys.readouterr().err
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    from model import runner
+
+    assert runner.native_bf16(frozenset({"avx2", "avx512f", "avx512bw", "avx512_bf16"}))
+    assert runner.native_bf16(frozenset({"amx_bf16", "amx_tile"}))
+    assert runner.native_bf16(frozenset({"fp", "asimd", "bf16"}))                  # Arm
+    assert not runner.native_bf16(frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni"}))   # emulated only
+    monkeypatch.setattr(runner, "native_bf16", lambda flags=None: False)
+    assert runner.parse_dtype("auto") == torch.float32
+    assert runner.parse_dtype("auto", "cuda") == torch.float16
+    monkeypatch.setattr(runner, "native_bf16", lambda flags=None: True)
+    assert runner.parse_dtype("auto", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'.*or auto"):
+        runner.parse_dtype("fp8")

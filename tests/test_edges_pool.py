@@ -57,7 +57,7 @@ def tiny(checkpoint):
 
 @pytest.fixture(scope="module")
 def stack(tiny, tmp_path_factory):
-    options = ServeOptions.from_flat(
+    options = ServeOptions.from_flat(dtype="float32",
         checkpoint=tiny, model_name=f"edges-{uuid.uuid4().hex[:8]}", port=free_port(), tp=2, pools=1,
         metrics_port=free_port(), workdir=str(tmp_path_factory.mktemp("edges-logs")))
     s = LocalStack(options).start()

@@ -70,7 +70,7 @@ def tokenizer(ckpt):
 
 @pytest.fixture(scope="module")
 def pool(ckpt):
-    handle = start_pool(ckpt, 1, kv_memory_gib=0.004)
+    handle = start_pool(ckpt, 1, dtype="float32", kv_memory_gib=0.004)
     yield handle
     handle.stop()
 
@@ -184,7 +184,7 @@ def test_x_mask_times_100_with_one_new_token_ends(pool, tokenizer):
 
 @pytest.fixture(scope="module")
 def stack(ckpt, tmp_path_factory):
-    options = ServeOptions.from_flat(
+    options = ServeOptions.from_flat(dtype="float32",
         checkpoint=ckpt, model_name=f"iso-{uuid.uuid4().hex[:8]}", port=free_port(), tp=1, pools=1,
         redis_url=REDIS_URL, scheduler_args=("--max-input-tokens", "400"),
         workdir=str(tmp_path_factory.mktemp("logs")))

@@ -200,7 +200,7 @@ def stack(tmp_path_factory):
 
     checkpoint = tmp_path_factory.mktemp("metrics-tiny")
     init_tiny(checkpoint, preset="glm-tiny", seed=3)
-    options = ServeOptions.from_flat(checkpoint=str(checkpoint), model_name=f"metrics-{uuid.uuid4().hex[:6]}",
+    options = ServeOptions.from_flat(dtype="float32", checkpoint=str(checkpoint), model_name=f"metrics-{uuid.uuid4().hex[:6]}",
                                      port=free_port(), metrics_port=free_port(), max_batch_size=8,
                                      workdir=str(tmp_path_factory.mktemp("metrics-logs")))
     s = LocalStack(options).start()

@@ -62,7 +62,7 @@ def tokenizer(ckpt):
 
 @pytest.fixture(scope="module")
 def pool(ckpt):
-    handle = start_pool(ckpt, 1, kv_memory_gib=0.002)
+    handle = start_pool(ckpt, 1, dtype="float32", kv_memory_gib=0.002)
     yield handle
     handle.stop()
 

@@ -50,7 +50,7 @@ def test_a_killed_scheduler_is_restarted(checkpoint, tmp_path):
     except LocalRedisError as exc:
         pytest.skip(str(exc))
     name = f"sup-{uuid.uuid4().hex[:8]}"
-    options = ServeOptions.from_flat(checkpoint=checkpoint("glm-tiny", tp=1, seed=5), model_name=name,
+    options = ServeOptions.from_flat(dtype="float32", checkpoint=checkpoint("glm-tiny", tp=1, seed=5), model_name=name,
                                      port=free_port(), tp=1, pools=1, workdir=str(tmp_path))
     stack = LocalStack(options).start()
     try:

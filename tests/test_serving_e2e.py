@@ -94,7 +94,7 @@ def tiny(checkpoint):
 
 @pytest.fixture(scope="module")
 def stack(tiny, tmp_path_factory):
-    options = ServeOptions.from_flat(
+    options = ServeOptions.from_flat(dtype="float32",
         checkpoint=tiny, model_name=f"e2e-{uuid.uuid4().hex[:8]}", port=free_port(), tp=1, pools=1,
         gateway_args=("--max-queue-depth", "40"), workdir=str(tmp_path_factory.mktemp("logs")))
     s = LocalStack(options).start()
@@ -236,7 +236,7 @@ def small(checkpoint):
 
 @pytest.fixture(scope="module")
 def two_pools(small, tmp_path_factory, redis_db):
-    options = ServeOptions.from_flat(
+    options = ServeOptions.from_flat(dtype="float32",
         checkpoint=small, model_name=f"e2e2-{uuid.uuid4().hex[:8]}", port=free_port(), tp=1, pools=2,
         redis_url=MACHINE_REDIS, scheduler_args=("--claim-idle-ms", "2000", "--max-batch-size", "4"),
         workdir=str(tmp_path_factory.mktemp("logs2")))

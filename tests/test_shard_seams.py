@@ -98,7 +98,7 @@ def test_a_real_worker_names_the_refused_request_and_reports_its_width(checkpoin
             await client.clear_cache()
             return err.value, prefilled.batch, decoded.batch
 
-    pool = start_pool(checkpoint("glm-tiny", tp=1, seed=3), 1, kv_memory_gib=0.002)
+    pool = start_pool(checkpoint("glm-tiny", tp=1, seed=3), 1, dtype="float32", kv_memory_gib=0.002)
     try:
         err, after_prefill, after_decode = asyncio.run(main(pool.addresses))
     finally:

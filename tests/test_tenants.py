@@ -35,7 +35,7 @@ NEW = 12                           # tokens of each of A's requests: min = max, 
 
 @pytest.fixture(scope="module")
 def stack(checkpoint, redis_db, tmp_path_factory):
-    options = ServeOptions.from_flat(
+    options = ServeOptions.from_flat(dtype="float32",
         checkpoint=checkpoint("glm-tiny", tp=1, seed=11), model_name=f"tenants-{uuid.uuid4().hex[:8]}",
         port=free_port(), tp=1, pools=1, redis_url=redis_db.url,
         gateway_args=("--api-key", KEY_A, "--api-key", KEY_B), workdir=str(tmp_path_factory.mktemp("logs")))

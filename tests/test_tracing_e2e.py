@@ -93,7 +93,7 @@ def traced_request(checkpoint: str, workdir: str) -> dict:
     receiver = Receiver()
     endpoint = receiver.start()
     name = f"trace-{uuid.uuid4().hex[:8]}"
-    stack = LocalStack(ServeOptions.from_flat(checkpoint=checkpoint, model_name=name, port=free_port(), tp=TP,
+    stack = LocalStack(ServeOptions.from_flat(dtype="float32", checkpoint=checkpoint, model_name=name, port=free_port(), tp=TP,
                                               max_batch_size=4, workdir=workdir, otlp_endpoint=endpoint,
                                               layer_trace_ratio=1.0))
     try:
@@ -200,9 +200,9 @@ def test_serve_flags_reach_the_stack(monkeypatch, tmp_path):
 
 def test_the_stack_passes_tracing_to_every_process(monkeypatch):
     """Scheduler and gateway command lines carry --otlp-endpoint only when it is set."""
-    stack = LocalStack(ServeOptions.from_flat(checkpoint="/ckpt", model_name="m", otlp_endpoint="c:4317"))
+    stack = LocalStack(ServeOptions.from_flat(dtype="float32", checkpoint="/ckpt", model_name="m", otlp_endpoint="c:4317"))
     assert stack._tracing_args() == ["--otlp-endpoint", "c:4317"]
-    assert LocalStack(ServeOptions.from_flat(checkpoint="/ckpt", model_name="m"))._tracing_args() == []
+    assert LocalStack(ServeOptions.from_flat(dtype="float32", checkpoint="/ckpt", model_name="m"))._tracing_args() == []
 
 
 def test_without_an_endpoint_nothing_is_exported():

@@ -76,7 +76,7 @@ def model(ckpt):
 
 @pytest.fixture(scope="module")
 def pool(ckpt, receiver):
-    handle = start_pool(ckpt, 2, kv_memory_gib=KV_GIB, layer_trace_ratio=1.0, otlp_endpoint=receiver.endpoint)
+    handle = start_pool(ckpt, 2, dtype="float32", kv_memory_gib=KV_GIB, layer_trace_ratio=1.0, otlp_endpoint=receiver.endpoint)
     asyncio.run(_warmup(handle.addresses))
     yield handle
     handle.stop()
@@ -223,7 +223,7 @@ def test_layer_spans_of_every_rank_join_the_callers_trace(pool, receiver):
 
 
 def doomed_pool(ckpt):
-    handle = start_pool(ckpt, 2, kv_memory_gib=KV_GIB, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+    handle = start_pool(ckpt, 2, dtype="float32", kv_memory_gib=KV_GIB, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
     asyncio.run(_warmup(handle.addresses))
     return handle
 

@@ -40,7 +40,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (official layout)")
     p.add_argument("--tokenizer", help="ice_text.model (default: the one beside the checkpoint)")
     p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks (local processes)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
+                   help="auto: bfloat16 on a CPU with native bf16, float16 on CUDA, else float32")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text; may contain [MASK], [sMASK], [gMASK]")
@@ -155,7 +156,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--warmup", type=non_negative_int, default=2, help="short requests before measuring")
     s.add_argument("--max-batch-size", type=positive_int, default=32)
     s.add_argument("--tp", type=positive_int, default=1, help="ranks per pool")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bfloat16 on a CPU with native bf16, float16 on CUDA, else float32")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
     s.add_argument("--json", action="store_true", help="print one JSON object")

@@ -22,7 +22,7 @@ TOKEN_HELP = ("file holding the pool's shard token, which every call to a rank b
               "(glm worker: needed for a non-loopback TCP --listen; glm pool default: a new one in "
               "<socket-dir>/shard-token, mode 0600)")
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 QUANTS = ("none", "int8", "int4")
 MAX_PORT = 65535
@@ -40,8 +40,9 @@ def _none_text(value: str | None) -> str:
 class RankOptions(Options):
     """What every rank of a pool is run with (the same for all its ranks)."""
 
-    dtype: str = option("float32", choices=DTYPES, to=("worker",),
-                        help="dtype of the weights and activations")
+    dtype: str = option("auto", choices=DTYPES, to=("worker",),
+                        help="dtype of the weights and activations (auto: float16 on CUDA; on a CPU "
+                             "bfloat16 where it is native (AVX512_BF16/AMX), else float32)")
     device: str = option("cpu", choices=DEVICES, to=("worker",),
                          help="where each rank runs (cuda: the rank's own GPU, rank %% GPUs; NCCL on cuda, "
                               "gloo on cpu)")

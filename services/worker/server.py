@@ -214,7 +214,7 @@ def load_shard(opts: WorkerOptions, tracer) -> Shard:
         torch.cuda.set_device(device)
     spec = QuantSpec.parse(opts.quant, opts.quant_group_size)
     info = inspect_checkpoint(opts.checkpoint)
-    model = load_model(info, ctx, dtype=parse_dtype(opts.dtype), device=device, quant=spec)
+    model = load_model(info, ctx, dtype=parse_dtype(opts.dtype, device), device=device, quant=spec)
     spec = info.quant or spec                  # a pre-quantized checkpoint loads as it is
     return Shard(model, model_name=model_name(opts),
                  quantization=spec.name if spec else "none", kv_memory_gib=opts.kv_memory_gib, tracer=tracer,
