@@ -271,20 +271,23 @@ class Engine:
     # -- forward primitives (beam search uses them too) -------------------------------------
     def prefill_logits(self, batch: Batch) -> torch.Tensor:
         """Prefill every row into a new cache (``batch.cache``, room for ``width + longest
-        remaining`` slots); the logits ``[b, V]`` of each row's last token."""
+        remaining`` slots); the logits ``[b, V]`` of each row's last token, in the model's
+        compute dtype (callers widen what they use: ``.float()`` is exact)."""
         ids, pos, valid, prefix = batch.prefill_inputs(self.device)         # [b, w] each
         cache = self.new_cache(len(batch.requests), batch.width + batch.max_remaining)
         mask = cache.extend(valid, prefix)                                   # [b, 1, w, w]
-        logits = self.model(ids, pos, mask, cache, last_only=True)           # [b, 1, V]
+        logits = self.model(ids, pos, mask, cache, last_only=True, float_logits=False)   # [b, 1, V]
         batch.cache = cache
         return logits[:, -1]
 
     def decode_logits(self, cache: DecodeCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row: ``tokens [b]`` at ``positions [b, 1]``; logits ``[b, V]``."""
+        """Feed one token per row: ``tokens [b]`` at ``positions [b, 1]``; logits ``[b, V]`` in
+        the compute dtype."""
         b = tokens.shape[0]
         ones = torch.ones((b, 1), dtype=torch.bool, device=self.device)
         mask = cache.extend(ones, ~ones)                                     # [b, 1, 1, t]
-        logits = self.model(tokens.view(b, 1).to(self.device), positions.to(self.device), mask, cache)  # [b, 1, V]
+        logits = self.model(tokens.view(b, 1).to(self.device), positions.to(self.device), mask, cache,
+                            float_logits=False)                              # [b, 1, V]
         return logits[:, -1]                                                 # [b, V]
 
     # -- whole steps ----------------------------------------------------------------------

@@ -186,8 +186,12 @@ class GLMModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
-        """Logits ``[b, s, V]`` (or ``[b, 1, V]`` with ``last_only``) in fp32, full vocabulary.
+                cache: KVCache | None = None, *, last_only: bool = False,
+                float_logits: bool = True) -> torch.Tensor:
+        """Logits ``[b, s, V]`` (or ``[b, 1, V]`` with ``last_only``) in fp32, full vocabulary;
+        with ``float_logits=False`` in the compute dtype (bf16/fp16 widen to fp32 exactly, so a
+        caller that converts only the rows it needs gets the same values without a
+        full-vocabulary copy).
 
         ``input_ids``/``position_ids``: ``[b, s]``; ``attention_mask``: bool
         ``[b, 1, s, t]``, True = masked, where ``t`` is ``s`` without a cache and the
@@ -204,7 +208,8 @@ class GLMModel(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.transformer.final_layernorm(x)
-        return self.transformer.word_embeddings.logits(x).float()              # [b, s, V]
+        logits = self.transformer.word_embeddings.logits(x)                    # [b, s, V]
+        return logits.float() if float_logits else logits
 
 
 def _timed(layer: GLMBlock, observer: LayerObserver, *args) -> torch.Tensor:

@@ -242,7 +242,8 @@ class Sampler:
 
     def choose(self, logits: Tensor, prompt_ids: Sequence[Sequence[int]],
                output_ids: Sequence[Sequence[int]]) -> Tensor:
-        """logits [b, V] -> the chosen tokens, LongTensor [b]; ``logits`` is not modified.
+        """logits [b, V] (any float dtype) -> the chosen tokens, LongTensor [b]; ``logits`` is
+        not modified.
 
         Work is proportional to what the rows ask: a greedy row without penalties is one
         argmax over its logits (no copy); only the other rows (penalties, sampling, or a
@@ -253,14 +254,15 @@ class Sampler:
                 f"sample: {b} logit rows, {len(self.params)} params, "
                 f"{len(prompt_ids)} prompts, {len(output_ids)} outputs"
             )
-        logits = logits.float()
         plain = [i for i, p in enumerate(self.params) if p.is_greedy and not p.has_penalties]
         tokens = torch.zeros(b, dtype=torch.long, device=logits.device)
         if plain:
             whole = len(plain) == b
             sub = logits if whole else logits[torch.tensor(plain, device=logits.device)]
-            best = torch.argmax(sub, dim=-1)                                   # [p]
-            nan = torch.isnan(sub.gather(1, best[:, None])[:, 0])              # argmax picks a NaN first
+            # max (the first index among ties, like argmax) reads bf16 at full speed where
+            # argmax does not; a NaN wins it, so a row with one takes the full rule below.
+            values, best = torch.max(sub, dim=-1)                              # [p]
+            nan = torch.isnan(values)
             if whole:
                 tokens = best
             else:
@@ -276,7 +278,7 @@ class Sampler:
         the argmax (greedy) or the seeded draw; the chosen tokens ``[len(rows)]``."""
         index = torch.tensor(rows, device=logits.device)
         params = [self.params[i] for i in rows]
-        processed = apply_penalties(logits[index], params, [prompt_ids[i] for i in rows],
+        processed = apply_penalties(logits[index].float(), params, [prompt_ids[i] for i in rows],
                                     [output_ids[i] for i in rows])
         processed = torch.where(torch.isnan(processed), -math.inf, processed)   # NaN: the lowest score
         tokens = torch.argmax(processed, dim=-1)  # [r], greedy rows keep this

@@ -205,6 +205,9 @@ def load_shard(opts: WorkerOptions, tracer) -> Shard:
     from model.quantization import QuantSpec
     from model.runner import load_model, parse_dtype, rank_device
 
+    from services.common.malloc import tune_malloc
+
+    tune_malloc()                              # before the weights and the first step's temporaries
     if opts.threads:
         torch.set_num_threads(opts.threads)
     ctx = init_group(opts.rank, opts.tp, opts.dist_init, backend=default_backend(opts.device),
