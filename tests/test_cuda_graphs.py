@@ -14,7 +14,9 @@ from model.engine import Batch, Engine, RequestState
 from model.prompt import Blank
 from model.runner import load_model
 from model.sampling import SamplingParams
-from tests.worker_cases import PROMPTS
+from services.proto_gen.glm.v1 import shard_pb2 as pb
+from services.worker.shard import Shard
+from tests.worker_cases import PROMPTS, Tokens, mixed_batch
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 # (prompt, max new tokens): [MASK] and [gMASK], lengths 4..16, rows leaving after 2..6 steps
@@ -138,6 +140,29 @@ def test_capture_only_on_cuda(model):
     assert graphs.capture() == () and graphs.graphs == {}
     with pytest.raises(ValueError, match="slots"):
         DecodeGraphs(model, max_batch=4, slots=1)
+
+
+def serve_mixed_batch(shard: Shard) -> Tokens:
+    shard.warmup(pb.WarmupRequest(max_batch_size=8, max_input_tokens=20, max_total_tokens=40))
+    tokens = Tokens()
+    cached = tokens.add(shard.prefill(pb.PrefillRequest(batch=mixed_batch(1))))
+    while cached is not None:
+        cached = tokens.add(shard.decode(pb.DecodeRequest(batches=[cached])))
+    return tokens
+
+
+def test_the_worker_builds_its_graphs_at_warmup(model):
+    """``Shard(decode_graphs=True)``: Warmup builds the static path (captured only on CUDA)
+    and its arena comes out of the KV memory; the served tokens are the eager worker's."""
+    eager = serve_mixed_batch(plain := Shard(model, model_name="tiny", kv_memory_gib=0.01))
+    static = serve_mixed_batch(graphed := Shard(model, model_name="tiny", kv_memory_gib=0.01, decode_graphs=True))
+    assert static.ids == eager.ids and static.finish == eager.finish
+    for rid, logprobs in eager.logprobs.items():
+        assert static.logprobs[rid] == pytest.approx(logprobs, rel=1e-5, abs=1e-6)
+    graphs = graphed.engine.graphs
+    assert plain.engine.graphs is None and graphs is not None and graphs.captured == ()
+    assert graphs.buckets == (1, 2, 4, 8) and graphs.arena.slots == 40 and graphs.stats.static > 3
+    assert graphed.capacity * graphed.kv_bytes_per_token <= 0.01 * 2**30 - graphs.nbytes()
 
 
 @pytest.mark.gpu
