@@ -9,8 +9,9 @@ A decode step of the dense cache (``model.kv_cache.KVCache``) changes shape ever
   results are discarded.
 * **The arena.** One static key/value store ``[L, R, np, S, hn]`` (``R`` the largest bucket,
   ``S`` slots per row) and its slot flags ``[R, S]``. The batch being decoded lives there:
-  its cache is copied in once (when it is not there yet) and its ``KVCache`` is rebound to
-  views of the arena, so every later step of that batch reads and writes the arena in
+  a new batch is prefilled straight into it when it is free (``new_cache``, the engine's
+  cache factory); otherwise its cache is copied in at its first step and its ``KVCache`` is
+  rebound to views of the arena, so every later step of that batch reads and writes the arena in
   place. A batch whose rows change (rows leave, batches join) gets a new cache from the
   dense cache's own rules, and that one is copied in at its first step. A cache that was
   resident when another one moves in is first given its own copy (it stays correct, eager
@@ -90,6 +91,23 @@ class DecodeArena:
         """``cache`` is the resident one and still a view of the arena."""
         return (self._resident is not None and self._resident() is cache
                 and cache.keys.data_ptr() == self.keys.data_ptr() and cache.capacity == self.slots)
+
+    def busy(self) -> bool:
+        """A live cache is a view of the arena."""
+        old = self._resident() if self._resident is not None else None
+        return old is not None and old.keys.data_ptr() == self.keys.data_ptr()
+
+    def lend(self, rows: int) -> KVCache:
+        """An empty ``KVCache`` of ``rows`` rows that is a view of the arena (now resident)."""
+        cache = KVCache.__new__(KVCache)
+        cache.num_layers, cache.heads_local, cache.head_dim = self.keys.shape[0], self.keys.shape[2], self.keys.shape[4]
+        self.values[:, :rows] = 0
+        self.valid[:rows], self.prefix[:rows] = False, False
+        cache.keys, cache.values = self.keys[:, :rows], self.values[:, :rows]
+        cache.valid, cache.prefix = self.valid[:rows], self.prefix[:rows]
+        cache.length = 0
+        self._resident = weakref.ref(cache)
+        return cache
 
     def adopt(self, cache: KVCache) -> None:
         """Copy ``cache`` (``b <= R`` rows, ``length < S``) into rows ``0..b-1`` and rebind it
@@ -172,6 +190,14 @@ class DecodeGraphs:
     def bucket(self, rows: int) -> int | None:
         """The smallest bucket holding ``rows``, None above the largest."""
         return next((b for b in self.buckets if b >= rows), None)
+
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        """The engine's cache factory: a new batch that fits the arena while no live batch
+        holds it is prefilled straight into it (no copy at its first step); any other gets
+        a dense cache of its own (``GLMModel.new_cache``)."""
+        if rows <= self.arena.rows and capacity <= self.arena.slots and not self.arena.busy():
+            return self.arena.lend(rows)
+        return self.model.new_cache(rows, capacity)
 
     # -- the static forward (eager on CPU, captured on CUDA) ----------------------------------
     def _forward(self, rows: int) -> torch.Tensor:

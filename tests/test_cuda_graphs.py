@@ -37,8 +37,8 @@ def new_batch(batch_id: int, rows, first_id: int = 0) -> Batch:
 class Recorder:
     """An engine whose decode logits are recorded, step by step."""
 
-    def __init__(self, model, graphs: DecodeGraphs | None = None) -> None:
-        self.engine = Engine(model)
+    def __init__(self, model, graphs: DecodeGraphs | None = None, *, prefill_in_arena: bool = False) -> None:
+        self.engine = Engine(model, new_cache=graphs.new_cache if prefill_in_arena else None)
         self.engine.graphs = graphs
         self.logits: list[torch.Tensor] = []
         plain = self.engine.decode_logits
@@ -65,8 +65,8 @@ class Recorder:
         return [done[i].generated for i in sorted(done)]
 
 
-def check_same(model, graphs: DecodeGraphs, **run) -> None:
-    eager, static = Recorder(model), Recorder(model, graphs)
+def check_same(model, graphs: DecodeGraphs, prefill_in_arena: bool = False, **run) -> None:
+    eager, static = Recorder(model), Recorder(model, graphs, prefill_in_arena=prefill_in_arena)
     assert static.run(**run) == eager.run(**run)
     assert len(static.logits) == len(eager.logits) > 3
     for got, want in zip(static.logits, eager.logits):
@@ -93,9 +93,15 @@ def test_static_decode_equals_the_normal_decode(model):
     assert graphs.captured == ()
 
 
+def test_a_batch_prefilled_into_the_arena_is_not_copied(model):
+    graphs = DecodeGraphs(model, max_batch=8, slots=64)
+    check_same(model, graphs, prefill_in_arena=True)
+    assert graphs.stats.eager == 0 and graphs.stats.adopted == 4       # only when rows leave
+
+
 def test_a_joining_batch_moves_into_the_arena(model):
     graphs = DecodeGraphs(model, max_batch=8, slots=64)
-    check_same(model, graphs, join_at=2)
+    check_same(model, graphs, prefill_in_arena=True, join_at=2)   # joins while the arena is busy
     assert graphs.stats.eager == 0 and graphs.stats.adopted >= 3
 
 

@@ -172,7 +172,7 @@ class Shard:
     def _build_graphs(self, max_batch: int, max_total: int, memory: int, span: trace.Span) -> int:
         """Build the decode graphs for batches up to ``max_batch`` over an arena of at most
         ``GRAPH_KV_SHARE`` of the KV memory (the same slots on every rank); the KV memory left."""
-        self.engine.graphs = None                                         # a second Warmup replaces them
+        self.engine.graphs, self.engine.new_cache = None, self.model.new_cache   # a second Warmup replaces them
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         rows = batch_buckets(max_batch)[-1]
@@ -186,7 +186,7 @@ class Shard:
             return memory
         graphs = DecodeGraphs(self.model, max_batch=max_batch, slots=slots)
         span.set_attribute("glm.decode_graphs_captured", len(graphs.capture()))
-        self.engine.graphs = graphs
+        self.engine.graphs, self.engine.new_cache = graphs, graphs.new_cache
         if self.kv_memory_gib is not None or self.device.type != "cuda":
             return max(0, memory - graphs.nbytes())
         return kv_memory_bytes(self.device, kv_memory_gib=None, local_ranks=self.ctx.world_size)
