@@ -45,7 +45,7 @@ from model.prompt import Blank  # noqa: E402
 from model.quantization import SCALE_SUFFIX, QuantSpec, is_quantized_weight, is_scale  # noqa: E402
 from model.sampling import SamplingParams  # noqa: E402
 
-# FasterTransformer's GLM-130B INT4 decode, ms per token (THUDM/GLM-130B, docs/inference-with-fastertransformer.md)
+# FasterTransformer's GLM-130B INT4 decode, ms per token (the official GLM-130B repository's FasterTransformer guide)
 OFFICIAL = {"FasterTransformer INT4, 4x RTX 3090": (64, 73), "FasterTransformer INT4, 8x A100": (34, 42)}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
