@@ -1,29 +1,28 @@
-"""Every GPU check of the CUDA quantized kernels in one run (< 3 minutes on an H100).
+"""The GPU check: CUDA kernels, bandwidth and full GLM-130B decode, in one run (< 8 min on an H200).
 
-Run from the repository root on a machine with a CUDA GPU and a CUDA build of torch:
+    python bench/gpu_check.py [--quick] [--json OUT]                    # on the GPU machine
+    python bench/gpu_check.py --device cpu --preset glm-tiny --layers 2 --quick   # every path, on a CPU
 
-    pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12   # cupy + NVRTC; no CUDA toolkit needed
-    python bench/gpu_check.py [--json OUT] [--sweep]
+1. Kernels: the quantized linears (``kernels.prepare``: the CUDA kernels on cuda) against
+   ``kernels.reference`` at the preset's shard shapes (GLM-130B: hidden 12288, inner 32768)
+   for TP 1/4/8, INT8 and INT4, batch 1/8/32/64; random data, fresh every run.
+2. Bandwidth: a large device-to-device copy ((read + write) bytes / time), and the decode
+   GEMV (M = 1 and 8) at the same shapes: packed bytes / time, and the fraction of the copy.
+3. Model: the preset (70 layers for glm-130b; ``--layers`` shortens it) with random INT4
+   weights built on the device (``model.dummy`` when present, else the builder below; no
+   host copy of the weights), TP 1. Decode at batch 1/8/32/64 with and without CUDA graphs
+   (``model.cuda_graphs``), and a 512-token prefill; ms per step against the floor
+   ``(weight + KV bytes) / copy bandwidth`` and the published FasterTransformer INT4 figures.
 
-1. Parity against kernels.reference on fresh random data: INT8/INT4 x per-row/group-wise
-   x fp16/bf16 x M in {1, 3, 8, 17, 64} (GEMV for M <= 8, dequantize + cuBLAS above),
-   bit-exact dequantization, leading dims, the torch fallback for unaligned shapes.
-2. Device-to-device copy bandwidth (a large torch copy; read + write bytes / time).
-3. Fused GEMV bandwidth (packed weight + scale bytes / kernel time) at GLM-130B
-   shard shapes for TP 4 and 8, M = 1 and 8, and its ratio to the copy bandwidth;
-   an fp16 cuBLAS GEMV on the dense weight for comparison.
-4. Prefill: dequantize + cuBLAS at M = 512 and 2048, split into its two parts.
-`--sweep` adds a rows-per-block x threads sweep of the GEMV (tuning data).
-
-Timing: CUDA events, median over batches after warm-up. Each batch rotates over
-enough weight copies to exceed the L2 cache, and the stream is first held busy
-with torch.cuda._sleep so the Python launch loop does not leave the GPU idle.
-Exit status: 0 when every parity check passes, 1 otherwise.
+On a CPU every path runs (the CPU backend of ``kernels.prepare`` in the kernel checks, the
+static-shape decode without capture) except the CUDA kernels and the capture, which it says
+it skips. The last line of the output is the JSON summary; exit status 1 when a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -36,222 +35,396 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.cuda import GEMV_MAX_ROWS, prepare_cuda  # noqa: E402
-from kernels.reference import QuantizedWeight, dequantize, pack_int4, quantized_matmul  # noqa: E402
+import kernels  # noqa: E402
+from kernels.reference import QuantizedWeight, quantized_matmul  # noqa: E402
+from model.config import GMASK_ID, GLMConfig  # noqa: E402
+from model.cuda_graphs import DecodeGraphs  # noqa: E402
+from model.engine import Batch, Engine, RequestState  # noqa: E402
+from model.glm import GLMModel  # noqa: E402
+from model.prompt import Blank  # noqa: E402
+from model.quantization import SCALE_SUFFIX, QuantSpec, is_quantized_weight, is_scale  # noqa: E402
+from model.sampling import SamplingParams  # noqa: E402
 
-DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
-HIDDEN, FFN = 12288, 32768  # GLM-130B; dense_h_to_4h holds the two GeGLU halves
-
-
-def shard_shapes(tp: int) -> dict[str, tuple[int, int]]:
-    """[out, in] of the four quantized linears of one layer on one TP rank."""
-    return {
-        "query_key_value": (3 * HIDDEN // tp, HIDDEN),
-        "dense": (HIDDEN, HIDDEN // tp),
-        "dense_h_to_4h": (2 * FFN // tp, HIDDEN),
-        "dense_4h_to_h": (HIDDEN, FFN // tp),
-    }
+# FasterTransformer's GLM-130B INT4 decode, ms per token (the official GLM-130B repository's FasterTransformer guide)
+OFFICIAL = {"FasterTransformer INT4, 4x RTX 3090": (64, 73), "FasterTransformer INT4, 8x A100": (34, 42)}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def random_qweight(n, k, bits, group_size, device="cpu", gen=None) -> QuantizedWeight:
-    qmax = 127 if bits == 8 else 7
-    q = torch.randint(-qmax, qmax + 1, (n, k), dtype=torch.int8, generator=gen, device=device)
-    groups = 1 if group_size is None else k // group_size
-    scale = ((torch.rand(n, groups, generator=gen, device=device) + 0.5) / qmax).half()
-    scale = scale[:, 0].contiguous() if group_size is None else scale
-    return QuantizedWeight(q if bits == 8 else pack_int4(q), scale, bits, k, group_size)
+# ---- timing ---------------------------------------------------------------------------
+
+class Clock:
+    """Seconds of work on one device: CUDA events on a GPU, the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn, repeat: int, warmup: int = 1, calls: int = 1) -> float:
+        """Median seconds per call of ``fn()``, which makes ``calls`` calls, over ``repeat`` runs
+        after ``warmup``. On a GPU the stream is first held busy (``torch.cuda._sleep``) so that
+        the Python launch loop does not leave it idle inside the timed span."""
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeat):
+            self.sync()
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if calls > 1 and hasattr(torch.cuda, "_sleep"):
+                    torch.cuda._sleep(200_000 * calls)                  # ~100 us of GPU time per call
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3 / calls)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) / calls)
+        return statistics.median(times)
 
 
-def close_fp32_acc(got: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
-    """Within two output ulps of the element plus the output's rms (see the tests)."""
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- 1. kernels -------------------------------------------------------------------------
+
+def shard_shapes(config: GLMConfig, tp: int) -> dict[str, tuple[int, int]]:
+    """``[out, in]`` of one layer's four quantized linears on one rank of ``tp``."""
+    h, f = config.hidden_size, config.inner_hidden_size
+    return {"query_key_value": (3 * h // tp, h), "dense": (h, h // tp),
+            "dense_h_to_4h": (2 * f // tp, h), "dense_4h_to_h": (h, f // tp)}
+
+
+def random_qweight(n: int, k: int, bits: int, device: torch.device, gen: torch.Generator) -> QuantizedWeight:
+    """Random values in the official ranges (INT4: any nibble) and fp16 per-row scales."""
+    if bits == 8:
+        values = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device, generator=gen)
+    else:   # a random byte is two random nibbles in [-8, 7]
+        values = torch.randint(-128, 128, (n, k // 2), dtype=torch.int8, device=device, generator=gen)
+    limit = 127 if bits == 8 else 7
+    scale = ((torch.rand(n, device=device, generator=gen) + 0.5) / (limit * math.sqrt(k))).half()
+    return QuantizedWeight(values, scale, bits, k, None)
+
+
+def within_tolerance(got: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
+    """Two output ulps of the element plus the output's rms (both sides accumulate in fp32)."""
     eps = torch.finfo(ref.dtype).eps
     got, ref = got.float(), ref.float()
     tol = 2 * eps * (ref.abs() + ref.pow(2).mean().sqrt())
     err = (got - ref).abs()
-    return bool(torch.all(err <= tol)), float((err / tol).max()) if err.numel() else 0.0
+    return bool(torch.all(err <= tol)), float((err / tol).max())
 
 
-# ---- 1. parity ----------------------------------------------------------------
-
-def parity_checks() -> list[dict]:
-    gen = torch.Generator().manual_seed(int(time.time()))  # fresh data every run
+def kernel_checks(config: GLMConfig, device: torch.device, dtype: torch.dtype, tps, batches) -> list[dict]:
+    if device.type != "cuda":
+        print("   (cpu: the CUDA kernels are skipped; the same checks run on the CPU backend)")
+    gen = torch.Generator(device=device).manual_seed(int(time.time()))
     rows = []
-    cases = [(203, 1024, m) for m in (1, 3, 8, 17, 64)] + [(4608, 12288, 1), (4608, 12288, 8)]
-    for bits in (8, 4):
-        for group_size in (None, 128):
-            for dname, dtype in DTYPES.items():
-                for n, k, m in cases:
-                    qw = random_qweight(n, k, bits, group_size, gen=gen)
-                    op = prepare_cuda(qw, "cuda", dtype)
-                    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
-                    ok, worst = close_fp32_acc(op(x), quantized_matmul(x, op.qw))
-                    rows.append(dict(check="matmul", bits=bits, group_size=group_size, dtype=dname,
-                                     n=n, k=k, m=m, path="gemv" if m <= GEMV_MAX_ROWS else "dequant+cublas",
-                                     ok=ok, err_over_tol=worst))
-                exact = torch.equal(op.dequantize(), dequantize(op.qw, dtype))
-                rows.append(dict(check="dequantize bit-exact", bits=bits, group_size=group_size,
-                                 dtype=dname, n=n, k=k, ok=exact))
-    qw = random_qweight(64, 256, 4, None, gen=gen)
-    op = prepare_cuda(qw, "cuda", torch.float16)
-    x = torch.randn(2, 3, 256, generator=gen).to("cuda", torch.float16)
-    ok, worst = close_fp32_acc(op(x), quantized_matmul(x, op.qw))
-    rows.append(dict(check="leading dims [2,3,K]", ok=ok and op(x[:, :0]).shape == (2, 0, 64)))
-    qw = random_qweight(10, 40, 4, None, gen=gen)  # not 16-byte chunked: torch fallback
-    op = prepare_cuda(qw, "cuda", torch.bfloat16)
-    x = torch.randn(3, 40, generator=gen).to("cuda", torch.bfloat16)
-    ok, worst = close_fp32_acc(op(x), quantized_matmul(x, op.qw))
-    rows.append(dict(check="unaligned fallback", ok=ok and not op.vectorized))
+    for tp in tps:
+        for name, (n, k) in shard_shapes(config, tp).items():
+            for bits in (8, 4):
+                qw = random_qweight(n, k, bits, device, gen)
+                op = kernels.prepare(qw, device=device, dtype=dtype)
+                for m in batches:
+                    x = torch.randn(m, k, device=device, dtype=torch.float32, generator=gen).to(dtype)
+                    got = op(x)
+                    ok, worst = within_tolerance(got, quantized_matmul(x, qw))   # the reference, on the device
+                    row = dict(tp=tp, layer=name, n=n, k=k, bits=bits, m=m, ok=ok, err_over_tol=worst)
+                    if tp == tps[-1] and m == batches[0]:                       # and once on the host, in fp32
+                        host = QuantizedWeight(qw.values.cpu(), qw.scale.cpu(), bits, k, None)
+                        ref = quantized_matmul(x.cpu().float(), host)
+                        err = float((got.cpu().float() - ref).abs().max() / ref.abs().max())
+                        row.update(host_rel_err=err, ok=ok and err < 4 * torch.finfo(dtype).eps)
+                    rows.append(row)
+                del op, qw
+                free_memory(device)
     return rows
 
 
-# ---- timing helpers -------------------------------------------------------------
+# ---- 2. bandwidth -----------------------------------------------------------------------
 
-def gpu_time(calls: list, batches: int = 15, warmup: int = 2) -> float:
-    """Median seconds per call; each batch runs every callable once, back to back."""
-    for _ in range(warmup):
-        for c in calls:
-            c()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    sleep = getattr(torch.cuda, "_sleep", None)
-    times = []
-    for _ in range(batches):
-        if sleep is not None:
-            sleep(max(1_000_000, 200_000 * len(calls)))  # ~100 us of GPU time per queued call
-        start.record()
-        for c in calls:
-            c()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / len(calls))
-    return statistics.median(times)
+def copy_bandwidth(clock: Clock, nbytes: int) -> float:
+    """(read + write) bytes per second of a device-to-device copy of ``nbytes``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=clock.device)
+    dst = torch.empty_like(src)
+    seconds = clock.time(lambda: dst.copy_(src), repeat=10, warmup=2)
+    return 2 * nbytes / seconds
 
 
-def copies_for(nbytes: int) -> int:
-    """How many weight copies a batch rotates over so that it does not live in L2."""
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20) or (64 << 20)
+def copies_for(device: torch.device, nbytes: int) -> int:
+    """Weight copies to rotate over so that a timed batch does not live in the GPU's L2."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20) or (64 << 20)
     return max(1, min(32, math.ceil(3 * l2 / nbytes)))
 
 
-def copy_bandwidth() -> float:
-    nbytes = 1 << 30
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = gpu_time([lambda: dst.copy_(src)], batches=20)
-    del src, dst
-    return 2 * nbytes / t
-
-
-# ---- 3. GEMV bandwidth ------------------------------------------------------------
-
-def gemv_bandwidth(copy_bw: float, sweep: bool) -> list[dict]:
+def gemv_bandwidth(config: GLMConfig, clock: Clock, dtype: torch.dtype, copy_bw: float, tps, repeat: int) -> list[dict]:
+    gen = torch.Generator(device=clock.device).manual_seed(1)
     rows = []
-    configs = [(tp, name, nk, bits, g, m, "f16", {})
-               for tp in (8, 4) for name, nk in shard_shapes(tp).items()
-               for bits in (8, 4) for g in (None, 128) for m in (1, 8)]
-    configs += [(8, "dense_h_to_4h", shard_shapes(8)["dense_h_to_4h"], bits, None, 1, "bf16", {})
-                for bits in (8, 4)]
-    if sweep:
-        configs += [(8, name, shard_shapes(8)[name], bits, None, m, "f16",
-                     dict(rows_per_block=r, gemv_threads=t))
-                    for name in ("dense_h_to_4h", "dense") for bits in (8, 4) for m in (1, 8)
-                    for r in (1, 2, 4, 8) for t in (64, 128)]
-    for tp, name, (n, k), bits, g, m, dname, tuning in configs:
-        dtype = DTYPES[dname]
-        qw = random_qweight(n, k, bits, g, device="cuda")
-        copies = [qw] + [QuantizedWeight(qw.values.clone(), qw.scale.clone(), bits, k, g)
-                         for _ in range(copies_for(qw.nbytes) - 1)]  # distinct memory: no L2 reuse
-        ops = [prepare_cuda(c, "cuda", dtype, **tuning) for c in copies]
-        x = torch.randn(m, k, device="cuda", dtype=dtype)
-        t = gpu_time([lambda op=op: op(x) for op in ops] * max(1, 16 // len(ops)))
-        bw = ops[0].nbytes / t
-        rows.append(dict(tp=tp, layer=name, n=n, k=k, bits=bits, group_size=g, m=m, dtype=dname,
-                         **tuning, us=t * 1e6, gbps=bw / 1e9, ratio_to_copy=bw / copy_bw))
-        del ops, copies, qw
-    for tp in (8, 4):  # dense fp16 cuBLAS GEMV, M = 1: the unquantized baseline
-        for name, (n, k) in shard_shapes(tp).items():
-            w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-            ws = [w] + [w.clone() for _ in range(copies_for(w.nbytes) - 1)]
-            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-            t = gpu_time([lambda w=w: torch.matmul(x, w.t()) for w in ws] * max(1, 16 // len(ws)))
-            rows.append(dict(tp=tp, layer=name, n=n, k=k, bits=16, group_size=None, m=1,
-                             dtype="f16", us=t * 1e6, gbps=w.nbytes / t / 1e9,
-                             ratio_to_copy=w.nbytes / t / copy_bw))
-            del w, ws
+    for tp in tps:
+        for name, (n, k) in shard_shapes(config, tp).items():
+            for bits in (4, 8):
+                qw = random_qweight(n, k, bits, clock.device, gen)
+                ops = [kernels.prepare(QuantizedWeight(qw.values.clone(), qw.scale.clone(), bits, k, None),
+                                       device=clock.device, dtype=dtype)
+                       for _ in range(copies_for(clock.device, qw.nbytes))]   # distinct memory: no L2 reuse
+                rounds = max(1, 16 // len(ops))
+                for m in (1, 8):
+                    x = torch.randn(m, k, device=clock.device, dtype=torch.float32, generator=gen).to(dtype)
+
+                    def run():
+                        for _ in range(rounds):
+                            for op in ops:
+                                op(x)
+
+                    seconds = clock.time(run, repeat=repeat, warmup=2, calls=rounds * len(ops))
+                    bw = qw.nbytes / seconds
+                    rows.append(dict(tp=tp, layer=name, n=n, k=k, bits=bits, m=m, us=seconds * 1e6,
+                                     gbps=bw / 1e9, fraction_of_copy=bw / copy_bw, copies=len(ops)))
+                del ops, qw
+                free_memory(clock.device)
     return rows
 
 
-# ---- 4. prefill -------------------------------------------------------------------
+# ---- 3. the model -----------------------------------------------------------------------
 
-def prefill_times() -> list[dict]:
-    rows = []
-    for name, (n, k) in shard_shapes(8).items():
-        for bits in (8, 4):
-            op = prepare_cuda(random_qweight(n, k, bits, None, device="cuda"), "cuda", torch.float16)
-            w = op.dequantize().clone()
-            for m in (512, 2048):
-                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                total = gpu_time([lambda: op(x)], batches=10)
-                deq = gpu_time([op.dequantize], batches=10)
-                mm = gpu_time([lambda: torch.matmul(x, w.t())], batches=10)
-                rows.append(dict(layer=name, n=n, k=k, bits=bits, m=m, total_us=total * 1e6,
-                                 dequant_us=deq * 1e6, matmul_us=mm * 1e6,
-                                 tflops=2 * m * n * k / total / 1e12))
-    return rows
+def random_model(config: GLMConfig, dtype: torch.dtype, device: torch.device, quant: QuantSpec) -> GLMModel:
+    """TP 1 with random weights drawn on ``device`` (``model.dummy`` when it is there)."""
+    try:
+        from model.dummy import build_dummy_model
+    except ImportError:
+        build_dummy_model = None
+    if build_dummy_model is not None:
+        print("   weights: model.dummy.build_dummy_model")
+        return build_dummy_model(config, dtype=dtype, device=device, quant=quant)
+    print("   weights: the random builder of bench/gpu_check.py (model.dummy is not there)")
+    model = GLMModel(config, dtype=dtype, device=device, quant=quant)
+    gen = torch.Generator(device=device).manual_seed(0)
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, t in state.items():
+            if is_scale(key):
+                continue
+            if is_quantized_weight(key):   # INT8 values in [-127, 127]; INT4: any byte, two nibbles
+                low = -127 if quant.bits == 8 else -128
+                t.random_(low, 128, generator=gen)
+                fan_in = t.shape[1] * (8 // quant.bits)
+                limit = 127 if quant.bits == 8 else 7
+                state[key + SCALE_SUFFIX].fill_(math.sqrt(3) / (limit * math.sqrt(fan_in)))
+            elif "layernorm" in key and key.endswith(".weight"):
+                t.fill_(1.0)
+            elif key.endswith(".bias"):
+                t.zero_()
+            else:
+                t.normal_(0.0, 1.0 / math.sqrt(t.shape[-1]), generator=gen)
+    return model.eval().prepare()
 
 
-def main() -> int:
+def weight_params(model: GLMModel) -> int:
+    """Weights of the matmuls of one token (the quantized ones unpacked; the head once)."""
+    n = 0
+    for key, t in model.state_dict().items():
+        if is_quantized_weight(key):
+            n += t.numel() * (2 if model.quant.bits == 4 else 1)
+        elif not is_scale(key) and t.dim() == 2:
+            n += t.numel()
+    return n
+
+
+def weight_bytes(model: GLMModel) -> int:
+    """Bytes a decode step reads: every parameter and buffer (the tied head read once)."""
+    return sum(t.nbytes for t in model.state_dict().values())
+
+
+def new_batch(rows: int, context: int, new_tokens: int, batch_id: int = 0) -> Batch:
+    """``rows`` greedy rows of ``context`` tokens (text, then [gMASK]) that may generate ``new_tokens``."""
+    ids = [20100 + i % 5000 for i in range(context - 1)] + [GMASK_ID]
+    return Batch(batch_id, [RequestState(i, Blank.first(ids), SamplingParams(greedy=True), allowed=new_tokens)
+                            for i in range(rows)])
+
+
+def decode_run(engine: Engine, clock: Clock, rows: int, context: int, steps: int) -> tuple[float, torch.Tensor, int]:
+    """Prefill ``rows`` rows, then time ``steps`` decode forwards: (seconds per step, the first
+    step's logits on the host, the KV slots read by the last step)."""
+    batch = new_batch(rows, context, steps + 4)
+    engine.prefill_logits(batch)
+    tokens = torch.full((rows,), 20100, dtype=torch.long, device=clock.device)
+    positions = batch.decode_positions(clock.device)
+    first = engine.decode_logits(batch.cache, tokens, positions)[:, :4096].float().cpu()
+    seconds = clock.time(lambda: engine.decode_logits(batch.cache, tokens, positions), repeat=steps, warmup=1)
+    slots = batch.cache.length
+    del batch
+    return seconds, first, slots
+
+
+def model_runs(args, config: GLMConfig, clock: Clock, dtype: torch.dtype, copy_bw: float) -> dict:
+    device = clock.device
+    t0 = time.perf_counter()
+    model = random_model(config, dtype, device, QuantSpec.parse(args.quant))
+    clock.sync()
+    wbytes = weight_bytes(model)
+    kv_per_slot = 2 * config.num_layers * config.hidden_size * torch.empty((), dtype=dtype).element_size()
+    out = dict(layers=config.num_layers, quant=args.quant, dtype=args.dtype, weight_gb=wbytes / 1e9,
+               build_s=time.perf_counter() - t0, decode=[], prefill=None)
+    print(f"   built {config.num_layers} layers, {wbytes / 1e9:.1f} GB of weights in {out['build_s']:.0f}s")
+    batches = args.batches
+    slots = args.context + args.steps + 8
+    for mode in ("eager", "graphs"):
+        engine = Engine(model)
+        if mode == "graphs":
+            graphs = DecodeGraphs(model, max_batch=max(batches), slots=slots, buckets=tuple(batches))
+            t1 = time.perf_counter()
+            captured = graphs.capture()
+            if device.type == "cuda":
+                print(f"   captured CUDA graphs for batches {captured} in {time.perf_counter() - t1:.1f}s")
+            else:
+                print("   (cpu: no capture; the same static-shape decode runs eagerly)")
+            engine.graphs, engine.new_cache = graphs, graphs.new_cache
+        for rows in batches:
+            seconds, first, used = decode_run(engine, clock, rows, args.context, args.steps)
+            floor = (wbytes + rows * used * kv_per_slot) / copy_bw
+            row = next((r for r in out["decode"] if r["batch"] == rows), None)
+            if row is None:
+                row = dict(batch=rows, kv_slots=used, floor_ms=floor * 1e3, first_logits=first)
+                out["decode"].append(row)
+            row[f"{mode}_ms"] = seconds * 1e3
+            row[f"{mode}_tokens_per_s"] = rows / seconds
+            if mode == "graphs":
+                eager_first = row.pop("first_logits")
+                diff = float((first - eager_first).abs().max() / eager_first.abs().max())
+                row["graphs_vs_eager_rel"] = diff
+                row["graphs_ok"] = bool(math.isfinite(diff) and diff <= args.graph_tolerance)
+                row["static_steps"] = graphs.stats.replayed + graphs.stats.static
+                graphs.stats.replayed = graphs.stats.static = 0
+            print(f"   decode b={rows:<3} {mode:<6} {seconds * 1e3:9.2f} ms/step  {rows / seconds:9.1f} tok/s"
+                  f"  floor {floor * 1e3:7.2f} ms  ({floor / seconds:5.1%} of it)")
+        del engine
+        if mode == "graphs":
+            del graphs
+        free_memory(device)
+    engine = Engine(model)
+    batch = new_batch(1, args.prefill - 1, 1)              # context + sop = --prefill tokens
+    seconds = clock.time(lambda: engine.prefill_logits(batch), repeat=max(1, args.steps // 4), warmup=1)
+    flops = 2 * args.prefill * weight_params(model)                      # attention's own FLOPs left out
+    out["prefill"] = dict(tokens=args.prefill, ms=seconds * 1e3, ms_per_token=seconds * 1e3 / args.prefill,
+                          tflops_approx=flops / seconds / 1e12)
+    print(f"   prefill {args.prefill} tokens: {seconds * 1e3:.1f} ms ({seconds * 1e3 / args.prefill:.2f} ms/token)")
+    if device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        print(f"   peak device memory {out['peak_memory_gb']:.1f} GB")
+    del engine, batch, model
+    free_memory(device)
+    return out
+
+
+def print_official(decode: list[dict]) -> None:
+    one = next((r for r in decode if r["batch"] == 1), None)
+    if one is None:
+        return
+    best = min(one["eager_ms"], one["graphs_ms"])
+    for name, (low, high) in OFFICIAL.items():
+        print(f"   batch 1: {best:.1f} ms/token here; {name}: {low}-{high} ms/token"
+              f" (theirs / ours: {low / best:.2f}-{high / best:.2f})")
+
+
+# ---- main -------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", type=Path, help="also write every result here")
-    ap.add_argument("--sweep", action="store_true", help="rows-per-block x threads sweep")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("FAIL: no CUDA device visible to torch")
-        return 1
-    import cupy
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--preset", default="glm-130b", help="model preset (glm-130b, glm-small, glm-tiny)")
+    ap.add_argument("--layers", type=int, help="shorten the preset to this many layers")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), help="activations (default: float16 on cuda, float32 on cpu)")
+    ap.add_argument("--quant", default="int4", choices=("int4", "int8"))
+    ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8, 32, 64])
+    ap.add_argument("--context", type=int, default=128, help="context tokens of each decoded row")
+    ap.add_argument("--steps", type=int, default=12, help="timed decode steps per batch")
+    ap.add_argument("--prefill", type=int, default=512, help="tokens of the timed prefill")
+    ap.add_argument("--graph-tolerance", type=float, help="max |graph - eager| / max |eager| of the first "
+                                                          "step's logits (default: 0.02 in 16-bit, 1e-5 in float32)")
+    ap.add_argument("--quick", action="store_true", help="TP 8 kernel shapes, batches 1 and 8, 4 steps")
+    ap.add_argument("--skip", action="append", default=[], choices=("kernels", "bandwidth", "model"))
+    ap.add_argument("--json", type=Path, help="also write the summary here")
+    args = ap.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "float16" if args.device == "cuda" else "float32"
+    if args.graph_tolerance is None:
+        args.graph_tolerance = 1e-5 if args.dtype == "float32" else 2e-2
+    if args.quick:
+        args.batches, args.steps = [b for b in args.batches if b <= 8] or [1], min(args.steps, 4)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device visible to torch (use --device cpu for the CPU run)")
+    return args
 
+
+def device_info(device: torch.device) -> dict:
+    info = dict(device=str(device), torch=torch.__version__)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, capability=f"{props.major}.{props.minor}", memory_gb=props.total_memory / 1e9)
+        try:
+            import cupy
+            info.update(cupy=cupy.__version__, nvrtc=".".join(map(str, cupy.cuda.nvrtc.getVersion())))
+        except Exception as exc:  # noqa: BLE001 - reported; the kernel check then fails loudly
+            info["cupy"] = f"unavailable ({exc})"
+    return info
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    config = GLMConfig.from_name(args.preset)
+    if args.layers:
+        config = GLMConfig(**{**config.describe(), "num_layers": args.layers})
+    dtype, clock = DTYPES[args.dtype], Clock(device)
+    report: dict = dict(info=device_info(device), args={k: str(v) for k, v in vars(args).items()})
+    print("== device:", ", ".join(f"{k} {v}" for k, v in report["info"].items()))
+    tps = (8,) if args.quick else (1, 4, 8)
+    failures, t0 = 0, time.perf_counter()
     try:
-        nvrtc = ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
-    except Exception as e:  # reported, and the compile below will fail loudly
-        nvrtc = f"unavailable ({e})"
-    props = torch.cuda.get_device_properties(0)
-    info = dict(device=props.name, capability="%d.%d" % (props.major, props.minor),
-                torch=torch.__version__, cupy=cupy.__version__, nvrtc=nvrtc)
-    print("== device:", ", ".join(f"{k} {v}" for k, v in info.items()))
-    report: dict = dict(info=info)
-    failures = 0
-    t0 = time.time()
-    try:
-        report["parity"] = parity_checks()
-        failures = sum(not r["ok"] for r in report["parity"])
-        print(f"== parity: {len(report['parity']) - failures}/{len(report['parity'])} passed"
-              f" ({time.time() - t0:.0f}s)")
-        for r in report["parity"]:
-            if not r["ok"]:
+        if "kernels" not in args.skip:
+            rows = report["kernels"] = kernel_checks(config, device, dtype, tps, (1, 8) if args.quick else (1, 8, 32, 64))
+            bad = [r for r in rows if not r["ok"]]
+            failures += len(bad)
+            print(f"== kernels vs kernels.reference: {len(rows) - len(bad)}/{len(rows)} passed"
+                  f" ({time.perf_counter() - t0:.0f}s)")
+            for r in bad:
                 print("   FAIL", r)
-        copy_bw = copy_bandwidth()
+        copy_bw = copy_bandwidth(clock, (1 << 30) if device.type == "cuda" else (64 << 20))
         report["copy_gbps"] = copy_bw / 1e9
         print(f"== device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
-        report["gemv"] = gemv_bandwidth(copy_bw, args.sweep)
-        print("== GEMV (packed weight + scale bytes / kernel time):")
-        for r in report["gemv"]:
-            tune = f" R={r['rows_per_block']} T={r['gemv_threads']}" if "rows_per_block" in r else ""
-            print(f"   tp{r['tp']} {r['layer']:<16} [{r['n']:>5},{r['k']:>5}] w{r['bits']:<2}"
-                  f" {'row' if r['group_size'] is None else 'g%d' % r['group_size']:<4} {r['dtype']:<4}"
-                  f" M={r['m']}{tune}: {r['us']:8.1f} us {r['gbps']:7.0f} GB/s"
-                  f"  {100 * r['ratio_to_copy']:5.1f}% of copy")
-        report["prefill"] = prefill_times()
-        print("== prefill (fp16, dequantize + cuBLAS), tp8 shapes:")
-        for r in report["prefill"]:
-            print(f"   {r['layer']:<16} w{r['bits']} M={r['m']:<5} total {r['total_us']:8.1f} us"
-                  f" (dequant {r['dequant_us']:7.1f}, matmul {r['matmul_us']:8.1f}) {r['tflops']:6.1f} TFLOP/s")
-    except Exception:
+        if "bandwidth" not in args.skip:
+            report["gemv"] = gemv_bandwidth(config, clock, dtype, copy_bw, tps, repeat=5 if args.quick else 20)
+            print("== decode GEMV (packed bytes / time):")
+            for r in report["gemv"]:
+                print(f"   tp{r['tp']} {r['layer']:<16} [{r['n']:>5},{r['k']:>5}] w{r['bits']} M={r['m']}:"
+                      f" {r['us']:9.1f} us {r['gbps']:7.0f} GB/s {r['fraction_of_copy']:6.1%} of copy")
+        if "model" not in args.skip:
+            print(f"== {args.preset}, {config.num_layers} layers, {args.quant}, {args.dtype}, TP 1:")
+            report["model"] = model_runs(args, config, clock, dtype, copy_bw)
+            bad = [r for r in report["model"]["decode"] if not r["graphs_ok"]]
+            failures += len(bad)
+            for r in bad:
+                print(f"   FAIL graphs vs eager at b={r['batch']}: max |diff| / max |logit| {r['graphs_vs_eager_rel']:.3g}")
+            print_official(report["model"]["decode"])
+    except Exception:  # noqa: BLE001 - the summary still comes out, with the traceback
         traceback.print_exc()
         failures += 1
         report["error"] = traceback.format_exc()
-    report["failures"] = failures
+    report["failures"], report["seconds"] = failures, time.perf_counter() - t0
+    print(f"== {'OK' if failures == 0 else f'FAILED ({failures})'} in {report['seconds']:.0f}s")
+    text = json.dumps(report, default=str)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
-    print(f"== {'OK' if failures == 0 else 'FAILED (%d)' % failures} in {time.time() - t0:.0f}s")
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    print(text)
     return 0 if failures == 0 else 1
 
 

@@ -267,6 +267,7 @@ class Engine:
         self.ctx = model.ctx
         self.device = model.device
         self.new_cache: CacheFactory = new_cache or model.new_cache
+        self.graphs = None   # a model.cuda_graphs.DecodeGraphs: decode steps at bucketed static shapes
 
     # -- forward primitives (beam search uses them too) -------------------------------------
     def prefill_logits(self, batch: Batch) -> torch.Tensor:
@@ -281,8 +282,11 @@ class Engine:
         return logits[:, -1]
 
     def decode_logits(self, cache: DecodeCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row: ``tokens [b]`` at ``positions [b, 1]``; logits ``[b, V]`` in
-        the compute dtype."""
+        """Feed one token per row: ``tokens [b]`` at ``positions [b, 1]``; logits ``[b, V]``
+        in the compute dtype (through ``graphs`` when set and the step fits its shapes, else
+        eagerly)."""
+        if self.graphs is not None and (logits := self.graphs.decode(cache, tokens, positions)) is not None:
+            return logits
         b = tokens.shape[0]
         ones = torch.ones((b, 1), dtype=torch.bool, device=self.device)
         mask = cache.extend(ones, ~ones)                                     # [b, 1, 1, t]

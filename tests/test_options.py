@@ -46,7 +46,7 @@ def distinct_value(field: dataclasses.Field, i: int):
         text = flag.choices[-1]
         return flag.parse(text) if flag.parse else text
     if kind == "bool":
-        return True
+        return not field.default
     if kind.startswith("tuple[tuple"):
         return ((f"name{i}", f"/checkpoint{i}"),)
     if kind.startswith("tuple"):
@@ -109,8 +109,8 @@ def test_argv_rebuilds_the_options_through_the_real_parser(command):
 def test_argv_wins_over_the_environment():
     """A child parses its flags in an environment of its own: the argv decides."""
     options = distinct(WorkerOptions, rank=1)
-    env = {variable(a): "9" for a in subparser("worker")._actions
-           if a.option_strings and not a.choices and a.dest != "help"}
+    env = {variable(a): ("1" if a.default else "0") if a.nargs == 0 else "9"   # a switch: its default
+           for a in subparser("worker")._actions if a.option_strings and not a.choices and a.dest != "help"}
     assert WorkerOptions.from_args(parse(["worker", *options.to_argv()], env)) == options
 
 

@@ -42,12 +42,12 @@ def namespace(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def _convert(action: argparse.Action, raw: str, name: str):
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         low = raw.strip().lower()
         if low not in _TRUE | _FALSE:
             raise ValueError(f"{name}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
         value = low in _TRUE
-        return value if isinstance(action, argparse._StoreTrueAction) else not value
+        return not value if isinstance(action, argparse._StoreFalseAction) else value
     if action.type is None:
         value = raw
     else:

@@ -146,7 +146,7 @@ class Options:
             if _composed(field) is not None:
                 argv += value.to_argv()
             elif (flag := flag_of(field)) is not None:
-                argv += _render(flag_name(field), flag, value)
+                argv += _render(flag_name(field), flag, value, field.default)
         return argv
 
 
@@ -164,8 +164,8 @@ def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, flag: F
         kwargs["metavar"] = flag.metavar
     if flag.choices is not None:
         kwargs["choices"] = list(flag.choices)
-    if field.type in (bool, "bool"):
-        kwargs["action"] = "store_true"
+    if field.type in (bool, "bool"):      # default True: --flag/--no-flag
+        kwargs["action"] = argparse.BooleanOptionalAction if field.default is True else "store_true"
     elif flag.repeat:
         kwargs["action"] = Repeatable
     if flag.type is not None:
@@ -189,8 +189,10 @@ def _value(flag: Flag, raw: Any) -> Any:
     return flag.parse(raw) if flag.parse else raw
 
 
-def _render(name: str, flag: Flag, value: Any) -> list[str]:
+def _render(name: str, flag: Flag, value: Any, default: Any = None) -> list[str]:
     if isinstance(value, bool):
+        if default is True:
+            return [name] if value else ["--no-" + name.removeprefix("--")]
         return [name] if value else []
     if flag.repeat:
         argv = []

@@ -62,6 +62,9 @@ class RankOptions(Options):
                                       help="fraction of forwards that record a span per layer (0-1)")
     threads: int | None = option(None, type=positive_int, to=("worker",),
                                  help="torch CPU threads per rank (default: CPUs / tp in a pool)")
+    cuda_graphs: bool = option(True, to=("worker",),
+                               help="on cuda, capture the decode forward as CUDA graphs at bucketed batch "
+                                    "sizes at Warmup (--no-cuda-graphs: decode eagerly; no effect on cpu)")
 
     def __post_init__(self) -> None:
         if self.kv_memory_gib is not None and self.kv_memory_gib <= 0:

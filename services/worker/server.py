@@ -221,7 +221,8 @@ def load_shard(opts: WorkerOptions, tracer) -> Shard:
     spec = info.quant or spec                  # a pre-quantized checkpoint loads as it is
     return Shard(model, model_name=model_name(opts),
                  quantization=spec.name if spec else "none", kv_memory_gib=opts.kv_memory_gib, tracer=tracer,
-                 layer_trace_ratio=opts.layer_trace_ratio)
+                 layer_trace_ratio=opts.layer_trace_ratio,
+                 decode_graphs=opts.cuda_graphs and device.type == "cuda")
 
 
 async def serve(opts: WorkerOptions) -> None:

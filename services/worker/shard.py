@@ -24,6 +24,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from model.config import GMASK_ID
+from model.cuda_graphs import DecodeGraphs, arena_bytes, batch_buckets
 from model.engine import Engine, StepOutput
 from model.glm import GLMModel
 from model.kv_footprint import padded_kv_slots
@@ -34,6 +35,7 @@ from services.worker.batch import ShardBatch, failures_pb, generations_pb
 from services.worker.kv_budget import kv_bytes_per_token, kv_memory_bytes
 
 WARMUP_TOKEN = 20100  # any text id
+GRAPH_KV_SHARE = 0.5  # at most this share of the KV memory goes to the decode graphs' arena
 
 
 class OutOfMemory(ResourceExhausted):
@@ -52,8 +54,9 @@ class Shard:
 
     def __init__(self, model: GLMModel, *, model_name: str, quantization: str = "none",
                  kv_memory_gib: float | None = None, tracer: trace.Tracer | None = None,
-                 layer_trace_ratio: float = 0.0) -> None:
+                 layer_trace_ratio: float = 0.0, decode_graphs: bool = False) -> None:
         self.model, self.ctx, self.config = model, model.ctx, model.config
+        self.decode_graphs = decode_graphs  # Warmup builds model.cuda_graphs.DecodeGraphs (captured on CUDA)
         self.engine = Engine(model)
         self.device = model.device
         self.model_name, self.quantization = model_name, quantization
@@ -153,6 +156,8 @@ class Shard:
             del batch, result
             memory = kv_memory_bytes(self.device, kv_memory_gib=self.kv_memory_gib,
                                      local_ranks=self.ctx.world_size)
+            if self.decode_graphs:
+                memory = self._build_graphs(n, total, memory, span)
             capacity = torch.tensor([memory // self.kv_bytes_per_token], dtype=torch.long, device=self.device)
             if self.ctx.distributed:                                      # every rank: the smallest
                 dist.all_reduce(capacity, op=dist.ReduceOp.MIN, group=self.ctx.group)
@@ -163,6 +168,28 @@ class Shard:
                 f"warmup: KV memory holds {self.capacity} tokens, fewer than max_total_tokens {total}")
         return pb.WarmupResponse(max_batch_total_tokens=self.capacity,
                                  kv_bytes_per_token=self.kv_bytes_per_token, kv_memory_bytes=memory)
+
+    def _build_graphs(self, max_batch: int, max_total: int, memory: int, span: trace.Span) -> int:
+        """Build the decode graphs for batches up to ``max_batch`` over an arena of at most
+        ``GRAPH_KV_SHARE`` of the KV memory (the same slots on every rank); the KV memory left."""
+        self.engine.graphs, self.engine.new_cache = None, self.model.new_cache   # a second Warmup replaces them
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows = batch_buckets(max_batch)[-1]
+        fit = int(memory * GRAPH_KV_SHARE) // arena_bytes(self.model, rows, 1)
+        slots = torch.tensor([min(max_total, fit)], dtype=torch.long, device=self.device)
+        if self.ctx.distributed:
+            dist.all_reduce(slots, op=dist.ReduceOp.MIN, group=self.ctx.group)
+        slots = int(slots)
+        span.set_attribute("glm.decode_graph_slots", slots)
+        if slots < 2:                                                     # no room: decode eagerly
+            return memory
+        graphs = DecodeGraphs(self.model, max_batch=max_batch, slots=slots)
+        span.set_attribute("glm.decode_graphs_captured", len(graphs.capture()))
+        self.engine.graphs, self.engine.new_cache = graphs, graphs.new_cache
+        if self.kv_memory_gib is not None or self.device.type != "cuda":
+            return max(0, memory - graphs.nbytes())
+        return kv_memory_bytes(self.device, kv_memory_gib=None, local_ranks=self.ctx.world_size)
 
     def _check_room(self, batch: ShardBatch) -> None:
         """Refuse a batch whose merge with every cached batch could exceed the capacity."""
