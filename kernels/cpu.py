@@ -21,6 +21,7 @@ Group-wise INT8 has no torch kernel and always takes the dense path.
 
 import torch
 
+from kernels.cpu_dense import native_bf16
 from kernels.reference import QuantizedWeight, dequantize, int_values
 
 # Largest activation row count that uses the weight-only kernel (bf16 activations only).
@@ -30,13 +31,23 @@ from kernels.reference import QuantizedWeight, dequantize, int_values
 # 1058, M=512 1745 vs 1208 (docs/quantization.md). The kernel wins up to 256 rows, loses at 512.
 KERNEL_MAX_ROWS = 256
 
-# Dtype of the dense matmul for bf16 activations above the threshold. This CPU has no native bf16
-# GEMM: dense bf16 costs ~11 ms per row on the qkv shard, dense fp32 (dequantized to fp32) ~2 ms
-# per row, so bf16 dense never beat the kernel here while fp32 does for large M. The result is
-# rounded back to bf16; fp32 is also the more accurate of the two. On an AMX CPU, bf16 is the
-# faster choice (a measurement on an Intel AMX machine made while designing this path;
-# docs/quantization.md has this machine's numbers): re-measure before changing machines.
-BF16_DENSE_COMPUTE = torch.float32
+# Dtype of the dense matmul for bf16 activations above the threshold: bf16 where oneDNN runs bf16
+# natively (AVX-512-BF16 or AMX), fp32 elsewhere. On the AVX2-only 2-core EPYC above there is no
+# native bf16 GEMM: dense bf16 cost ~11 ms per row on the qkv shard, dense fp32 (dequantized to fp32)
+# ~2 ms per row, so fp32 is the choice there. On the Zen 5 with AVX-512-BF16 (`glm bench gemv`,
+# docs/benchmarks.md "GEMV at batch 1"), qkv shard [4608, 12288], best ms over interleaved calls,
+# kernel / dequantize+bf16 / dequantize+fp32: INT8 M=256 138 / 244 / 339, M=512 273 / 279 / 499;
+# INT4 M=512 320 / 444 / 663: bf16 beats fp32 by ~1.5x, and the kernel still wins at 512 rows here,
+# so KERNEL_MAX_ROWS = 256 stays the conservative threshold of both machines. The result is rounded
+# back to bf16 either way.
+BF16_DENSE_COMPUTE = torch.bfloat16 if native_bf16() else torch.float32
+
+
+
+def bf16_dense_compute() -> torch.dtype:
+    """Dtype of the dense matmul for bf16 activations above `KERNEL_MAX_ROWS`."""
+    return BF16_DENSE_COMPUTE
+
 
 # torch's int4 kernel accepts these group sizes along K.
 _INT4_KERNEL_GROUPS = (256, 128, 64, 32)
@@ -106,7 +117,7 @@ class CpuQuantizedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.qw.in_features)  # [m, in]; the kernels take 2-D only
         if not self.uses_kernel(x2.shape[0], x.dtype):
-            compute = BF16_DENSE_COMPUTE if x.dtype == torch.bfloat16 else x.dtype
+            compute = bf16_dense_compute() if x.dtype == torch.bfloat16 else x.dtype
             y = (x2.to(compute) @ dequantize(self.qw, compute).t()).to(x.dtype)  # [m, out]
         elif self._int8 is not None:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), *self._int8)

@@ -169,9 +169,10 @@ class GLMModel(nn.Module):
         self.layer_observer: LayerObserver | None = None
 
     def prepare(self) -> "GLMModel":
-        """Build the quantized matmul ops once the weights are loaded (no-op when dense)."""
+        """Build the matmul ops once the weights are loaded: the quantized kernels, and on CPU the
+        measured layout of each dense linear and of the tied LM head (``model/parallel.py``)."""
         for module in self.modules():
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
                 module.prepare()
         return self
 

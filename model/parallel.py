@@ -8,6 +8,13 @@ Parameter names are the official checkpoint names (``weight``, ``bias``); a
 weight-only quantized linear holds the official pre-quantized layout instead
 (``weight`` int8 values + ``weight_scale`` fp16) and, once loaded, a kernel op
 built from it by ``kernels.prepare`` (repacked once, never on the hot path).
+
+On CPU, ``prepare()`` also gives each dense linear and the tied LM head the weight layout that
+``kernels.cpu_dense.choose_layout`` picks for its dtype (measured: ``glm bench gemv``): fp32
+weights are stored column-major (the ``[in, out]`` copy *is* the parameter, so nothing is added);
+bf16 weights on CPUs with native bf16 go to oneDNN's packed layout, which replaces a linear's
+weight (``state_dict()`` rebuilds the plain one) and sits beside the embedding as one extra copy
+of the vocab slice, since lookups need the rows (``model/plan.py`` counts it).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.cpu_dense import CpuDenseLinear, prepare_dense
 from model.quantization import QuantSpec
 
 
@@ -92,14 +100,38 @@ class _ShardLinear(nn.Module):
         return kernels.QuantizedWeight(self.weight, self.weight_scale, self.quant.bits,
                                        self.in_local, self.quant.group_size)
 
+    fuse_bias = False  # column-parallel: the bias goes into the dense op
+
     def prepare(self) -> None:
-        """Build the quantized matmul op from the loaded weight (once, after loading)."""
+        """Build the matmul op from the loaded weight (once, after loading): the quantized
+        kernel op, or on CPU the dense op in the measured layout (see the module docstring)."""
         if self.quant is not None:
             self.op = kernels.prepare(self.quantized_weight(), device=self.weight.device, dtype=self.dtype)
+            return
+        if self.op is not None or self.weight.device.type != "cpu":
+            return
+        op = prepare_dense(self.weight.detach(), self.bias.detach() if self.fuse_bias else None)
+        if op.layout == "transposed":
+            self.weight.data = op.weight.t()  # the op's [in, out] copy is now the parameter's storage
+        elif op.layout == "packed":
+            del self.weight  # the packed copy replaces it; state_dict() rebuilds the plain matrix
+            self.register_parameter("weight", None)
+        self.op = op
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if isinstance(self.op, CpuDenseLinear) and self.op.layout == "packed":
+            destination[prefix + "weight"] = self.op.dense_weight()
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T``, plus the bias where it is fused (column-parallel)."""
+        if self.op is not None:
+            return self.op(x)
+        return F.linear(x, self.weight, self.bias if self.fuse_bias else None)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
-            return F.linear(x, self.weight)
+            return self.dense(x)
         if self.op is None:
             raise RuntimeError("quantized linear used before prepare() (load the model first)")
         return self.op(x)
@@ -118,9 +150,11 @@ class ColumnParallelLinear(_ShardLinear):
                           quant=quant, what=what)
         self.bias = _empty((self.out_features_local,), dtype, device)
 
+    fuse_bias = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
-            return F.linear(x, self.weight, self.bias)
+            return self.dense(x)
         return self.matmul(x) + self.bias
 
 
@@ -155,6 +189,23 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_local = ctx.shard_size(vocab_size, "vocab_size")
         self.vocab_start = ctx.rank * self.vocab_local
         self.weight = _empty((self.vocab_local, hidden_size), dtype, device)
+        self.head: CpuDenseLinear | None = None
+
+    def prepare(self) -> None:
+        """Give the tied LM head its measured CPU layout (once, after loading): fp32 stores the
+        embedding column-major (no copy; lookups read it strided), bf16 with native bf16 adds a
+        packed copy for the head (``head_nbytes``)."""
+        if self.head is not None or self.weight.device.type != "cpu":
+            return
+        head = prepare_dense(self.weight.detach())
+        if head.layout == "transposed":
+            self.weight.data = head.weight.t()
+        self.head = head
+
+    @property
+    def head_nbytes(self) -> int:
+        """Bytes the head holds beside the embedding (0 unless it keeps a packed copy)."""
+        return self.head.nbytes if self.head is not None and self.head.layout == "packed" else 0
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.ctx.distributed:
@@ -167,4 +218,5 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head: ``hidden @ E^T`` gathered to the full vocabulary on every rank."""
-        return self.ctx.all_gather_last_dim(F.linear(hidden, self.weight))
+        local = self.head(hidden) if self.head is not None else F.linear(hidden, self.weight)
+        return self.ctx.all_gather_last_dim(local)

@@ -6,7 +6,8 @@ Pure arithmetic over ``GLMConfig``: no torch, no devices. Each rank holds
   1 byte/param, or packed int4 at 0.5 byte/param, plus fp16 scales, one per local
   output row or per ``group_size`` input columns), its sharded biases (qkv, h_to_4h),
   the replicated LayerNorms and row-parallel biases, and its vocab slice of the word
-  embedding (the tied LM head);
+  embedding (the tied LM head), twice with ``head_copy`` (a CPU serving bf16 with native bf16
+  keeps a packed copy of that slice for the head, ``model/parallel.py``);
 * **kv_cache**: keys and values of every layer for its heads, preallocated to
   ``max_tokens × batch`` slots;
 * **activations**: the largest transient of a ``max_tokens`` prefill at ``batch``
@@ -110,7 +111,7 @@ def _linears(config: GLMConfig, tp: int) -> list[tuple[int, int]]:
 
 
 def weight_bytes(config: GLMConfig, *, quant: str, tp: int, dtype_bytes: int = 2,
-                 group_size: int | None = None) -> int:
+                 group_size: int | None = None, head_copy: bool = False) -> int:
     """Bytes of one rank's parameters (inputs already validated)."""
     h, inner, layers = config.hidden_size, config.inner_hidden_size, config.num_layers
     bits = QUANT_BITS[quant]
@@ -126,6 +127,8 @@ def weight_bytes(config: GLMConfig, *, quant: str, tp: int, dtype_bytes: int = 2
     replicated = 4 * h + 2 * h  # two LayerNorms (w, b); dense and 4h_to_h biases
     per_layer = linear + (sharded_bias + replicated) * dtype_bytes
     embedding = config.vocab_size // tp * h * dtype_bytes  # = tied LM head
+    if head_copy:
+        embedding *= 2  # the head's packed copy beside the lookup table
     final_layernorm = 2 * h * dtype_bytes
     return layers * per_layer + embedding + final_layernorm
 
@@ -199,7 +202,7 @@ def _validate(config, quant, tp, gpu_memory_gib, max_tokens, batch, dtype_bytes,
 
 def plan_memory(config: GLMConfig, *, quant: str, tp: int, gpu_memory_gib: float,
                 max_tokens: int = 2048, batch: int = 1, dtype_bytes: int = 2,
-                group_size: int | None = None) -> MemoryPlan:
+                group_size: int | None = None, head_copy: bool = False) -> MemoryPlan:
     """Per-GPU memory to serve ``batch`` sequences of ``max_tokens`` (prompt + output)
     with ``tp`` ranks; raises ValueError naming the bad input."""
     _validate(config, quant, tp, gpu_memory_gib, max_tokens, batch, dtype_bytes, group_size)
@@ -211,7 +214,7 @@ def plan_memory(config: GLMConfig, *, quant: str, tp: int, gpu_memory_gib: float
         batch=batch,
         gpu_memory=int(gpu_memory_gib * GIB),
         weights=weight_bytes(config, quant=quant, tp=tp, dtype_bytes=dtype_bytes,
-                             group_size=group_size),
+                             group_size=group_size, head_copy=head_copy),
         kv_cache=kv_per_token * max_tokens * batch,
         activations=_activation_bytes(config, quant=quant, tp=tp, tokens=max_tokens,
                                       batch=batch, dtype_bytes=dtype_bytes),

@@ -147,7 +147,36 @@ def serve(args) -> int:
     return 1 if bad else 0
 
 
+def gemv(args) -> int:
+    from model.config import GLMConfig
+    from services.bench.gemv import DTYPES, QUANTS, format_report, run_gemv
+
+    def items(text: str, flag: str, allowed=None) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if allowed is not None and v not in allowed]
+        if bad or not values:
+            raise ValueError(f"{flag}: choose from {', '.join(allowed)}, got {bad or 'nothing'}")
+        return values
+
+    batches = items(args.batch, "--batch")
+    if not all(b.isdigit() and int(b) > 0 for b in batches):
+        raise ValueError(f"--batch: positive integers, got {args.batch!r}")
+    report = run_gemv(
+        GLMConfig.from_name(args.preset), tp=args.tp, dtypes=items(args.dtypes, "--dtypes", DTYPES),
+        quants=items(args.quant, "--quant", QUANTS), batches=[int(b) for b in batches],
+        shapes=[s.strip() for s in args.shapes.split(",") if s.strip()] or None, repeats=args.repeats,
+        bandwidth_gib=args.bandwidth_gib, max_gib=args.max_gib, with_compile=args.compile,
+        log=lambda text: _log(args, text))
+    if args.json:
+        print(json.dumps({"machine": machine(), "preset": args.preset, "tp": args.tp, **report.to_dict()}, indent=2))
+    else:
+        print(format_report(report, machine()))
+    return 0
+
+
 def run(args) -> int:
     if args.bench_command == "serve":
         return serve(args)
+    if args.bench_command == "gemv":
+        return gemv(args)
     raise ValueError(f"unknown bench command {args.bench_command}")

@@ -161,6 +161,25 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_bench_gemv(subs)
+
+
+def _add_bench_gemv(subs) -> None:
+    g = subs.add_parser("gemv", help="every decode linear of a preset against the read bandwidth",
+                        description="Times each linear shape of a preset's shard (QKV, dense, GeGLU, "
+                                    "inner->h, tied LM head) per dtype, quantization and batch, for "
+                                    "every candidate implementation, against the measured read bandwidth.")
+    g.add_argument("--preset", default="glm-small", help="model preset (glm-small, glm-130b, ...)")
+    g.add_argument("--tp", type=positive_int, default=1, help="shard shapes of this tensor-parallel size")
+    g.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16")
+    g.add_argument("--quant", default="none,int8,int4", help="comma list of none, int8, int4")
+    g.add_argument("--batch", default="1", help="comma list of activation rows (e.g. 1,8,32)")
+    g.add_argument("--shapes", default="", help="comma list: qkv, attn_dense, h_to_4h, 4h_to_h, lm_head (default all)")
+    g.add_argument("--repeats", type=positive_int, default=20, help="timed calls per case (the best is kept)")
+    g.add_argument("--bandwidth-gib", type=float, default=1.0, help="buffer of the bandwidth measurement")
+    g.add_argument("--max-gib", type=float, default=6.0, help="skip a case whose peak memory would pass this")
+    g.add_argument("--compile", action="store_true", help="also time torch.compile(F.linear)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 # The service commands: one options class each declares their flags (services/*/options.py).
