@@ -185,6 +185,7 @@ def test_openai_stream_counts_every_token(style, per_chunk, source):
     assert (s["completed"], s["failed"]) == (4, 0), s["errors"]
     assert s["generated_tokens"] == s["requested_tokens"] == expected and s["completed_tokens_match"]
     assert s["token_count_source"] == {source: 4}
+    assert s["prompt_tokens"]["mean"] == 5                    # the server's final usage
     for req, res in zip(workload, results):
         chunks = -(-req.max_new_tokens // per_chunk)
         assert len(res.token_times) == chunks and res.finish_reason == "length"
@@ -270,3 +271,24 @@ def test_one_invocation_benches_a_server_and_a_peer(capsys):
 def test_bad_flag_combinations_are_refused_before_anything_starts(argv, message, capsys):
     assert main(["bench", "serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_peer_model_has_the_compute_shape_of_glm_small():
+    import importlib.util
+    from pathlib import Path
+
+    from model.config import GLMConfig
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "peer_model.py"
+    spec = importlib.util.spec_from_file_location("peer_model", path)
+    peer_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer_model)
+    ours = GLMConfig.from_name("glm-small")
+    llama = peer_model.llama_config(ours, "bfloat16")
+    assert llama["architectures"] == ["LlamaForCausalLM"] and llama["tie_word_embeddings"] is True
+    assert (llama["num_hidden_layers"], llama["hidden_size"], llama["num_attention_heads"],
+            llama["num_key_value_heads"], llama["intermediate_size"], llama["vocab_size"]) == \
+        (ours.num_layers, ours.hidden_size, ours.num_attention_heads, ours.num_attention_heads,
+         ours.inner_hidden_size, ours.vocab_size) == (4, 256, 8, 8, 688, 150528)
+    assert llama["head_dim"] * llama["num_attention_heads"] == llama["hidden_size"]
+    assert llama["torch_dtype"] == "bfloat16"
