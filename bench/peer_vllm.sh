@@ -80,6 +80,7 @@ setsid env -u PYTHONPATH "$PEER_VENV/bin/python" -m vllm.entrypoints.openai.api_
     --max-model-len 2048 --host 127.0.0.1 --port "$PEER_PORT" ${VLLM_ARGS:-} >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 
+# shellcheck disable=SC2317  # run by the EXIT trap
 stop_server() {
     kill -TERM -- "-$SERVER_PID" 2>/dev/null || return 0
     for _ in $(seq 60); do kill -0 -- "-$SERVER_PID" 2>/dev/null || return 0; sleep 0.5; done
@@ -119,7 +120,7 @@ r = json.load(open(sys.argv[1]))
 print(format_table(r['modes'], {**r['ratios'], **r['peer_ratios']}))" "$out"
 }
 failed=0
-compare in-flight-$CONCURRENCY "$CONCURRENCY" "$REQUESTS"
+compare "in-flight-$CONCURRENCY" "$CONCURRENCY" "$REQUESTS"
 compare one-at-a-time 1 "$REQUESTS_ONE"
 log "JSON reports in $RESULTS"
 exit "$failed"

@@ -202,14 +202,17 @@ def test_openai_stream_counts_every_token(style, per_chunk, source):
 
 
 @pytest.mark.parametrize("fail,expected", [
-    ((400, '{"error": {"message": "max_tokens is too large", "code": 400}}'), "HTTP 400: "),
-    ((503, "Service Unavailable: no capacity"), "HTTP 503: Service Unavailable: no capacity"),
+    ((400, '{"error": {"message": "max_tokens is too large",\n "code": 400}}'),
+     'HTTP 400: {"error": {"message": "max_tokens is too large", "code": 400}}'),
+    ((503, "Service Unavailable: no capacity " + "x" * 500), "HTTP 503: Service Unavailable: no capacity "),
 ])
 def test_http_errors_report_status_and_body(fail, expected):
     with FakeCompletions(fail=fail) as server:
         results = _load(server.address, _workload(2))
-    assert all(r.error.startswith(expected) for r in results)
-    assert "max_tokens is too large" in results[0].error or fail[0] == 503
+    if fail[0] == 400:
+        assert [r.error for r in results] == [expected] * 2
+    else:                                        # a long body is cut to its start
+        assert all(r.error.startswith(expected) and len(r.error) <= len("HTTP 503: ") + 200 for r in results)
     assert summarise(results)["completed"] == 0
 
 
@@ -224,7 +227,7 @@ def test_connection_refused_is_reported_per_request_and_before_the_run():
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     results = _load(address, _workload(2))
-    assert all("Cannot connect" in r.error or "onnect" in r.error for r in results), results[0].error
+    assert all(r.error.startswith("ClientConnectorError: Cannot connect to host 127.0.0.1:") for r in results)
     with pytest.raises(OpenAIError, match=r"GET http://127\.0\.0\.1:\d+/v1/models"):
         asyncio.run(server_model("openai", address))
 
