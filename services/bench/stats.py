@@ -17,6 +17,7 @@ Definitions (times on the client's clock, ``time.perf_counter``):
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -36,6 +37,7 @@ class RequestResult:
     generated_tokens: int = 0
     finish_reason: str = ""
     error: str = ""
+    count_source: str = ""              # OpenAI streams: which rule counted the tokens (openai_client)
 
     @property
     def streamed_tokens(self) -> int:
@@ -96,10 +98,13 @@ def summarise(results: list[RequestResult]) -> dict:
         "ttft_s": distribution([r.first_token_s - r.sent_s for r in sent if r.first_token_s is not None]),
         "itl_s": distribution([g for r in sent for g in itl_samples(r.token_times)]),
         "latency_s": distribution([r.finished_s - r.sent_s for r in done]),
+        "prompt_tokens": distribution([float(r.prompt_tokens) for r in done]),   # as the server counted
         "client_wait_s": distribution([r.sent_s - r.scheduled_s for r in sent]),
         "ttft_from_arrival_s": distribution([r.first_token_s - r.scheduled_s for r in sent
                                              if r.first_token_s is not None]),
         "errors": sorted({r.error for r in results if r.error})[:5],
+        **({"token_count_source": dict(Counter(r.count_source for r in sent if r.count_source))}
+           if any(r.count_source for r in sent) else {}),
     }
 
 
@@ -120,18 +125,28 @@ def _pick(report: dict, path: tuple[str, ...]) -> float | None:
     return value
 
 
+def ratio_row(report: dict, other: dict) -> dict[str, float | None]:
+    """Each of ``RATIO_METRICS`` as report ÷ other (None where either is missing or other is 0)."""
+    row = {}
+    for name, path in RATIO_METRICS:
+        a, b = _pick(report, path), _pick(other, path)
+        row[name] = a / b if a is not None and b else None
+    return row
+
+
 def ratios(reports: dict[str, dict], base: str = "continuous") -> dict[str, dict[str, float | None]]:
     """``{"<base>_vs_<other>": {metric: base ÷ other}}`` for every other mode reported.
     Throughput ratios above 1 and latency ratios below 1 favour ``base``."""
     if base not in reports:
         return {}
-    out = {}
-    for other, report in reports.items():
-        if other == base:
-            continue
-        row = {}
-        for name, path in RATIO_METRICS:
-            a, b = _pick(reports[base], path), _pick(report, path)
-            row[name] = a / b if a is not None and b else None
-        out[f"{base}_vs_{other}"] = row
-    return out
+    return {f"{base}_vs_{other}": ratio_row(reports[base], report)
+            for other, report in reports.items() if other != base}
+
+
+def peer_ratios(reports: dict[str, dict], peer: str) -> dict[str, dict[str, float | None]]:
+    """``{"<row>_vs_<peer>": {metric: row ÷ peer}}`` for every row but the peer's: ours ÷ theirs,
+    above 1 favours ours for throughput, below 1 for TTFT and ITL."""
+    if peer not in reports:
+        return {}
+    return {f"{name}_vs_{peer}": ratio_row(report, reports[peer])
+            for name, report in reports.items() if name != peer}

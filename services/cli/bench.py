@@ -4,7 +4,10 @@ prompt and output lengths) and report throughput, TTFT and inter-token latency.
 Without ``--address`` it starts one local stack per batching mode in turn (continuous, static,
 sequential = the official one-request-at-a-time behaviour), each with the same checkpoint and
 the same seeded load, and prints a table and the ratios between the modes. With ``--address``
-it measures that running server only, in whatever mode it runs.
+it measures that running server only, in whatever mode it runs; ``--api openai`` makes that
+server any OpenAI-compatible completions server. ``--peer HOST:PORT`` adds a running peer
+server (vLLM, say), measured right after our rows with the same seeded load, in the same
+table, with the ratios ours ÷ peer.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.bench.driver import run_load
-from services.bench.stats import ratios, summarise
+from services.bench.driver import run_load, server_model
+from services.bench.stats import peer_ratios, ratios, summarise
 from services.bench.workload import make_workload
 from services.local import LocalStack, StackError
 from services.local_options import MODES, ServeOptions
@@ -45,19 +48,31 @@ def _log(args, text: str) -> None:
     print(f"glm bench: {text}", file=sys.stderr, flush=True)
 
 
-def measure(address: str, args, model: str = "") -> dict:
+def measure(address: str, args, model: str = "", api: str = "grpc") -> dict:
     """Warm the server up, then run the seeded workload against it; one mode's report."""
     workload = make_workload(args.requests, rate=args.rate, min_new_tokens=args.min_new_tokens,
                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+    load = dict(api=api, model=model, temperature=args.temperature, extra_body=args.extra_body)
     if args.warmup:
         warm = make_workload(args.warmup, rate=0, min_new_tokens=2, max_new_tokens=4, seed=args.seed + 1)
-        asyncio.run(run_load(address, warm, model=model, concurrency=args.warmup, duration_s=600,
-                             temperature=args.temperature))
+        asyncio.run(run_load(address, warm, concurrency=args.warmup, duration_s=600, **load))
     started = time.perf_counter()
-    results = asyncio.run(run_load(address, workload, model=model, concurrency=args.concurrency,
-                                   duration_s=args.duration_s, temperature=args.temperature))
+    results = asyncio.run(run_load(address, workload, concurrency=args.concurrency,
+                                   duration_s=args.duration_s, **load))
     report = summarise(results)
     report["wall_s"] = time.perf_counter() - started
+    return report
+
+
+def measure_peer(args) -> dict:
+    """The peer's row: its model resolved (``--peer-model`` or the server's first), then the
+    same workload as our rows."""
+    model = args.peer_model or asyncio.run(server_model(args.peer_api, args.peer, extra_body=args.extra_body))
+    args.peer_model = model
+    _log(args, f"{args.peer_label}: {args.requests} requests at {args.rate}/s, concurrency "
+               f"{args.concurrency} ({args.peer_api} {args.peer}, model {model or 'default'})")
+    report = measure(args.peer, args, model=model, api=args.peer_api)
+    _log(args, f"{args.peer_label}: {report['completed']}/{args.requests} completed")
     return report
 
 
@@ -95,52 +110,84 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 
 def format_table(reports: dict[str, dict], compared: dict[str, dict]) -> str:
-    head = (f"{'mode':<12}{'done':>7}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
+    width = max([12] + [len(name) + 2 for name in reports])
+    head = (f"{'mode':<{width}}{'done':>7}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
             f"{'ITL p50':>9}{'ITL p99':>9}{'lat p50':>9}   (times in ms)")
     lines = [head]
     for mode, r in reports.items():
         lines.append(
-            f"{mode:<12}{r['completed']:>3}/{r['requests']:<3}{_num(r['throughput_rps']):>8}"
+            f"{mode:<{width}}{r['completed']:>3}/{r['requests']:<3}{_num(r['throughput_rps']):>8}"
             f"{_num(r['throughput_tok_s'], 1):>8}{_ms(r['ttft_s']['p50']):>10}{_ms(r['ttft_s']['p99']):>10}"
             f"{_ms(r['itl_s']['p50']):>9}{_ms(r['itl_s']['p99']):>9}{_ms(r['latency_s']['p50']):>9}")
     for name, row in compared.items():
         lines.append(
-            f"{name.replace('_', ' ')}: throughput x{_num(row['throughput_tok_s'])} tokens/s, "
+            f"{name.replace('_vs_', ' vs ')}: throughput x{_num(row['throughput_tok_s'])} tokens/s, "
             f"x{_num(row['throughput_rps'])} requests/s; TTFT p50 x{_num(row['ttft_p50'])}, "
-            f"p99 x{_num(row['ttft_p99'])}; ITL p50 x{_num(row['itl_p50'])}")
+            f"p99 x{_num(row['ttft_p99'])}; ITL p50 x{_num(row['itl_p50'])}, p99 x{_num(row['itl_p99'])}")
     if compared:
-        lines.append("(ratios are continuous / other: above 1 is better for throughput, below 1 for latency)")
+        lines.append("(ratios are first / second: above 1 is better for throughput, below 1 for latency)")
     return "\n".join(lines)
 
 
-def serve(args) -> int:
+def check_args(args) -> None:
+    """Refuse flag combinations that cannot be measured, before anything starts."""
     if args.requests < 1 or args.concurrency < 1 or args.duration_s <= 0:
         raise ValueError("--requests, --concurrency and --duration-s must be positive")
     if not 1 <= args.min_new_tokens <= args.max_new_tokens:
         raise ValueError("need 1 <= --min-new-tokens <= --max-new-tokens")
+    if args.api != "grpc" and not args.address:
+        raise ValueError(f"--api {args.api} needs --address (the local stacks speak gRPC; "
+                         "use --peer to add another server to them)")
+    if not args.peer and (args.peer_model or args.peer_label != "peer" or args.peer_api != "openai"):
+        raise ValueError("--peer-model, --peer-label and --peer-api need --peer HOST:PORT")
+    if args.peer and args.peer_label == (args.label if args.address else None):
+        raise ValueError(f"--peer-label {args.peer_label!r} is also the --label of --address")
+    if isinstance(args.extra_body, str):
+        try:
+            args.extra_body = json.loads(args.extra_body) if args.extra_body else {}
+        except ValueError as exc:
+            raise ValueError(f"--extra-body: not JSON ({exc})") from None
+        if not isinstance(args.extra_body, dict):
+            raise ValueError("--extra-body: expected a JSON object of request fields")
+    if args.extra_body and "openai" not in (args.api, args.peer and args.peer_api):
+        raise ValueError("--extra-body is for OpenAI servers (--api openai or --peer)")
+
+
+def serve(args) -> int:
+    check_args(args)
+    checkpoint = None
     if args.address:
-        reports = {args.label: measure(args.address, args, model=args.model)}
-        checkpoint = None
+        model = args.model or asyncio.run(server_model(args.api, args.address, extra_body=args.extra_body))
+        reports = {args.label: measure(args.address, args, model=model, api=args.api)}
     else:
         args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         unknown = [m for m in args.modes if m not in MODES]
         if unknown or not args.modes:
             raise ValueError(f"--modes: choose from {', '.join(MODES)}, got {unknown or 'nothing'}")
+        if args.peer_label in args.modes:
+            raise ValueError(f"--peer-label {args.peer_label!r} is also a mode's name")
         if args.checkpoint:
             checkpoint = args.checkpoint
         else:
             from services.cli.serve import demo_checkpoint
             checkpoint = str(demo_checkpoint(Path(args.cache_dir)))
         reports = bench_local(args, checkpoint)
+    if args.peer:
+        reports[args.peer_label] = measure_peer(args)
     compared = ratios(reports)
+    against_peer = peer_ratios(reports, args.peer_label) if args.peer else {}
     if args.json:
         settings = {k: getattr(args, k) for k in (
             "requests", "rate", "concurrency", "min_new_tokens", "max_new_tokens", "duration_s",
-            "seed", "temperature", "max_batch_size", "tp", "dtype", "device", "address")}
+            "seed", "temperature", "max_batch_size", "tp", "dtype", "device", "address", "api",
+            "extra_body")}
+        if args.peer:
+            settings["peer"] = {"address": args.peer, "api": args.peer_api, "model": args.peer_model,
+                                "label": args.peer_label}
         print(json.dumps({"machine": machine(), "checkpoint": checkpoint, "settings": settings,
-                          "modes": reports, "ratios": compared}, indent=2))
+                          "modes": reports, "ratios": compared, "peer_ratios": against_peer}, indent=2))
     else:
-        print(format_table(reports, compared))
+        print(format_table(reports, {**compared, **against_peer}))
     bad = [m for m, r in reports.items() if r["failed"] and r["errors"] != ["cut at --duration-s"]]
     if bad:
         _log(args, f"requests failed in {', '.join(bad)}: " + "; ".join(reports[bad[0]]["errors"]))

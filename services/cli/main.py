@@ -161,6 +161,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_bench_serve_apis(s)
     _add_bench_gemv(subs)
 
 
@@ -180,6 +181,24 @@ def _add_bench_gemv(subs) -> None:
     g.add_argument("--max-gib", type=float, default=6.0, help="skip a case whose peak memory would pass this")
     g.add_argument("--compile", action="store_true", help="also time torch.compile(F.linear)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+
+def _add_bench_serve_apis(s: argparse.ArgumentParser) -> None:
+    """``glm bench serve``'s flags for other servers: the API of --address, and a peer."""
+    s.add_argument("--api", choices=["grpc", "openai"], default="grpc",
+                   help="with --address: our gateway (grpc) or any OpenAI-compatible completions server "
+                        "(POST /v1/completions, streamed)")
+    s.add_argument("--peer", metavar="HOST:PORT",
+                   help="also bench this running server, right after our rows, with the same load; "
+                        "the table adds the ratios ours / peer")
+    s.add_argument("--peer-api", choices=["openai", "grpc"], default="openai", help="the peer's API")
+    s.add_argument("--peer-model", default="",
+                   help="the model name sent to the peer (default: the first it lists at /v1/models)")
+    s.add_argument("--peer-label", default="peer", help="the peer's row name (e.g. vllm)")
+    s.add_argument("--extra-body", default="",
+                   help="JSON object merged into every OpenAI request body (null drops a default field, "
+                        "e.g. '{\"min_tokens\": null}')")
 
 
 # The service commands: one options class each declares their flags (services/*/options.py).
