@@ -5,21 +5,23 @@ A pool reads requests from ``glm:queue:{model}`` as consumer ``pool_id`` of the
 group ``pools``, appends events to ``glm:req:{id}:events``, and when a request
 ends XACKs + XDELs its entry and lets its keys expire after ``RESULT_TTL_S``.
 Delivery is at least once: ``refresh`` re-claims the entries this pool still
-holds (one Lua script: XPENDING names the owner, XCLAIM JUSTID resets the idle
-time without counting a delivery) and returns those another pool took;
+holds (one Lua script: one XPENDING over their id range names the owner, one
+XCLAIM JUSTID resets the idle time without counting a delivery) and returns those another pool took;
 ``claim_idle`` takes the entries of a dead pool (XAUTOCLAIM; Redis 6.2 replies
 with two elements, 7.x with three) together with their delivery counts.
 
 A request id is opaque here (the gateway's tenant-namespaced id); every key comes from
 ``redis_keys``, which escapes it, so no id can name another request's key.
-``publish`` is one Lua script too, so ownership and writing are atomic: a
-request's events are appended only while its entry is pending under this pool
-(a pool that lost the claim writes nothing, so a stream never gets a second
-final event), and only past the stream's length (``XLEN`` = the next ``seq``),
-so a publish retried after a lost reply writes nothing twice. Its final event,
-ack, XDEL and expiry go in the same call. Expiry is set once per request: on
-its first event (``ACTIVE_TTL_S``, a bound on a lost request) and at its end
-(``result_ttl_s``), never per token.
+``publish`` is one Lua script per step too, for every request of the step, so
+ownership and writing are atomic: a request's events are appended only while its
+entry is pending under this pool (one XPENDING for all of them; a pool that lost
+the claim writes nothing, so a stream never gets a second final event), each
+under the stream id ``0-{seq+1}``, so a publish retried after a lost reply writes
+nothing twice (XADD refuses an id at or below the stream's top). The step's final
+events, acks (one XACK, one XDEL) and expiry go in the same call. Expiry is set
+once per request: on its first event (``ACTIVE_TTL_S``, a bound on a lost
+request) and at its end (``result_ttl_s``), never per token. So a step of ``n``
+rows costs the script call, one XPENDING and ``n`` XADDs.
 
 ``transient`` names the Redis failures a pool rides through (connection lost,
 timeouts, LOADING/BUSY, OOM under ``maxmemory``, a restarted server that lost
@@ -52,62 +54,90 @@ _TRANSIENT_PREFIXES = ("NOGROUP", "BUSY", "LOADING", "OOM", "MISCONF", "MASTERDO
 # are refused. On an older server, the same script without the flag.
 OOM_FLAG = "#!lua flags=allow-oom\n"
 
+# The entries of ``ids`` pending under ``pool`` (a set), found with one XPENDING over
+# their id range filtered by consumer (more only when this pool holds more than ``batch``
+# entries in that range). ``lo``/``hi``: the smallest and largest id of ``ids``.
+OWNED_LUA = """
+local function owned_of(queue, group, pool, lo, hi, batch)
+  local owned, start = {}, lo
+  while lo ~= '' do
+    local rows = redis.call('XPENDING', queue, group, start, hi, batch, pool)
+    for _, row in ipairs(rows) do owned[row[1]] = true end
+    if #rows < batch then break end
+    start = '(' .. rows[#rows][1]
+  end
+  return owned
+end
+"""
+
 # KEYS: queue, dead letters, then per request its events stream and its idempotency record.
-# ARGV: group, pool, field, active ttl, result ttl, dead maxlen, n; per request: entry id
-# ("" = none), seq of its first event, event count, ended ("0"/"1"), dead-letter document
-# ("" = none), then its events. Returns the 1-based indices of the requests this pool no
-# longer holds (nothing was written for them).
-PUBLISH_SCRIPT = """
+# ARGV: group, pool, field, active ttl, result ttl, dead maxlen, n, lo, hi, batch; per
+# request: entry id ("" = none), seq of its first event, event count, ended ("0"/"1"),
+# dead-letter document ("" = none), then its events. An event's stream id is 0-(seq+1), so
+# XADD refuses one written before (a retry after a lost reply): then XLEN says whether it
+# is there (a stream an older pool wrote with time ids takes it with an automatic id).
+# Returns the 1-based indices of the requests this pool no longer holds (nothing written).
+PUBLISH_SCRIPT = OWNED_LUA + """
 local group, pool, field = ARGV[1], ARGV[2], ARGV[3]
 local active_ttl, result_ttl, dead_max, n = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-local a, lost = 8, {}
+local owned = owned_of(KEYS[1], group, pool, ARGV[8], ARGV[9], tonumber(ARGV[10]))
+local a, lost, done = 11, {}, {}
 for i = 1, n do
   local ev, req = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local entry, first, count = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local ended, dead = ARGV[a + 3], ARGV[a + 4]
   local at = a + 5
   a = at + count
-  local owned = true
-  if entry ~= '' then
-    local row = redis.call('XPENDING', KEYS[1], group, entry, entry, 1)[1]
-    owned = row ~= nil and row[2] == pool
-  end
-  local have = redis.call('XLEN', ev)
-  if not owned or (count > 0 and have < first) then
+  if entry ~= '' and not owned[entry] then
     table.insert(lost, i)
   else
-    for j = have - first, count - 1 do
-      if j >= 0 then redis.call('XADD', ev, '*', field, ARGV[at + j]) end
+    for j = 0, count - 1 do
+      local seq = first + j
+      local added = redis.pcall('XADD', ev, '0-' .. (seq + 1), field, ARGV[at + j])
+      if type(added) == 'table' and added.err then
+        if not string.find(added.err, 'equal or smaller', 1, true) then return redis.error_reply(added.err) end
+        if redis.call('XLEN', ev) <= seq then redis.call('XADD', ev, '*', field, ARGV[at + j]) end
+      end
     end
-    if have == 0 and count > 0 and ended ~= '1' then redis.call('EXPIRE', ev, active_ttl) end
+    if first == 0 and count > 0 and ended ~= '1' then redis.call('EXPIRE', ev, active_ttl) end
     if ended == '1' then
       if dead ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', dead_max, '*', field, dead) end
-      if entry ~= '' then
-        redis.call('XACK', KEYS[1], group, entry)
-        redis.call('XDEL', KEYS[1], entry)
-      end
+      if entry ~= '' then table.insert(done, entry) end
       redis.call('EXPIRE', ev, result_ttl)
       redis.call('EXPIRE', req, result_ttl)
     end
   end
 end
-return lost
-"""
-
-# KEYS: queue. ARGV: group, pool, entry ids. Re-claims (idle time 0, no delivery counted)
-# the entries still pending under this pool; returns the others (another pool took them).
-REFRESH_SCRIPT = """
-local lost = {}
-for i = 3, #ARGV do
-  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
-  if row ~= nil and row[2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  else
-    table.insert(lost, ARGV[i])
-  end
+if #done > 0 then
+  redis.call('XACK', KEYS[1], group, unpack(done))
+  redis.call('XDEL', KEYS[1], unpack(done))
 end
 return lost
 """
+
+# KEYS: queue. ARGV: group, pool, lo, hi, batch, entry ids. Re-claims (idle time 0, no
+# delivery counted; one XCLAIM) the entries still pending under this pool; returns the
+# others (another pool took them).
+REFRESH_SCRIPT = OWNED_LUA + """
+local owned = owned_of(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
+local claim, lost = {KEYS[1], ARGV[1], ARGV[2], 0}, {}
+for i = 6, #ARGV do
+  if owned[ARGV[i]] then table.insert(claim, ARGV[i]) else table.insert(lost, ARGV[i]) end
+end
+if #claim > 4 then
+  table.insert(claim, 'JUSTID')
+  redis.call('XCLAIM', unpack(claim))
+end
+return lost
+"""
+
+
+def id_range(entry_ids) -> list:
+    """``lo, hi, batch`` of the owner check for these stream ids ("", "", 1 for none)."""
+    ids = sorted({e for e in entry_ids if e}, key=lambda s: tuple(map(int, s.split("-"))))
+    if not ids:
+        return ["", "", 1]
+    return [ids[0], ids[-1], len(ids) + 16]
 
 
 def transient(exc: BaseException) -> bool:
@@ -220,7 +250,8 @@ class PoolQueue:
         the ids of those another pool took (this pool must stop generating them)."""
         if not entry_ids:
             return set()
-        lost = await self._refresh(keys=[self.stream], args=[keys.GROUP, self.pool_id, *entry_ids])
+        lost = await self._refresh(keys=[self.stream],
+                                   args=[keys.GROUP, self.pool_id, *id_range(entry_ids), *entry_ids])
         return {_text(e) for e in lost or ()}
 
     async def events(self, request_id: str) -> list[Event]:
@@ -259,7 +290,7 @@ class PoolQueue:
                 grouped[outcome.request_id] = []
         script_keys = [self.stream, keys.dead_letter(self.model)]
         args = [keys.GROUP, self.pool_id, keys.FIELD, keys.ACTIVE_TTL_S, self.result_ttl_s, keys.DEAD_MAXLEN,
-                len(order)]
+                len(order), *id_range(tags.get(r) for r in order)]
         for request_id in order:
             evs, outcome = grouped[request_id], done.get(request_id)
             dead = ""
