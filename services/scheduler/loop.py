@@ -141,6 +141,7 @@ class PoolLoop:
         self.spans: dict[str, trace.Span] = {}
         self.raw: dict[str, str] = {}             # request id -> its queue document (for the dead letter)
         self.steps = 0                            # steps done
+        self.counters = dict.fromkeys(("decode_steps", "decode_rows", "prefill_steps", "prefill_rows"), 0)
         self.after_step = after_step
         self.cancel_marks: collections.deque[CancelMark] = collections.deque(maxlen=1024)   # the latest ones
         self._cancel_seen: dict[str, int] = {}    # request id -> steps done when its cancel flag was read
@@ -151,6 +152,7 @@ class PoolLoop:
         self._recovering = False                  # a Redis call failed: recover before reading new work
         self._need_group = False                  # the server lost the consumer group
         self._held_back: list[Entry] = []         # entries taken but not added yet (Redis failed meanwhile)
+        self._flusher: asyncio.Task | None = None  # the one task publishing the outbox behind a Decode
 
     def stop(self) -> None:
         self.stopping.set()
@@ -188,6 +190,8 @@ class PoolLoop:
         finally:
             if refresher is not None:
                 refresher.cancel()
+            if self._flusher is not None:
+                self._flusher.cancel()
             for span in self.spans.values():
                 span.set_status(trace.StatusCode.ERROR, "pool stopped")
                 span.end()
@@ -201,8 +205,9 @@ class PoolLoop:
     # -- Redis failures and leases -----------------------------------------------------------
     @property
     def degraded(self) -> bool:
-        """Redis failed and the pool has not caught up yet: no new work is read."""
-        return self._recovering or bool(self.outbox)
+        """Redis failed and the pool has not caught up yet (its outbox included): no new
+        work is read."""
+        return self._recovering
 
     async def _redis(self, call, *args, default=None):
         """``await call(*args)``; a transient Redis failure returns ``default`` (and starts the
@@ -232,6 +237,7 @@ class PoolLoop:
         entries still pending under this pool; then new work again."""
         if not self._recovering or not self.backoff.ready:
             return
+        await self._wait_flusher()
         try:
             if self._need_group:
                 await self.queue.ensure_group()
@@ -251,6 +257,8 @@ class PoolLoop:
             await self._add(entry)
 
     async def _flush(self) -> None:
+        """Publish the outbox now (after the flusher, if one runs)."""
+        await self._wait_flusher()
         if self._recovering:
             return                     # _recover flushes first
         try:
@@ -259,6 +267,32 @@ class PoolLoop:
             if not transient(exc):
                 raise
             self._redisfailed_rows(exc)
+
+    def _flush_behind(self) -> None:
+        """Publish the outbox in the background, by one task at a time (a running one
+        takes what was queued since), so a step's events go out during the next Decode."""
+        if self.outbox and not self._recovering and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.ensure_future(self._flush_later(self._flusher))
+
+    async def _flush_later(self, previous: asyncio.Task | None) -> None:
+        if previous is not None:
+            await previous             # done; its failure, if any, is raised here: the loop sees it
+        for _ in range(3):             # the Decode just started goes out first (its gRPC
+            await asyncio.sleep(0)     # send runs in tasks of its own)
+        if self._recovering:
+            return
+        try:
+            await self.outbox.flush(self.taken)
+        except _REDIS_ERRORS as exc:
+            if not transient(exc):
+                raise
+            self._redisfailed_rows(exc)
+
+    async def _wait_flusher(self) -> None:
+        """Until the background publish is done; raises what it raised (a bug, not Redis)."""
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            await flusher
 
     async def _refresh_leases(self) -> None:
         """Every ``refresh_s``, whatever a step takes: re-claim the held entries, note
@@ -294,6 +328,7 @@ class PoolLoop:
         o, core = self.options, self.core
         last = {"claim": 0.0, "heartbeat": 0.0, "health": time.monotonic(), "lag": 0.0}
         drain_until = None
+        was_idle = True
         while True:
             now = time.monotonic()
             snapshot = core.snapshot()
@@ -307,13 +342,16 @@ class PoolLoop:
                 drain_until = drain_until or now + o.drain_timeout_s
                 if (core.idle and not self.outbox) or now > drain_until:
                     return
-            if now - last["heartbeat"] >= o.heartbeat_s:
+            went_idle = core.idle and not was_idle
+            was_idle = core.idle
+            if now - last["heartbeat"] >= o.heartbeat_s or went_idle:
                 last["heartbeat"] = now
                 await self._redis(self.queue.heartbeat, {
                     "model": o.model, "capacity": core.capacity, "mode": o.limits.mode.value,
-                    "running": snapshot.running, "waiting": snapshot.waiting})
+                    "running": snapshot.running, "waiting": snapshot.waiting, **self.counters})
             await self._recover()
-            await self._flush()
+            if core.idle:
+                await self._flush()        # else the next Decode's flusher publishes it
             self._drop_taken()
             if drain_until is None and not self.degraded and now - last["claim"] >= o.claim_every_s:
                 last["claim"] = now
@@ -412,6 +450,8 @@ class PoolLoop:
                     await self._publish(core.prefill_refused(op, exc.code.name, exc.details,
                                                              exc.refused_request_id))
                     reply = None
+            self.counters["prefill_steps"] += 1
+            self.counters["prefill_rows"] += len(op.requests)
             if reply is not None:
                 self.metrics.prompt.inc(sum(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests))
                 self.metrics.generated.inc(len(reply.generations))
@@ -420,16 +460,24 @@ class PoolLoop:
         if batches:
             with self._step_span("scheduler.decode", core.request_ids_of(batches), {
                     "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
-                reply = await client.decode([cached_pb(v) for v in batches])
+                call = asyncio.ensure_future(client.decode([cached_pb(v) for v in batches]))
+                self._flush_behind()      # the events so far go out while the workers decode
+                reply = await call
+            self.counters["decode_steps"] += 1
+            self.counters["decode_rows"] += sum(v.size for v in batches)
+            self.metrics.decode_steps.inc()
+            self.metrics.decode_rows.inc(sum(v.size for v in batches))
             self.metrics.generated.inc(len(reply.generations))
             await self._publish(core.decoded(generations(reply), view_of(reply), failed_rows(reply)))
+        if not batches:
+            self._flush_behind()           # no Decode to publish behind
         self.steps += 1
         if self.after_step is not None:
             await self.after_step(self.steps)
 
     async def _publish(self, out: StepOutput) -> None:
         """Queue the output's events and ends in the outbox (dropping those of requests
-        another pool holds now) and publish what Redis takes."""
+        another pool holds now); the loop publishes them (``_flush``, ``_flush_behind``)."""
         events = [(rid, e) for rid, e in out.events if rid not in self.taken]
         ended = [o for o in out.ended if o.request_id not in self.taken]
         tags = {}
@@ -456,4 +504,3 @@ class PoolLoop:
                 elif outcome.code:
                     span.set_status(trace.StatusCode.ERROR, f"{outcome.code}: {outcome.message}")
                 span.end()
-        await self._flush()
