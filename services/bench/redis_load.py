@@ -6,7 +6,9 @@ the pools' step counters; ``RedisLoad.report`` reads ``INFO commandstats`` (ever
 command the server ran, those a Lua script ran included, each under its own name)
 and the counters again, once the pools are idle. Commands per generated token are
 split by command; rows per forward is the mean size of the pools' decode batches
-(``decode_rows / decode_steps`` of their heartbeats, ``services/scheduler/loop.py``).
+(``decode_rows / decode_steps`` of their heartbeats, ``services/scheduler/loop.py``), and
+the workers' share of the pools' busy time is ``shard_ms / busy_ms`` (the rest is the
+scheduler between two shard calls: the workers wait).
 The server is private to the stack, so every command counted is the stack's own
 (the gateway's, the schedulers'), but for this module's reset and read, left out.
 """
@@ -19,7 +21,7 @@ import redis
 
 from services.common import redis_keys as keys
 
-COUNTERS = ("decode_steps", "decode_rows", "prefill_steps", "prefill_rows")
+COUNTERS = ("decode_steps", "decode_rows", "prefill_steps", "prefill_rows", "shard_ms", "busy_ms")
 _OWN = ("config|resetstat", "config", "info")   # what this module sends between the two reads
 
 
@@ -31,12 +33,12 @@ def command_counts(client: redis.Redis) -> dict[str, int]:
 
 def pool_counters(client: redis.Redis) -> tuple[dict[str, int], bool]:
     """The step counters summed over the pools' heartbeats, and whether every pool is idle."""
-    total = dict.fromkeys(COUNTERS, 0)
+    total = dict.fromkeys(COUNTERS, 0.0)
     idle = True
     for name in client.scan_iter(match=keys.pool_pattern(), count=256):
         beat = {k.decode(): v.decode() for k, v in client.hgetall(name).items()}
         for counter in COUNTERS:
-            total[counter] += int(float(beat.get(counter, 0)))
+            total[counter] += float(beat.get(counter, 0))
         idle = idle and int(float(beat.get("running", 0))) == 0 and int(float(beat.get("waiting", 0))) == 0
     return total, idle
 
@@ -80,6 +82,8 @@ class RedisLoad:
         out["rows_per_forward"] = steps["decode_rows"] / steps["decode_steps"] if steps["decode_steps"] else None
         out["prefill_rows_per_call"] = (steps["prefill_rows"] / steps["prefill_steps"]
                                         if steps["prefill_steps"] else None)
+        # the workers' share of the pools' busy time (the rest: the scheduler between calls)
+        out["workers_busy"] = steps["shard_ms"] / steps["busy_ms"] if steps["busy_ms"] > 0 else None
         out["pools_idle"] = idle            # False: the counters may miss the last steps
         return out
 
@@ -94,6 +98,8 @@ def format_line(mode: str, load: dict) -> str:
     top = ", ".join(f"{k} {v:.2f}" for k, v in list(load["by_command"].items())[:5])
     rows = load.get("rows_per_forward")
     rows_text = "-" if rows is None else f"{rows:.1f}"
+    busy = load.get("workers_busy")
+    busy_text = "-" if busy is None else f"{busy * 100:.0f} %"
     return (f"{mode}: Redis {load['per_token']:.2f} commands/token ({top}); "
-            f"rows per forward {rows_text} over {load['steps']['decode_steps']} decode steps, "
-            f"{load['steps']['prefill_steps']} prefills")
+            f"rows per forward {rows_text} over {load['steps']['decode_steps']:.0f} decode steps, "
+            f"{load['steps']['prefill_steps']:.0f} prefills; workers busy {busy_text} of the pools' busy time")

@@ -141,7 +141,11 @@ class PoolLoop:
         self.spans: dict[str, trace.Span] = {}
         self.raw: dict[str, str] = {}             # request id -> its queue document (for the dead letter)
         self.steps = 0                            # steps done
-        self.counters = dict.fromkeys(("decode_steps", "decode_rows", "prefill_steps", "prefill_rows"), 0)
+        # steps and rows sent, and the time the shard calls took out of the busy time (from a
+        # busy period's first step to its last step's end): in the heartbeat, for glm bench
+        self.counters = dict.fromkeys(("decode_steps", "decode_rows", "prefill_steps", "prefill_rows",
+                                       "shard_ms", "busy_ms"), 0)
+        self._last_step_end: float | None = None
         self.after_step = after_step
         self.cancel_marks: collections.deque[CancelMark] = collections.deque(maxlen=1024)   # the latest ones
         self._cancel_seen: dict[str, int] = {}    # request id -> steps done when its cancel flag was read
@@ -363,6 +367,7 @@ class PoolLoop:
                 for entry in await self._redis(self.queue.read, room, block, default=[]):
                     await self._add(entry)
             if core.idle:
+                self._last_step_end = None
                 if now - last["health"] >= o.health_every_s:
                     last["health"] = now
                     await client.health(timeout_s=o.shard_timeout_s)
@@ -370,7 +375,12 @@ class PoolLoop:
                     await asyncio.sleep(o.idle_block_ms / 1000.0)
                 continue
             last["health"] = now
+            started = time.perf_counter()
+            if self._last_step_end is not None:
+                self.counters["busy_ms"] += (started - self._last_step_end) * 1000.0
             await self._step(client)
+            self._last_step_end = time.perf_counter()
+            self.counters["busy_ms"] += (self._last_step_end - started) * 1000.0
 
     # -- requests in ------------------------------------------------------------------------
     async def _read_cancel_flags(self) -> None:
@@ -435,14 +445,14 @@ class PoolLoop:
         plan = core.plan(time.time())
         await self._publish(plan)
         if plan.filter:
-            reply = await client.filter_batch(plan.filter.batch_id, list(plan.filter.keep))
+            reply = await self._timed(client.filter_batch(plan.filter.batch_id, list(plan.filter.keep)))
             core.filtered(view_of(reply))
         if plan.prefill:
             op = plan.prefill
             with self._step_span("scheduler.prefill", op.request_ids, {
                     "glm.batch_id": op.batch_id, "glm.batch_size": len(op.requests), "glm.tokens": op.tokens}):
                 try:
-                    reply = await client.prefill(batch_pb(op))
+                    reply = await self._timed(client.prefill(batch_pb(op)))
                 except ShardCallError as exc:
                     if exc.code not in REQUEST_ERRORS or exc.method != "Prefill":
                         raise
@@ -462,7 +472,7 @@ class PoolLoop:
                     "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
                 call = asyncio.ensure_future(client.decode([cached_pb(v) for v in batches]))
                 self._flush_behind()      # the events so far go out while the workers decode
-                reply = await call
+                reply = await self._timed(call)
             self.counters["decode_steps"] += 1
             self.counters["decode_rows"] += sum(v.size for v in batches)
             self.metrics.decode_steps.inc()
@@ -474,6 +484,14 @@ class PoolLoop:
         self.steps += 1
         if self.after_step is not None:
             await self.after_step(self.steps)
+
+    async def _timed(self, call):
+        """``await call``, its time counted as the workers' (``counters["shard_ms"]``)."""
+        started = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.counters["shard_ms"] += (time.perf_counter() - started) * 1000.0
 
     async def _publish(self, out: StepOutput) -> None:
         """Queue the output's events and ends in the outbox (dropping those of requests
