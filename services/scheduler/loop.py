@@ -3,10 +3,12 @@ workers around the pure core (``policy.Scheduler``, used through its public meth
 
 Per step: the held requests' cancel keys (one MGET) → FilterBatch; admission
 (XREADGROUP only as far as the budget reaches, a short BLOCK when idle); Prefill;
-Decode of the running + new batches; the step's events appended in one
-script, ended requests acked. The cancel keys are read before the step is
-planned, so a request whose flag was read runs no further step: the next plan
-ends it (``PoolLoop.cancel_marks`` records both step numbers). Between steps,
+Decode of the running + new batches. The step's events (and the previous step's)
+wait in the outbox; one flusher task publishes them, in one script call, while
+the next Decode runs (``_flush_behind``), so the workers do not wait on Redis;
+when there is no next Decode they are published at once. The cancel keys are read
+before the step is planned, so a request whose flag was read runs no further step:
+the next plan ends it (``PoolLoop.cancel_marks`` records both step numbers). Between steps,
 on timers: XAUTOCLAIM a dead pool's entries and resume them from their events,
 the heartbeat hash, a Health call while idle.
 
@@ -229,6 +231,7 @@ class PoolLoop:
 
     def _redisfailed_rows(self, exc: BaseException) -> None:
         self.redis_failures += 1
+        self.queue.failed()
         if not self.backoff.failing:
             log.warning("pool %s: Redis failed (%s: %s); retrying with backoff, running requests go on",
                         self.options.pool_id, type(exc).__name__, exc)
@@ -314,6 +317,7 @@ class PoolLoop:
                 taken = await self.queue.refresh(list(held))
             except _REDIS_ERRORS as exc:
                 log.warning("pool %s: lease refresh failed: %s", self.options.pool_id, exc)
+                self.queue.failed()
                 continue
             self.taken |= {held[tag] for tag in taken if tag in held}
 

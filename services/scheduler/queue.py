@@ -17,11 +17,15 @@ ownership and writing are atomic: a request's events are appended only while its
 entry is pending under this pool (one XPENDING for all of them; a pool that lost
 the claim writes nothing, so a stream never gets a second final event), each
 under the stream id ``0-{seq+1}``, so a publish retried after a lost reply writes
-nothing twice (XADD refuses an id at or below the stream's top). The step's final
+nothing twice (XADD refuses an id at or below the stream's top). A request's first
+publish, and its first after any Redis failure, also compares the stream's length
+(XLEN) with its next ``seq``: a stream found shorter (a restarted server lost writes)
+counts as taken, and the request is claimed again and resumed from its events. The step's final
 events, acks (one XACK, one XDEL) and expiry go in the same call. Expiry is set
 once per request: on its first event (``ACTIVE_TTL_S``, a bound on a lost
 request) and at its end (``result_ttl_s``), never per token. So a step of ``n``
-rows costs the script call, one XPENDING and ``n`` XADDs.
+rows costs the script call, one XPENDING and ``n`` XADDs (and an XLEN per request
+at its first step).
 
 ``transient`` names the Redis failures a pool rides through (connection lost,
 timeouts, LOADING/BUSY, OOM under ``maxmemory``, a restarted server that lost
@@ -73,10 +77,13 @@ end
 # KEYS: queue, dead letters, then per request its events stream and its idempotency record.
 # ARGV: group, pool, field, active ttl, result ttl, dead maxlen, n, lo, hi, batch; per
 # request: entry id ("" = none), seq of its first event, event count, ended ("0"/"1"),
-# dead-letter document ("" = none), then its events. An event's stream id is 0-(seq+1), so
-# XADD refuses one written before (a retry after a lost reply): then XLEN says whether it
-# is there (a stream an older pool wrote with time ids takes it with an automatic id).
-# Returns the 1-based indices of the requests this pool no longer holds (nothing written).
+# dead-letter document ("" = none), check ("1": compare the stream's length first), then
+# its events. An event's stream id is 0-(seq+1), so XADD refuses one written before (a
+# retry after a lost reply): then XLEN says whether it is there (a stream an older pool
+# wrote with time ids takes it with an automatic id). A checked stream shorter than the
+# first seq (Redis lost writes) counts as not held: nothing is written, the pool drops the
+# request and it is claimed again and resumed from what the stream holds. Returns the
+# 1-based indices of the requests this pool no longer holds (nothing written).
 PUBLISH_SCRIPT = OWNED_LUA + """
 local group, pool, field = ARGV[1], ARGV[2], ARGV[3]
 local active_ttl, result_ttl, dead_max, n = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
@@ -85,10 +92,10 @@ local a, lost, done = 11, {}, {}
 for i = 1, n do
   local ev, req = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local entry, first, count = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local ended, dead = ARGV[a + 3], ARGV[a + 4]
-  local at = a + 5
+  local ended, dead, check = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local at = a + 6
   a = at + count
-  if entry ~= '' and not owned[entry] then
+  if (entry ~= '' and not owned[entry]) or (check == '1' and count > 0 and redis.call('XLEN', ev) < first) then
     table.insert(lost, i)
   else
     for j = 0, count - 1 do
@@ -190,6 +197,7 @@ class PoolQueue:
         self._publish = redis.register_script(OOM_FLAG + PUBLISH_SCRIPT)
         self._publish_plain = redis.register_script(PUBLISH_SCRIPT)
         self._refresh = redis.register_script(REFRESH_SCRIPT)
+        self._checked: set[str] = set()   # requests whose stream length was checked since the last failure
 
     async def ensure_group(self) -> None:
         try:
@@ -300,7 +308,8 @@ class PoolQueue:
                                    "request": (entries or {}).get(request_id, "")})
             script_keys += [keys.events(request_id), keys.request(request_id)]
             args += [tags.get(request_id) or "", evs[0].seq if evs else 0, len(evs),
-                     "1" if outcome is not None else "0", dead, *(e.to_json() for e in evs)]
+                     "1" if outcome is not None else "0", dead, "0" if request_id in self._checked else "1",
+                     *(e.to_json() for e in evs)]
         try:
             lost = await self._publish(keys=script_keys, args=args)
         except ResponseError as exc:
@@ -308,7 +317,16 @@ class PoolQueue:
                 raise
             self._publish = self._publish_plain          # Redis < 7.0: no script flags
             lost = await self._publish(keys=script_keys, args=args)
-        return {order[int(i) - 1] for i in lost or ()}
+        lost = {order[int(i) - 1] for i in lost or ()}
+        self._checked.update(r for r in order if r not in lost and r not in done)
+        self._checked.difference_update(done)
+        return lost
+
+    def failed(self) -> None:
+        """A Redis call failed: the server may have restarted and lost writes, so each
+        request's next publish compares its stream's length again (once, then never per
+        token)."""
+        self._checked.clear()
 
     async def drop_malformed(self, entry: Entry) -> None:
         """A queue entry that is not a request: dead-letter it and ack it."""
