@@ -8,7 +8,10 @@ and the counters again, once the pools are idle. Commands per generated token ar
 split by command; rows per forward is the mean size of the pools' decode batches
 (``decode_rows / decode_steps`` of their heartbeats, ``services/scheduler/loop.py``), and
 the workers' share of the pools' busy time is ``shard_ms / busy_ms`` (the rest is the
-scheduler between two shard calls: the workers wait).
+scheduler between two shard calls: the workers wait). The workers' own tokens/s are the
+tokens their calls made (a row of a Prefill or a Decode makes one) over the time the
+scheduler spent in those calls (gRPC included), at the run's own batch sizes: the
+stack's tokens/s over it is what the whole stack keeps of the workers' speed.
 The server is private to the stack, so every command counted is the stack's own
 (the gateway's, the schedulers'), but for this module's reset and read, left out.
 """
@@ -73,7 +76,9 @@ class RedisLoad:
             counters, idle = pool_counters(self.client)
         return counters, idle
 
-    def report(self, tokens: int) -> dict:
+    def report(self, tokens: int, elapsed_s: float | None = None) -> dict:
+        """The run's figures; ``elapsed_s``: its wall time on the client, for the stack's
+        tokens/s against the workers' own (tokens generated ÷ time in shard calls)."""
         counts = command_counts(self.client)
         after, idle = self._idle_counters()
         steps = {k: after[k] - self.before[k] for k in COUNTERS}
@@ -84,6 +89,10 @@ class RedisLoad:
                                         if steps["prefill_steps"] else None)
         # the workers' share of the pools' busy time (the rest: the scheduler between calls)
         out["workers_busy"] = steps["shard_ms"] / steps["busy_ms"] if steps["busy_ms"] > 0 else None
+        made = steps["decode_rows"] + steps["prefill_rows"]       # one token per row and call
+        out["workers_tok_s"] = made / (steps["shard_ms"] / 1000.0) if steps["shard_ms"] > 0 else None
+        out["stack_vs_workers"] = (tokens / elapsed_s / out["workers_tok_s"]
+                                   if elapsed_s and out["workers_tok_s"] else None)
         out["pools_idle"] = idle            # False: the counters may miss the last steps
         return out
 
@@ -100,6 +109,10 @@ def format_line(mode: str, load: dict) -> str:
     rows_text = "-" if rows is None else f"{rows:.1f}"
     busy = load.get("workers_busy")
     busy_text = "-" if busy is None else f"{busy * 100:.0f} %"
+    ratio = load.get("stack_vs_workers")
+    ratio_text = "" if ratio is None else (f"; stack tokens/s x{ratio:.2f} the workers' own "
+                                           f"({load['workers_tok_s']:.0f} tokens/s in their calls)")
     return (f"{mode}: Redis {load['per_token']:.2f} commands/token ({top}); "
             f"rows per forward {rows_text} over {load['steps']['decode_steps']:.0f} decode steps, "
-            f"{load['steps']['prefill_steps']:.0f} prefills; workers busy {busy_text} of the pools' busy time")
+            f"{load['steps']['prefill_steps']:.0f} prefills; workers busy {busy_text} of the pools' busy time"
+            f"{ratio_text}")

@@ -81,7 +81,7 @@ def bench_local(args, checkpoint: str) -> dict[str, dict]:
             _log(args, f"{mode}: {args.requests} requests at {args.rate}/s, concurrency {args.concurrency}")
             load = RedisLoad(stack.redis_url)
             reports[mode] = measure(stack.address, args, model="glm-bench", on_start=load.start)
-            reports[mode]["redis"] = load.report(reports[mode]["generated_tokens"])
+            reports[mode]["redis"] = load.report(reports[mode]["generated_tokens"], reports[mode]["elapsed_s"])
             load.close()
             stack.check_alive()
         except StackError as exc:
