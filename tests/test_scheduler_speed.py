@@ -232,3 +232,30 @@ def test_publish_retried_and_after_an_older_pool(any_server):
     assert 0 < ttl <= keys.RESULT_TTL_S and pending == 1        # "short" is still pending
     assert lost[4:] == [{"short"}, set(), {"short"}] and short == 0
     assert unchecked == set()          # checked once: no length read per token (no failure seen)
+
+
+def test_bench_reads_commands_and_counters_of_a_private_server(server):
+    """``glm bench serve``'s Redis figures: the commands run between ``start`` and
+    ``report`` by name, per token, and the pools' counters as deltas of their heartbeats."""
+    import redis as sync_redis
+
+    from services.bench.redis_load import RedisLoad, format_line
+
+    r = sync_redis.Redis.from_url(server.url)
+    beat = keys.pool("p1")
+    r.hset(beat, mapping={"running": 0, "waiting": 0, "decode_steps": 10, "decode_rows": 40,
+                          "prefill_steps": 2, "prefill_rows": 4, "shard_ms": 100.0, "busy_ms": 125.0})
+    load = RedisLoad(server.url)
+    load.start()
+    for i in range(3):
+        r.xadd("s", {"d": i})
+    r.get("k")
+    r.hset(beat, mapping={"decode_steps": 14, "decode_rows": 72, "prefill_steps": 3, "prefill_rows": 8,
+                          "shard_ms": 300.0, "busy_ms": 375.0})
+    out = load.report(tokens=36, elapsed_s=1.0)
+    load.close()
+    assert out["by_command"] == {"xadd": 3 / 36, "get": 1 / 36, "hset": 1 / 36} and out["commands"] == 5
+    assert out["rows_per_forward"] == 32 / 4 and out["prefill_rows_per_call"] == 4
+    assert out["workers_busy"] == 200 / 250 and out["pools_idle"]
+    assert out["workers_tok_s"] == 36 / 0.2 and out["stack_vs_workers"] == 36 / (36 / 0.2)
+    assert "0.14 commands/token" in format_line("continuous", out)
