@@ -1,8 +1,9 @@
 """One pool's asyncio loop (``docs/architecture.md``, "Scheduler"): Redis and the
 workers around the pure core (``policy.Scheduler``, used through its public methods).
 
-Per step: the held requests' cancel keys (one MGET) → FilterBatch; admission
-(XREADGROUP only as far as the budget reaches, a short BLOCK when idle); Prefill;
+Per step: the held requests' cancel keys (one MGET) and admission (XREADGROUP only
+as far as the budget reaches, a short BLOCK when idle), in one round trip; FilterBatch;
+Prefill;
 Decode of the running + new batches. The step's events (and the previous step's)
 wait in the outbox; one flusher task publishes them, in one script call, while
 the next Decode runs (``_flush_behind``), so the workers do not wait on Redis;
@@ -364,12 +365,9 @@ class PoolLoop:
             if drain_until is None and not self.degraded and now - last["claim"] >= o.claim_every_s:
                 last["claim"] = now
                 await self._claim()
-            await self._read_cancel_flags()
             room = 0 if drain_until is not None or self.degraded else core.room()
-            if room:
-                block = o.idle_block_ms if core.idle else None
-                for entry in await self._redis(self.queue.read, room, block, default=[]):
-                    await self._add(entry)
+            for entry in await self._poll(room, o.idle_block_ms if core.idle else None):
+                await self._add(entry)
             if core.idle:
                 self._last_step_end = None
                 if now - last["health"] >= o.health_every_s:
@@ -387,14 +385,18 @@ class PoolLoop:
             self.counters["busy_ms"] += (self._last_step_end - started) * 1000.0
 
     # -- requests in ------------------------------------------------------------------------
-    async def _read_cancel_flags(self) -> None:
-        """Mark the requests whose cancel key is set; the next step's plan ends them."""
+    async def _poll(self, room: int, block_ms: int | None) -> list[Entry]:
+        """Read the held requests' cancel flags and, with ``room``, new entries, in one round
+        trip (``PoolQueue.poll``); mark the cancelled requests (the next step's plan ends
+        them) and return the entries."""
         ids = self.core.request_ids()
-        for rid, flag in zip(ids, await self._redis(self.queue.cancelled, ids, default=[])):
+        flags, entries = await self._redis(self.queue.poll, ids, room, block_ms, default=([], []))
+        for rid, flag in zip(ids, flags):
             if flag and self.core.cancel(rid):
                 self._cancel_seen[rid] = self.steps
                 log.info("pool %s: request %s cancelled by its caller (before step %d)",
                          self.options.pool_id, rid, self.steps)
+        return entries
 
     async def _claim(self) -> None:
         room = self.core.room()

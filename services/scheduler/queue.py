@@ -210,10 +210,27 @@ class PoolQueue:
         """New entries for this pool (XREADGROUP ``>``), at most ``count``."""
         reply = await self.redis.xreadgroup(keys.GROUP, self.pool_id, {self.stream: ">"}, count=count,
                                             block=block_ms)
+        return self._new_entries(reply)
+
+    @staticmethod
+    def _new_entries(reply) -> list[Entry]:
         out = []
         for _stream, entries in reply or []:
             out.extend(_entry(eid, fields) for eid, fields in entries)
         return out
+
+    async def poll(self, request_ids: Sequence[str], count: int,
+                   block_ms: int | None) -> tuple[list[bool], list[Entry]]:
+        """The cancel flags of ``request_ids`` (``cancelled``) and, when ``count``, up to
+        ``count`` new entries (``read``), in one round trip when both are asked."""
+        if not (request_ids and count):
+            flags = await self.cancelled(request_ids)
+            return flags, (await self.read(count, block_ms) if count else [])
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.mget([keys.cancel(r) for r in request_ids])
+        pipe.xreadgroup(keys.GROUP, self.pool_id, {self.stream: ">"}, count=count, block=block_ms)
+        values, reply = await pipe.execute()
+        return [v is not None for v in values], self._new_entries(reply)
 
     async def read_own(self, count: int) -> list[Entry]:
         """The entries pending under this pool (XREADGROUP from ``0``): after a Redis
