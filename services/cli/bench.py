@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from services.bench.driver import run_load, server_model
+from services.bench.redis_load import RedisLoad, format_line
 from services.bench.stats import peer_ratios, ratios, summarise
 from services.bench.workload import make_workload
 from services.local import LocalStack, StackError
@@ -48,14 +49,17 @@ def _log(args, text: str) -> None:
     print(f"glm bench: {text}", file=sys.stderr, flush=True)
 
 
-def measure(address: str, args, model: str = "", api: str = "grpc") -> dict:
-    """Warm the server up, then run the seeded workload against it; one mode's report."""
+def measure(address: str, args, model: str = "", api: str = "grpc", on_start=None) -> dict:
+    """Warm the server up, then run the seeded workload against it; one mode's report.
+    ``on_start``, when given, is called between the warm-up and the measured run."""
     workload = make_workload(args.requests, rate=args.rate, min_new_tokens=args.min_new_tokens,
                              max_new_tokens=args.max_new_tokens, seed=args.seed)
     load = dict(api=api, model=model, temperature=args.temperature, extra_body=args.extra_body)
     if args.warmup:
         warm = make_workload(args.warmup, rate=0, min_new_tokens=2, max_new_tokens=4, seed=args.seed + 1)
         asyncio.run(run_load(address, warm, concurrency=args.warmup, duration_s=600, **load))
+    if on_start is not None:
+        on_start()
     started = time.perf_counter()
     results = asyncio.run(run_load(address, workload, concurrency=args.concurrency,
                                    duration_s=args.duration_s, **load))
@@ -90,7 +94,10 @@ def bench_local(args, checkpoint: str) -> dict[str, dict]:
         stack = LocalStack(options).start()
         try:
             _log(args, f"{mode}: {args.requests} requests at {args.rate}/s, concurrency {args.concurrency}")
-            reports[mode] = measure(stack.address, args, model="glm-bench")
+            load = RedisLoad(stack.redis_url)
+            reports[mode] = measure(stack.address, args, model="glm-bench", on_start=load.start)
+            reports[mode]["redis"] = load.report(reports[mode]["generated_tokens"], reports[mode]["elapsed_s"])
+            load.close()
             stack.check_alive()
         except StackError as exc:
             raise StackError(f"{exc} (logs in {logs})") from None
@@ -124,6 +131,7 @@ def format_table(reports: dict[str, dict], compared: dict[str, dict]) -> str:
             f"{name.replace('_vs_', ' vs ')}: throughput x{_num(row['throughput_tok_s'])} tokens/s, "
             f"x{_num(row['throughput_rps'])} requests/s; TTFT p50 x{_num(row['ttft_p50'])}, "
             f"p99 x{_num(row['ttft_p99'])}; ITL p50 x{_num(row['itl_p50'])}, p99 x{_num(row['itl_p99'])}")
+    lines += [format_line(mode, r["redis"]) for mode, r in reports.items() if "redis" in r]
     if compared:
         lines.append("(ratios are first / second: above 1 is better for throughput, below 1 for latency)")
     return "\n".join(lines)

@@ -5,10 +5,12 @@
   a retry (same fingerprint: re-attach; else ALREADY_EXISTS); a queue at its depth
   limit refuses (RESOURCE_EXHAUSTED, nothing written); otherwise it creates the
   consumer group if missing, writes ``glm:req:{id}`` and appends the request.
-* ``events``: blocking XREAD of ``glm:req:{id}:events`` from the start, until the
-  caller's deadline. It rides through a Redis restart for ``reconnect_s`` (reading
-  on from the last entry it saw), then fails UNAVAILABLE; a request whose record
-  vanished (a restart that lost the data) fails UNAVAILABLE at once, never waits.
+* ``events``: ``glm:req:{id}:events`` from the start, until a terminal event or the
+  caller's deadline, through the gateway's one ``StreamReader`` (one blocking XREAD
+  for every stream its calls wait on, ``services/gateway/reader.py``). It rides
+  through a Redis restart for ``reconnect_s`` (reading on from the last entry it
+  saw), then fails UNAVAILABLE; a request whose record vanished (a restart that lost
+  the data) fails UNAVAILABLE at once, never waits.
 * ``cancel``: ``glm:req:{id}:cancel``, read by the scheduler every step.
 * ``live_models``: the models that have a pool heartbeat (``glm:pool:*``, which
   expire ``POOL_TTL_S`` after a pool's last one), for the health status.
@@ -17,10 +19,11 @@ Redis being unreachable is never a hang: the client has short connect/read
 timeouts and no retries, and every failure becomes UNAVAILABLE (a Redis at its
 ``maxmemory``: RESOURCE_EXHAUSTED, saying so).
 
-Connections: a generation call holds at most one at a time (the submit script, then
-one blocking XREAD after another), cancel keys are written by at most
-``CANCEL_WRITERS`` tasks at once (the others wait their turn holding none), and the
-health check pings on one; ``pool_size(max_calls)`` is their sum, so a gateway that
+Connections: a generation call holds at most one at a time (the submit script, an
+EXISTS check of its record), the reader two (its XREAD, and one CLIENT UNBLOCK at a time),
+cancel keys are written by at most ``CANCEL_WRITERS`` tasks at once (the others wait
+their turn holding none), and the health check pings on one; ``pool_size(max_calls)``
+is their sum, so a gateway that
 admits at most ``max_calls`` calls (``service.CallLimit``) never runs out of
 connections. The pool waits for a connection rather than failing, should one be
 late in coming back.
@@ -48,6 +51,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.common import redis_keys as keys
 from services.common.errors import ResourceExhausted, ServiceError, Unavailable
 from services.common.messages import Event, QueuedRequest
+from services.gateway.reader import StreamReader
 
 log = logging.getLogger("glm.gateway")
 SUBMIT_SCRIPT = """
@@ -61,6 +65,7 @@ return {'queued', redis.call('XADD', KEYS[2], '*', ARGV[6], ARGV[3])}
 READ_COUNT = 256
 CANCEL_WRITERS = 8           # cancel keys written at once; each holds one connection
 MONITOR_CONNECTIONS = 1      # the health check's ping
+READER_CONNECTIONS = 2       # the StreamReader's blocking XREAD, and its CLIENT UNBLOCK
 RECONNECT_S = 30.0          # a call waiting for events rides through a Redis outage this long
 RECORD_CHECK_EVERY = 4      # empty XREADs between two checks that the request's record exists
 
@@ -89,7 +94,7 @@ class Submitted:
 
 def pool_size(max_calls: int) -> int:
     """The Redis connections a gateway admitting ``max_calls`` concurrent calls can hold."""
-    return max_calls + CANCEL_WRITERS + MONITOR_CONNECTIONS
+    return max_calls + CANCEL_WRITERS + MONITOR_CONNECTIONS + READER_CONNECTIONS
 
 
 def connect(url: str, timeout_s: float = 2.0, *, max_connections: int) -> aioredis.Redis:
@@ -114,6 +119,8 @@ class Broker:
         # A blocking XREAD must return before the socket read timeout fires.
         self.block_ms = max(10, min(1000, int(timeout_s * 500)))
         self._submit = client.register_script(SUBMIT_SCRIPT)
+        self.reader = StreamReader(client, block_ms=self.block_ms, count=READ_COUNT,
+                                   retry_s=min(1.0, self.block_ms / 1000.0))
         self._on_failure = on_failure or (lambda exc: None)   # e.g. flip health
         self._cancel_writers = asyncio.Semaphore(CANCEL_WRITERS)
 
@@ -155,7 +162,16 @@ class Broker:
         """Every event of the request from the first one, until a terminal event.
 
         ``deadline`` is ``time.monotonic()`` seconds; past it, ``DeadlineExceeded``."""
-        stream, last = keys.events(request_id), b"0-0"
+        sub = self.reader.subscribe(keys.events(request_id))
+        try:
+            async for event in self._events(sub, request_id, deadline):
+                yield event
+                if event.terminal:
+                    return
+        finally:
+            self.reader.unsubscribe(sub)
+
+    async def _events(self, sub, request_id: str, deadline: float | None) -> AsyncIterator[Event]:
         failing_since, empty = None, 0
         while True:
             block = self.block_ms
@@ -165,29 +181,26 @@ class Broker:
                     raise DeadlineExceeded(f"request {keys.caller_id(request_id)}: deadline passed")
                 block = max(1, min(block, int(left * 1000)))
             try:
-                reply = await self.redis.xread({stream: last}, count=READ_COUNT, block=block)
-                if not reply:
+                item = await sub.next(block / 1000.0)
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
                     empty += 1
                     if empty % RECORD_CHECK_EVERY == 0 and not await self.redis.exists(keys.request(request_id)):
                         raise Unavailable(f"request {request_id}: its record is gone from Redis (a restart "
                                           "without persistence, or expired); submit it again")
+                    continue
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self.reconnect_s:
                     raise self._unavailable(exc) from None
                 self._on_failure(exc)
-                await asyncio.sleep(min(1.0, self.block_ms / 1000.0))
-                continue
+                continue               # the reader tries again after its own pause
             except RedisError as exc:
                 raise self._unavailable(exc) from None
             failing_since = None
-            for _key, entries in reply or ():
-                for entry_id, fields in entries:
-                    last = entry_id
-                    event = Event.from_json(fields[keys.FIELD.encode()])
-                    yield event
-                    if event.terminal:
-                        return
+            _entry_id, fields = item
+            yield Event.from_json(fields[keys.FIELD.encode()])
 
     async def cancel(self, request_id: str) -> None:
         async with self._cancel_writers:
@@ -216,6 +229,7 @@ class Broker:
             raise self._unavailable(exc) from None
 
     async def close(self) -> None:
+        await self.reader.close()
         await self.redis.aclose()
 
 

@@ -1,12 +1,15 @@
 """One pool's asyncio loop (``docs/architecture.md``, "Scheduler"): Redis and the
 workers around the pure core (``policy.Scheduler``, used through its public methods).
 
-Per step: the held requests' cancel keys (one MGET) → FilterBatch; admission
-(XREADGROUP only as far as the budget reaches, a short BLOCK when idle); Prefill;
-Decode of the running + new batches; the step's events appended in one
-script, ended requests acked. The cancel keys are read before the step is
-planned, so a request whose flag was read runs no further step: the next plan
-ends it (``PoolLoop.cancel_marks`` records both step numbers). Between steps,
+Per step: the held requests' cancel keys (one MGET) and admission (XREADGROUP only
+as far as the budget reaches, a short BLOCK when idle), in one round trip; FilterBatch;
+Prefill;
+Decode of the running + new batches. The step's events (and the previous step's)
+wait in the outbox; one flusher task publishes them, in one script call, while
+the next Decode runs (``_flush_behind``), so the workers do not wait on Redis;
+when there is no next Decode they are published at once. The cancel keys are read
+before the step is planned, so a request whose flag was read runs no further step:
+the next plan ends it (``PoolLoop.cancel_marks`` records both step numbers). Between steps,
 on timers: XAUTOCLAIM a dead pool's entries and resume them from their events,
 the heartbeat hash, a Health call while idle.
 
@@ -141,6 +144,11 @@ class PoolLoop:
         self.spans: dict[str, trace.Span] = {}
         self.raw: dict[str, str] = {}             # request id -> its queue document (for the dead letter)
         self.steps = 0                            # steps done
+        # steps and rows sent, and the time the shard calls took out of the busy time (from a
+        # busy period's first step to its last step's end): in the heartbeat, for glm bench
+        self.counters = dict.fromkeys(("decode_steps", "decode_rows", "prefill_steps", "prefill_rows",
+                                       "shard_ms", "busy_ms"), 0)
+        self._last_step_end: float | None = None
         self.after_step = after_step
         self.cancel_marks: collections.deque[CancelMark] = collections.deque(maxlen=1024)   # the latest ones
         self._cancel_seen: dict[str, int] = {}    # request id -> steps done when its cancel flag was read
@@ -151,6 +159,7 @@ class PoolLoop:
         self._recovering = False                  # a Redis call failed: recover before reading new work
         self._need_group = False                  # the server lost the consumer group
         self._held_back: list[Entry] = []         # entries taken but not added yet (Redis failed meanwhile)
+        self._flusher: asyncio.Task | None = None  # the one task publishing the outbox behind a Decode
 
     def stop(self) -> None:
         self.stopping.set()
@@ -188,6 +197,8 @@ class PoolLoop:
         finally:
             if refresher is not None:
                 refresher.cancel()
+            if self._flusher is not None:
+                self._flusher.cancel()
             for span in self.spans.values():
                 span.set_status(trace.StatusCode.ERROR, "pool stopped")
                 span.end()
@@ -201,8 +212,9 @@ class PoolLoop:
     # -- Redis failures and leases -----------------------------------------------------------
     @property
     def degraded(self) -> bool:
-        """Redis failed and the pool has not caught up yet: no new work is read."""
-        return self._recovering or bool(self.outbox)
+        """Redis failed and the pool has not caught up yet (its outbox included): no new
+        work is read."""
+        return self._recovering
 
     async def _redis(self, call, *args, default=None):
         """``await call(*args)``; a transient Redis failure returns ``default`` (and starts the
@@ -220,6 +232,7 @@ class PoolLoop:
 
     def _redisfailed_rows(self, exc: BaseException) -> None:
         self.redis_failures += 1
+        self.queue.failed()
         if not self.backoff.failing:
             log.warning("pool %s: Redis failed (%s: %s); retrying with backoff, running requests go on",
                         self.options.pool_id, type(exc).__name__, exc)
@@ -232,6 +245,7 @@ class PoolLoop:
         entries still pending under this pool; then new work again."""
         if not self._recovering or not self.backoff.ready:
             return
+        await self._wait_flusher()
         try:
             if self._need_group:
                 await self.queue.ensure_group()
@@ -251,6 +265,8 @@ class PoolLoop:
             await self._add(entry)
 
     async def _flush(self) -> None:
+        """Publish the outbox now (after the flusher, if one runs)."""
+        await self._wait_flusher()
         if self._recovering:
             return                     # _recover flushes first
         try:
@@ -259,6 +275,32 @@ class PoolLoop:
             if not transient(exc):
                 raise
             self._redisfailed_rows(exc)
+
+    def _flush_behind(self) -> None:
+        """Publish the outbox in the background, by one task at a time (a running one
+        takes what was queued since), so a step's events go out during the next Decode."""
+        if self.outbox and not self._recovering and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.ensure_future(self._flush_later(self._flusher))
+
+    async def _flush_later(self, previous: asyncio.Task | None) -> None:
+        if previous is not None:
+            await previous             # done; its failure, if any, is raised here: the loop sees it
+        for _ in range(3):             # the Decode just started goes out first (its gRPC
+            await asyncio.sleep(0)     # send runs in tasks of its own)
+        if self._recovering:
+            return
+        try:
+            await self.outbox.flush(self.taken)
+        except _REDIS_ERRORS as exc:
+            if not transient(exc):
+                raise
+            self._redisfailed_rows(exc)
+
+    async def _wait_flusher(self) -> None:
+        """Until the background publish is done; raises what it raised (a bug, not Redis)."""
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            await flusher
 
     async def _refresh_leases(self) -> None:
         """Every ``refresh_s``, whatever a step takes: re-claim the held entries, note
@@ -276,6 +318,7 @@ class PoolLoop:
                 taken = await self.queue.refresh(list(held))
             except _REDIS_ERRORS as exc:
                 log.warning("pool %s: lease refresh failed: %s", self.options.pool_id, exc)
+                self.queue.failed()
                 continue
             self.taken |= {held[tag] for tag in taken if tag in held}
 
@@ -294,6 +337,7 @@ class PoolLoop:
         o, core = self.options, self.core
         last = {"claim": 0.0, "heartbeat": 0.0, "health": time.monotonic(), "lag": 0.0}
         drain_until = None
+        was_idle = True
         while True:
             now = time.monotonic()
             snapshot = core.snapshot()
@@ -307,24 +351,25 @@ class PoolLoop:
                 drain_until = drain_until or now + o.drain_timeout_s
                 if (core.idle and not self.outbox) or now > drain_until:
                     return
-            if now - last["heartbeat"] >= o.heartbeat_s:
+            went_idle = core.idle and not was_idle
+            was_idle = core.idle
+            if now - last["heartbeat"] >= o.heartbeat_s or went_idle:
                 last["heartbeat"] = now
                 await self._redis(self.queue.heartbeat, {
                     "model": o.model, "capacity": core.capacity, "mode": o.limits.mode.value,
-                    "running": snapshot.running, "waiting": snapshot.waiting})
+                    "running": snapshot.running, "waiting": snapshot.waiting, **self.counters})
             await self._recover()
-            await self._flush()
+            if core.idle:
+                await self._flush()        # else the next Decode's flusher publishes it
             self._drop_taken()
             if drain_until is None and not self.degraded and now - last["claim"] >= o.claim_every_s:
                 last["claim"] = now
                 await self._claim()
-            await self._read_cancel_flags()
             room = 0 if drain_until is not None or self.degraded else core.room()
-            if room:
-                block = o.idle_block_ms if core.idle else None
-                for entry in await self._redis(self.queue.read, room, block, default=[]):
-                    await self._add(entry)
+            for entry in await self._poll(room, o.idle_block_ms if core.idle else None):
+                await self._add(entry)
             if core.idle:
+                self._last_step_end = None
                 if now - last["health"] >= o.health_every_s:
                     last["health"] = now
                     await client.health(timeout_s=o.shard_timeout_s)
@@ -332,17 +377,26 @@ class PoolLoop:
                     await asyncio.sleep(o.idle_block_ms / 1000.0)
                 continue
             last["health"] = now
+            started = time.perf_counter()
+            if self._last_step_end is not None:
+                self.counters["busy_ms"] += (started - self._last_step_end) * 1000.0
             await self._step(client)
+            self._last_step_end = time.perf_counter()
+            self.counters["busy_ms"] += (self._last_step_end - started) * 1000.0
 
     # -- requests in ------------------------------------------------------------------------
-    async def _read_cancel_flags(self) -> None:
-        """Mark the requests whose cancel key is set; the next step's plan ends them."""
+    async def _poll(self, room: int, block_ms: int | None) -> list[Entry]:
+        """Read the held requests' cancel flags and, with ``room``, new entries, in one round
+        trip (``PoolQueue.poll``); mark the cancelled requests (the next step's plan ends
+        them) and return the entries."""
         ids = self.core.request_ids()
-        for rid, flag in zip(ids, await self._redis(self.queue.cancelled, ids, default=[])):
+        flags, entries = await self._redis(self.queue.poll, ids, room, block_ms, default=([], []))
+        for rid, flag in zip(ids, flags):
             if flag and self.core.cancel(rid):
                 self._cancel_seen[rid] = self.steps
                 log.info("pool %s: request %s cancelled by its caller (before step %d)",
                          self.options.pool_id, rid, self.steps)
+        return entries
 
     async def _claim(self) -> None:
         room = self.core.room()
@@ -397,14 +451,14 @@ class PoolLoop:
         plan = core.plan(time.time())
         await self._publish(plan)
         if plan.filter:
-            reply = await client.filter_batch(plan.filter.batch_id, list(plan.filter.keep))
+            reply = await self._timed(client.filter_batch(plan.filter.batch_id, list(plan.filter.keep)))
             core.filtered(view_of(reply))
         if plan.prefill:
             op = plan.prefill
             with self._step_span("scheduler.prefill", op.request_ids, {
                     "glm.batch_id": op.batch_id, "glm.batch_size": len(op.requests), "glm.tokens": op.tokens}):
                 try:
-                    reply = await client.prefill(batch_pb(op))
+                    reply = await self._timed(client.prefill(batch_pb(op)))
                 except ShardCallError as exc:
                     if exc.code not in REQUEST_ERRORS or exc.method != "Prefill":
                         raise
@@ -412,6 +466,8 @@ class PoolLoop:
                     await self._publish(core.prefill_refused(op, exc.code.name, exc.details,
                                                              exc.refused_request_id))
                     reply = None
+            self.counters["prefill_steps"] += 1
+            self.counters["prefill_rows"] += len(op.requests)
             if reply is not None:
                 self.metrics.prompt.inc(sum(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests))
                 self.metrics.generated.inc(len(reply.generations))
@@ -420,16 +476,32 @@ class PoolLoop:
         if batches:
             with self._step_span("scheduler.decode", core.request_ids_of(batches), {
                     "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
-                reply = await client.decode([cached_pb(v) for v in batches])
+                call = asyncio.ensure_future(client.decode([cached_pb(v) for v in batches]))
+                self._flush_behind()      # the events so far go out while the workers decode
+                reply = await self._timed(call)
+            self.counters["decode_steps"] += 1
+            self.counters["decode_rows"] += sum(v.size for v in batches)
+            self.metrics.decode_steps.inc()
+            self.metrics.decode_rows.inc(sum(v.size for v in batches))
             self.metrics.generated.inc(len(reply.generations))
             await self._publish(core.decoded(generations(reply), view_of(reply), failed_rows(reply)))
+        if not batches:
+            self._flush_behind()           # no Decode to publish behind
         self.steps += 1
         if self.after_step is not None:
             await self.after_step(self.steps)
 
+    async def _timed(self, call):
+        """``await call``, its time counted as the workers' (``counters["shard_ms"]``)."""
+        started = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.counters["shard_ms"] += (time.perf_counter() - started) * 1000.0
+
     async def _publish(self, out: StepOutput) -> None:
         """Queue the output's events and ends in the outbox (dropping those of requests
-        another pool holds now) and publish what Redis takes."""
+        another pool holds now); the loop publishes them (``_flush``, ``_flush_behind``)."""
         events = [(rid, e) for rid, e in out.events if rid not in self.taken]
         ended = [o for o in out.ended if o.request_id not in self.taken]
         tags = {}
@@ -456,4 +528,3 @@ class PoolLoop:
                 elif outcome.code:
                     span.set_status(trace.StatusCode.ERROR, f"{outcome.code}: {outcome.message}")
                 span.end()
-        await self._flush()

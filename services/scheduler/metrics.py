@@ -67,6 +67,9 @@ class SchedulerMetrics:
                             "Requests taken from the queue, not prefilled yet.")
         self.generated = make(Counter, "glm_scheduler_generated_tokens_total",
                               "Tokens generated (tokens/s = its rate).")
+        self.decode_steps = make(Counter, "glm_scheduler_decode_steps_total", "Decode calls (forwards) sent.")
+        self.decode_rows = make(Counter, "glm_scheduler_decode_rows_total",
+                                "Rows of the Decode calls (rows per forward = its rate / the steps' rate).")
         self.prompt = make(Counter, "glm_scheduler_prompt_tokens_total", "Prompt tokens prefilled.")
         self.itl = make(Histogram, "glm_scheduler_inter_token_latency_seconds",
                         "Time between two tokens of one request.", buckets=LATENCY_BUCKETS)

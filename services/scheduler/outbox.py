@@ -2,8 +2,8 @@
 (``docs/architecture.md``, "Redis contract").
 
 ``Outbox`` holds the step outputs not yet published and publishes them oldest
-first; one that fails stays at the head and is retried, so events are never
-dropped and never reordered. A retry after a lost reply writes nothing twice:
+first, all those waiting in one script call; one that fails stays at the head
+and is retried, so events are never dropped and never reordered. A retry after a lost reply writes nothing twice:
 ``PoolQueue.publish`` appends only past the stream's length. ``Backoff`` is the
 capped exponential delay between tries while Redis fails.
 """
@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from services.common.messages import Event
 from services.scheduler.queue import PoolQueue
 from services.scheduler.request import Outcome
+
+
+MAX_EVENTS = 2048                     # events of one publish call at most (after an outage: several)
 
 
 class Backoff:
@@ -69,10 +72,21 @@ class Outbox:
             self._batches.append(_Batch(tuple(events), tuple(ended), dict(raw), dict(tags)))
 
     async def flush(self, taken: set[str]) -> None:
-        """Publish every waiting output in order; the requests another pool holds now
-        are added to ``taken``. A Redis error propagates with the failed output (and
-        every later one) still waiting."""
+        """Publish every waiting output in order, those waiting together in one call (up to
+        ``MAX_EVENTS`` events); the requests another pool holds now are added to ``taken``.
+        A Redis error propagates with the failed outputs (and every later one) still waiting."""
         while self._batches:
-            batch = self._batches[0]
-            taken |= await self.queue.publish(batch.events, batch.ended, batch.raw, batch.tags)
-            self._batches.popleft()
+            head, events = [], 0
+            for batch in self._batches:
+                if head and events + len(batch.events) > MAX_EVENTS:
+                    break
+                head.append(batch)
+                events += len(batch.events)
+            raw, tags = {}, {}
+            for batch in head:
+                raw.update(batch.raw)
+                tags.update(batch.tags)
+            taken |= await self.queue.publish([e for b in head for e in b.events],
+                                              [o for b in head for o in b.ended], raw, tags)
+            for _ in head:                # outputs put meanwhile stay, after these
+                self._batches.popleft()

@@ -5,21 +5,27 @@ A pool reads requests from ``glm:queue:{model}`` as consumer ``pool_id`` of the
 group ``pools``, appends events to ``glm:req:{id}:events``, and when a request
 ends XACKs + XDELs its entry and lets its keys expire after ``RESULT_TTL_S``.
 Delivery is at least once: ``refresh`` re-claims the entries this pool still
-holds (one Lua script: XPENDING names the owner, XCLAIM JUSTID resets the idle
-time without counting a delivery) and returns those another pool took;
+holds (one Lua script: one XPENDING over their id range names the owner, one
+XCLAIM JUSTID resets the idle time without counting a delivery) and returns those another pool took;
 ``claim_idle`` takes the entries of a dead pool (XAUTOCLAIM; Redis 6.2 replies
 with two elements, 7.x with three) together with their delivery counts.
 
 A request id is opaque here (the gateway's tenant-namespaced id); every key comes from
 ``redis_keys``, which escapes it, so no id can name another request's key.
-``publish`` is one Lua script too, so ownership and writing are atomic: a
-request's events are appended only while its entry is pending under this pool
-(a pool that lost the claim writes nothing, so a stream never gets a second
-final event), and only past the stream's length (``XLEN`` = the next ``seq``),
-so a publish retried after a lost reply writes nothing twice. Its final event,
-ack, XDEL and expiry go in the same call. Expiry is set once per request: on
-its first event (``ACTIVE_TTL_S``, a bound on a lost request) and at its end
-(``result_ttl_s``), never per token.
+``publish`` is one Lua script per step too, for every request of the step, so
+ownership and writing are atomic: a request's events are appended only while its
+entry is pending under this pool (one XPENDING for all of them; a pool that lost
+the claim writes nothing, so a stream never gets a second final event), each
+under the stream id ``0-{seq+1}``, so a publish retried after a lost reply writes
+nothing twice (XADD refuses an id at or below the stream's top). A request's first
+publish, and its first after any Redis failure, also compares the stream's length
+(XLEN) with its next ``seq``: a stream found shorter (a restarted server lost writes)
+counts as taken, and the request is claimed again and resumed from its events. The step's final
+events, acks (one XACK, one XDEL) and expiry go in the same call. Expiry is set
+once per request: on its first event (``ACTIVE_TTL_S``, a bound on a lost
+request) and at its end (``result_ttl_s``), never per token. So a step of ``n``
+rows costs the script call, one XPENDING and ``n`` XADDs (and an XLEN per request
+at its first step).
 
 ``transient`` names the Redis failures a pool rides through (connection lost,
 timeouts, LOADING/BUSY, OOM under ``maxmemory``, a restarted server that lost
@@ -52,62 +58,93 @@ _TRANSIENT_PREFIXES = ("NOGROUP", "BUSY", "LOADING", "OOM", "MISCONF", "MASTERDO
 # are refused. On an older server, the same script without the flag.
 OOM_FLAG = "#!lua flags=allow-oom\n"
 
+# The entries of ``ids`` pending under ``pool`` (a set), found with one XPENDING over
+# their id range filtered by consumer (more only when this pool holds more than ``batch``
+# entries in that range). ``lo``/``hi``: the smallest and largest id of ``ids``.
+OWNED_LUA = """
+local function owned_of(queue, group, pool, lo, hi, batch)
+  local owned, start = {}, lo
+  while lo ~= '' do
+    local rows = redis.call('XPENDING', queue, group, start, hi, batch, pool)
+    for _, row in ipairs(rows) do owned[row[1]] = true end
+    if #rows < batch then break end
+    start = '(' .. rows[#rows][1]
+  end
+  return owned
+end
+"""
+
 # KEYS: queue, dead letters, then per request its events stream and its idempotency record.
-# ARGV: group, pool, field, active ttl, result ttl, dead maxlen, n; per request: entry id
-# ("" = none), seq of its first event, event count, ended ("0"/"1"), dead-letter document
-# ("" = none), then its events. Returns the 1-based indices of the requests this pool no
-# longer holds (nothing was written for them).
-PUBLISH_SCRIPT = """
+# ARGV: group, pool, field, active ttl, result ttl, dead maxlen, n, lo, hi, batch; per
+# request: entry id ("" = none), seq of its first event, event count, ended ("0"/"1"),
+# dead-letter document ("" = none), check ("1": compare the stream's length first), then
+# its events. An event's stream id is 0-(seq+1), so XADD refuses one written before (a
+# retry after a lost reply): then XLEN says whether it is there (a stream an older pool
+# wrote with time ids takes it with an automatic id). A checked stream shorter than the
+# first seq (Redis lost writes) counts as not held: nothing is written, the pool drops the
+# request and it is claimed again and resumed from what the stream holds. Returns the
+# 1-based indices of the requests this pool no longer holds (nothing written).
+PUBLISH_SCRIPT = OWNED_LUA + """
 local group, pool, field = ARGV[1], ARGV[2], ARGV[3]
 local active_ttl, result_ttl, dead_max, n = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-local a, lost = 8, {}
+local owned = owned_of(KEYS[1], group, pool, ARGV[8], ARGV[9], tonumber(ARGV[10]))
+local a, lost, done = 11, {}, {}
 for i = 1, n do
   local ev, req = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local entry, first, count = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local ended, dead = ARGV[a + 3], ARGV[a + 4]
-  local at = a + 5
+  local ended, dead, check = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local at = a + 6
   a = at + count
-  local owned = true
-  if entry ~= '' then
-    local row = redis.call('XPENDING', KEYS[1], group, entry, entry, 1)[1]
-    owned = row ~= nil and row[2] == pool
-  end
-  local have = redis.call('XLEN', ev)
-  if not owned or (count > 0 and have < first) then
+  if (entry ~= '' and not owned[entry]) or (check == '1' and count > 0 and redis.call('XLEN', ev) < first) then
     table.insert(lost, i)
   else
-    for j = have - first, count - 1 do
-      if j >= 0 then redis.call('XADD', ev, '*', field, ARGV[at + j]) end
+    for j = 0, count - 1 do
+      local seq = first + j
+      local added = redis.pcall('XADD', ev, '0-' .. (seq + 1), field, ARGV[at + j])
+      if type(added) == 'table' and added.err then
+        if not string.find(added.err, 'equal or smaller', 1, true) then return redis.error_reply(added.err) end
+        if redis.call('XLEN', ev) <= seq then redis.call('XADD', ev, '*', field, ARGV[at + j]) end
+      end
     end
-    if have == 0 and count > 0 and ended ~= '1' then redis.call('EXPIRE', ev, active_ttl) end
+    if first == 0 and count > 0 and ended ~= '1' then redis.call('EXPIRE', ev, active_ttl) end
     if ended == '1' then
       if dead ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', dead_max, '*', field, dead) end
-      if entry ~= '' then
-        redis.call('XACK', KEYS[1], group, entry)
-        redis.call('XDEL', KEYS[1], entry)
-      end
+      if entry ~= '' then table.insert(done, entry) end
       redis.call('EXPIRE', ev, result_ttl)
       redis.call('EXPIRE', req, result_ttl)
     end
   end
 end
-return lost
-"""
-
-# KEYS: queue. ARGV: group, pool, entry ids. Re-claims (idle time 0, no delivery counted)
-# the entries still pending under this pool; returns the others (another pool took them).
-REFRESH_SCRIPT = """
-local lost = {}
-for i = 3, #ARGV do
-  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
-  if row ~= nil and row[2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  else
-    table.insert(lost, ARGV[i])
-  end
+if #done > 0 then
+  redis.call('XACK', KEYS[1], group, unpack(done))
+  redis.call('XDEL', KEYS[1], unpack(done))
 end
 return lost
 """
+
+# KEYS: queue. ARGV: group, pool, lo, hi, batch, entry ids. Re-claims (idle time 0, no
+# delivery counted; one XCLAIM) the entries still pending under this pool; returns the
+# others (another pool took them).
+REFRESH_SCRIPT = OWNED_LUA + """
+local owned = owned_of(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
+local claim, lost = {KEYS[1], ARGV[1], ARGV[2], 0}, {}
+for i = 6, #ARGV do
+  if owned[ARGV[i]] then table.insert(claim, ARGV[i]) else table.insert(lost, ARGV[i]) end
+end
+if #claim > 4 then
+  table.insert(claim, 'JUSTID')
+  redis.call('XCLAIM', unpack(claim))
+end
+return lost
+"""
+
+
+def id_range(entry_ids) -> list:
+    """``lo, hi, batch`` of the owner check for these stream ids ("", "", 1 for none)."""
+    ids = sorted({e for e in entry_ids if e}, key=lambda s: tuple(map(int, s.split("-"))))
+    if not ids:
+        return ["", "", 1]
+    return [ids[0], ids[-1], len(ids) + 16]
 
 
 def transient(exc: BaseException) -> bool:
@@ -160,6 +197,7 @@ class PoolQueue:
         self._publish = redis.register_script(OOM_FLAG + PUBLISH_SCRIPT)
         self._publish_plain = redis.register_script(PUBLISH_SCRIPT)
         self._refresh = redis.register_script(REFRESH_SCRIPT)
+        self._checked: set[str] = set()   # requests whose stream length was checked since the last failure
 
     async def ensure_group(self) -> None:
         try:
@@ -172,10 +210,27 @@ class PoolQueue:
         """New entries for this pool (XREADGROUP ``>``), at most ``count``."""
         reply = await self.redis.xreadgroup(keys.GROUP, self.pool_id, {self.stream: ">"}, count=count,
                                             block=block_ms)
+        return self._new_entries(reply)
+
+    @staticmethod
+    def _new_entries(reply) -> list[Entry]:
         out = []
         for _stream, entries in reply or []:
             out.extend(_entry(eid, fields) for eid, fields in entries)
         return out
+
+    async def poll(self, request_ids: Sequence[str], count: int,
+                   block_ms: int | None) -> tuple[list[bool], list[Entry]]:
+        """The cancel flags of ``request_ids`` (``cancelled``) and, when ``count``, up to
+        ``count`` new entries (``read``), in one round trip when both are asked."""
+        if not (request_ids and count):
+            flags = await self.cancelled(request_ids)
+            return flags, (await self.read(count, block_ms) if count else [])
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.mget([keys.cancel(r) for r in request_ids])
+        pipe.xreadgroup(keys.GROUP, self.pool_id, {self.stream: ">"}, count=count, block=block_ms)
+        values, reply = await pipe.execute()
+        return [v is not None for v in values], self._new_entries(reply)
 
     async def read_own(self, count: int) -> list[Entry]:
         """The entries pending under this pool (XREADGROUP from ``0``): after a Redis
@@ -220,7 +275,8 @@ class PoolQueue:
         the ids of those another pool took (this pool must stop generating them)."""
         if not entry_ids:
             return set()
-        lost = await self._refresh(keys=[self.stream], args=[keys.GROUP, self.pool_id, *entry_ids])
+        lost = await self._refresh(keys=[self.stream],
+                                   args=[keys.GROUP, self.pool_id, *id_range(entry_ids), *entry_ids])
         return {_text(e) for e in lost or ()}
 
     async def events(self, request_id: str) -> list[Event]:
@@ -259,7 +315,7 @@ class PoolQueue:
                 grouped[outcome.request_id] = []
         script_keys = [self.stream, keys.dead_letter(self.model)]
         args = [keys.GROUP, self.pool_id, keys.FIELD, keys.ACTIVE_TTL_S, self.result_ttl_s, keys.DEAD_MAXLEN,
-                len(order)]
+                len(order), *id_range(tags.get(r) for r in order)]
         for request_id in order:
             evs, outcome = grouped[request_id], done.get(request_id)
             dead = ""
@@ -269,7 +325,8 @@ class PoolQueue:
                                    "request": (entries or {}).get(request_id, "")})
             script_keys += [keys.events(request_id), keys.request(request_id)]
             args += [tags.get(request_id) or "", evs[0].seq if evs else 0, len(evs),
-                     "1" if outcome is not None else "0", dead, *(e.to_json() for e in evs)]
+                     "1" if outcome is not None else "0", dead, "0" if request_id in self._checked else "1",
+                     *(e.to_json() for e in evs)]
         try:
             lost = await self._publish(keys=script_keys, args=args)
         except ResponseError as exc:
@@ -277,7 +334,16 @@ class PoolQueue:
                 raise
             self._publish = self._publish_plain          # Redis < 7.0: no script flags
             lost = await self._publish(keys=script_keys, args=args)
-        return {order[int(i) - 1] for i in lost or ()}
+        lost = {order[int(i) - 1] for i in lost or ()}
+        self._checked.update(r for r in order if r not in lost and r not in done)
+        self._checked.difference_update(done)
+        return lost
+
+    def failed(self) -> None:
+        """A Redis call failed: the server may have restarted and lost writes, so each
+        request's next publish compares its stream's length again (once, then never per
+        token)."""
+        self._checked.clear()
 
     async def drop_malformed(self, entry: Entry) -> None:
         """A queue entry that is not a request: dead-letter it and ack it."""
