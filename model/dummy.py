@@ -2,8 +2,9 @@
 
 No checkpoint is written or read. ``build_dummy_model`` allocates the rank's shard exactly as
 ``load_model`` does (``GLMModel`` with the same dtype, device and quantization), fills every
-tensor with random values, then runs ``prepare()``, so the shard holds the shapes, dtypes and
-kernel ops a loaded checkpoint gives; ``num_layers`` shortens a preset at its full width.
+tensor with random values and prepares every quantized linear's kernel op, so the shard holds
+the shapes, dtypes and kernel ops a loaded checkpoint gives; ``num_layers`` shortens a preset at
+its full width.
 
 * Every tensor is drawn from its own generator, seeded from ``(seed, key, rank)``, where ``rank``
   is 0 for a replicated tensor (LayerNorms, row-parallel biases): the ranks of a pool hold
@@ -87,10 +88,15 @@ def _fill_quantized(values: torch.Tensor, scale: torch.Tensor, quant: QuantSpec,
 
 @torch.no_grad()
 def fill_dummy(model: GLMModel, seed: int = 0) -> GLMModel:
-    """Fill every tensor of ``model``'s shard with its seeded random values (before ``prepare``)."""
+    """Fill every tensor of ``model``'s shard with its seeded random values and prepare each
+    quantized linear's kernel op as soon as its weight is drawn (what ``GLMModel.prepare`` does,
+    one linear at a time). The embedding comes last: its pages are only touched when drawn, so
+    the transient of a kernel's repacking never adds to the largest tensor of the shard."""
     config, rank, quant = model.config, model.ctx.rank, model.quant
     state = model.state_dict()
-    for key, tensor in state.items():
+    embedding = "transformer.word_embeddings.weight"
+    for key in [k for k in state if k != embedding] + [embedding]:
+        tensor = state[key]
         if quant is not None and is_scale(key):
             continue                                                     # drawn with its weight
         split = reshard.split_of(key)
@@ -99,6 +105,7 @@ def fill_dummy(model: GLMModel, seed: int = 0) -> GLMModel:
         if quant is not None and is_quantized_weight(key):
             std = BRANCH_GAIN / math.sqrt(_fan_in(key, config))
             _fill_quantized(tensor, state[key + SCALE_SUFFIX], quant, std, gen)
+            model.get_submodule(key.removesuffix(".weight")).prepare()
         else:
             _fill_float(key, tensor, config, gen)
     return model
@@ -108,10 +115,11 @@ def build_dummy_model(config: GLMConfig, ctx: ParallelContext | None = None, *,
                       dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                       quant: QuantSpec | str | None = None, seed: int = 0) -> GLMModel:
     """This rank's shard of ``config`` with random weights, prepared as ``load_model`` prepares
-    a loaded one. Memory: the shard plus one chunk."""
+    a loaded one (``fill_dummy`` prepares each quantized linear once its weight is drawn).
+    Memory: the shard plus one chunk (plus, on CPU, a kernel's repacking transient)."""
     ctx = ctx or ParallelContext()
     if isinstance(quant, str) or quant is None:
         quant = QuantSpec.parse(quant)
     config.check_tp(ctx.world_size)
     model = GLMModel(config, ctx, dtype=dtype, device=device, quant=quant)
-    return fill_dummy(model, seed).eval().prepare()
+    return fill_dummy(model, seed).eval()

@@ -76,10 +76,12 @@ def rss_bytes() -> int:
 
 
 def read_bandwidth(gib: float, runs: int = 5) -> float:
-    """Bytes/s of the best of ``runs`` sums over a ``gib`` GiB fp32 tensor (all threads)."""
+    """Bytes/s of the best of ``runs`` sums over a ``gib`` GiB fp32 tensor (all threads). The
+    values are random: pages of one constant value may be merged by the host (one physical page
+    read again and again), which would time the cache, not the memory."""
     import torch
 
-    data = torch.ones(int(gib * GIB) // 4, dtype=torch.float32)
+    data = torch.empty(int(gib * GIB) // 4, dtype=torch.float32).uniform_()
     best = float("inf")
     for _ in range(runs):
         start = time.perf_counter()
@@ -190,11 +192,14 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
 
 
 def bench_prefill(engine, bench: StepBench) -> dict:
+    """Prefills of ``prompt_tokens`` at batch 1, after (with ``warmup``) one short prefill that
+    pays the first-call costs without the long call's minutes at full width."""
     from model.engine import Batch
 
+    if bench.warmup:
+        engine.prefill_logits(Batch(0, _decode_rows(1, min(16, bench.prompt_tokens - 1), 1)))
     rows = _decode_rows(1, bench.prompt_tokens - 1, 1)          # context + sop = prompt_tokens
-    times = _timed(lambda: engine.prefill_logits(Batch(0, rows)), max(1, bench.steps // 3),
-                   min(1, bench.warmup))
+    times = _timed(lambda: engine.prefill_logits(Batch(0, rows)), max(1, bench.steps // 3), 0)
     return {"tokens": bench.prompt_tokens, "times": times}
 
 
@@ -221,16 +226,20 @@ def bench_rank(ctx, bench: StepBench) -> dict:
 
 
 def run(bench: StepBench) -> dict:
-    """Measure the read bandwidth, then every rank; the report (``report.decode`` etc.)."""
+    """Every rank's measurements, between two probes of the read bandwidth (the best of both
+    counts: on a shared machine one probe alone may fall in a burst of other load)."""
     from model.distributed import run_local_ranks
     from model.parallel import ParallelContext
 
-    bandwidth = read_bandwidth(bench.bandwidth_gib)
+    first = read_bandwidth(bench.bandwidth_gib)
     if bench.tp == 1:
         ranks = [bench_rank(ParallelContext(), bench)]
     else:
         ranks = run_local_ranks(bench_rank, bench.tp, bench, timeout_s=3600.0)
-    return summarise(bench, ranks, bandwidth)
+    last = read_bandwidth(bench.bandwidth_gib)
+    report = summarise(bench, ranks, max(first, last))
+    report["read_bandwidth_probes_gb_s"] = [first / 1e9, last / 1e9]
+    return report
 
 
 def summarise(bench: StepBench, ranks: list[dict], bandwidth: float) -> dict:
