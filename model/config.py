@@ -3,6 +3,7 @@ checkpoint's ``config.json`` (official hyper-parameter names in snake_case)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -137,3 +138,40 @@ PRESETS: dict[str, GLMConfig] = {
     "glm-small": GLMConfig(4, 256, 8, 688, 150528, 2048),
     "glm-tiny": GLMConfig(2, 64, 4, 176, 150528, 512),
 }
+
+
+# Where a model's weights come from: ``auto`` = its checkpoint; ``dummy`` = random weights
+# drawn in memory for a preset (``model.dummy``), as vLLM's ``--load-format dummy``.
+LOAD_FORMATS = ("auto", "dummy")
+DEFAULT_DUMMY_PRESET = "glm-small"   # the demo's shape
+
+
+def dummy_config(preset: str | None, num_layers: int | None = None) -> GLMConfig:
+    """The shape of a dummy model: ``preset`` (default glm-small) with ``num_layers`` of its
+    layers (default all); ValueError naming the flag for an unknown preset or a bad count."""
+    name = preset or DEFAULT_DUMMY_PRESET
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r}: unknown model preset; known: {', '.join(sorted(PRESETS))}")
+    config = PRESETS[name]
+    if num_layers is None:
+        return config
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= config.num_layers:
+        raise ValueError(f"--num-layers {num_layers!r}: {name} has {config.num_layers} layers; "
+                         f"choose 1 to {config.num_layers}")
+    return dataclasses.replace(config, num_layers=num_layers)
+
+
+def check_model_source(load_format: str, checkpoint: str | None, preset: str | None,
+                       num_layers: int | None) -> None:
+    """ValueError naming the flags of a contradictory model source: dummy weights with a
+    checkpoint, a preset or layer count without dummy weights, an unknown preset or format."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"--load-format {load_format!r}: choose from {', '.join(LOAD_FORMATS)}")
+    if load_format == "dummy":
+        if checkpoint:
+            raise ValueError(f"--load-format dummy draws random weights for --preset; it reads no "
+                             f"checkpoint, drop --checkpoint {checkpoint}")
+        dummy_config(preset, num_layers)
+    elif preset is not None or num_layers is not None:
+        given = " and ".join(f for f, v in (("--preset", preset), ("--num-layers", num_layers)) if v is not None)
+        raise ValueError(f"{given} only apply to --load-format dummy: add it, or drop {given}")

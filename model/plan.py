@@ -110,9 +110,27 @@ def _linears(config: GLMConfig, tp: int) -> list[tuple[int, int]]:
     ]
 
 
+CPU_INT4_GROUPS = (256, 128, 64, 32)   # the group sizes of torch's CPU int4 kernel, largest first
+
+
+def cpu_repack_bytes(out_rows: int, in_cols: int, bits: int, group_size: int | None) -> int:
+    """What the CPU weight-only kernels hold beside the canonical weight (``kernels/cpu.py``,
+    bf16 activations): INT8 per row keeps bf16 scales ``[N]``; INT4 a repacked copy of the
+    values ``[N, K/2]`` plus bf16 scales and zeros ``[K/g, N, 2]``; group-wise INT8 nothing."""
+    if bits == 8:
+        return 0 if group_size else out_rows * 2
+    span = in_cols if group_size is None else group_size
+    group = next((g for g in CPU_INT4_GROUPS if span % g == 0), None)
+    if group is None:
+        return 0
+    return out_rows * in_cols // 2 + in_cols // group * out_rows * 2 * 2
+
+
 def weight_bytes(config: GLMConfig, *, quant: str, tp: int, dtype_bytes: int = 2,
-                 group_size: int | None = None, head_copy: bool = False) -> int:
-    """Bytes of one rank's parameters (inputs already validated)."""
+                 group_size: int | None = None, head_copy: bool = False, cpu_kernels: bool = False) -> int:
+    """Bytes of one rank's parameters (inputs already validated); ``head_copy`` adds the LM
+    head's packed copy, ``cpu_kernels`` the copies the CPU kernels repack for bf16
+    activations (``cpu_repack_bytes``)."""
     h, inner, layers = config.hidden_size, config.inner_hidden_size, config.num_layers
     bits = QUANT_BITS[quant]
     linear = 0
@@ -123,6 +141,8 @@ def weight_bytes(config: GLMConfig, *, quant: str, tp: int, dtype_bytes: int = 2
         linear += out_rows * in_cols * bits // 8
         groups = 1 if group_size is None else in_cols // group_size
         linear += out_rows * groups * SCALE_BYTES
+        if cpu_kernels:
+            linear += cpu_repack_bytes(out_rows, in_cols, bits, group_size)
     sharded_bias = (3 * h + 2 * inner) // tp  # qkv, h_to_4h
     replicated = 4 * h + 2 * h  # two LayerNorms (w, b); dense and 4h_to_h biases
     per_layer = linear + (sharded_bias + replicated) * dtype_bytes
@@ -202,9 +222,10 @@ def _validate(config, quant, tp, gpu_memory_gib, max_tokens, batch, dtype_bytes,
 
 def plan_memory(config: GLMConfig, *, quant: str, tp: int, gpu_memory_gib: float,
                 max_tokens: int = 2048, batch: int = 1, dtype_bytes: int = 2,
-                group_size: int | None = None, head_copy: bool = False) -> MemoryPlan:
+                group_size: int | None = None, head_copy: bool = False, cpu_kernels: bool = False) -> MemoryPlan:
     """Per-GPU memory to serve ``batch`` sequences of ``max_tokens`` (prompt + output)
-    with ``tp`` ranks; raises ValueError naming the bad input."""
+    with ``tp`` ranks; raises ValueError naming the bad input. ``cpu_kernels``: the ranks
+    run on CPU with bf16 activations, so the weights include the kernels' repacked copies."""
     _validate(config, quant, tp, gpu_memory_gib, max_tokens, batch, dtype_bytes, group_size)
     kv_per_token = 2 * config.num_layers * config.hidden_size // tp * dtype_bytes  # k and v
     return MemoryPlan(
@@ -214,7 +235,7 @@ def plan_memory(config: GLMConfig, *, quant: str, tp: int, gpu_memory_gib: float
         batch=batch,
         gpu_memory=int(gpu_memory_gib * GIB),
         weights=weight_bytes(config, quant=quant, tp=tp, dtype_bytes=dtype_bytes,
-                             group_size=group_size, head_copy=head_copy),
+                             group_size=group_size, head_copy=head_copy, cpu_kernels=cpu_kernels),
         kv_cache=kv_per_token * max_tokens * batch,
         activations=_activation_bytes(config, quant=quant, tp=tp, tokens=max_tokens,
                                       batch=batch, dtype_bytes=dtype_bytes),

@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from model.checkpoint import CheckpointError, CheckpointInfo, inspect_checkpoint, iter_rank_tensors, load_rank_into
+from model.config import check_model_source, dummy_config
 from model.generation import GenerationOptions, Generator
 from model.glm import GLMModel
 from model.parallel import ParallelContext
@@ -97,6 +98,21 @@ def load_model(info: CheckpointInfo | str, ctx: ParallelContext | None = None, *
     else:
         _load_quantizing(info, ctx, state, quant)
     return model.eval().prepare()
+
+
+def open_model(checkpoint: str | None, ctx: ParallelContext | None = None, *, load_format: str = "auto",
+               preset: str | None = None, num_layers: int | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", quant: QuantSpec | str | None = None) -> GLMModel:
+    """This rank's shard from ``checkpoint`` (``load_format`` auto) or with random weights for
+    ``preset`` shortened to ``num_layers`` (dummy: ``model.dummy``, no checkpoint at all)."""
+    from model.dummy import build_dummy_model
+
+    check_model_source(load_format, checkpoint, preset, num_layers)
+    if load_format != "dummy" and not checkpoint:
+        raise ValueError("no model: give --checkpoint DIR, or --load-format dummy --preset NAME")
+    if load_format == "dummy":
+        return build_dummy_model(dummy_config(preset, num_layers), ctx, dtype=dtype, device=device, quant=quant)
+    return load_model(checkpoint, ctx, dtype=dtype, device=device, quant=quant)
 
 
 def _load_quantizing(info: CheckpointInfo, ctx: ParallelContext, state: dict, quant: QuantSpec) -> None:

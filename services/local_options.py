@@ -26,8 +26,10 @@ MAX_PORT = 65535
 @dataclass(frozen=True, kw_only=True)
 class ServeOptions(Options):
     """``glm serve``: gateway + scheduler(s) + worker pool(s) (+ a private Redis) as local
-    processes. ``workdir`` (the logs' folder) and ``gateway_args``/``scheduler_args`` (extra
-    flags, the last word) are settings of a program using the stack, not flags."""
+    processes. ``workdir`` (the logs' folder), ``model_dir`` (the folder whose config.json and
+    ice_text.model the scheduler and gateway read; the checkpoint unless the ranks draw dummy
+    weights) and ``gateway_args``/``scheduler_args`` (extra flags, the last word) are settings
+    of a program using the stack, not flags."""
 
     host: str = option(LOOPBACK, to=("gateway",), help="the gateway's listen address")
     port: int = option(50051, type=non_negative_int, to=("gateway",),
@@ -60,6 +62,7 @@ class ServeOptions(Options):
                                help="serve the Prometheus metrics of every process (gateway, schedulers, "
                                     "ranks) on this one port, on --host; 0 = off")
     workdir: str | None = None
+    model_dir: str | None = None      # what the scheduler and gateway read (default: the checkpoint)
     gateway_args: tuple[str, ...] = ()
     scheduler_args: tuple[str, ...] = ()
 
@@ -71,6 +74,8 @@ class ServeOptions(Options):
             raise ValueError(f"--tp {self.tp} and --pools {self.pools} must be >= 1")
         if self.mode not in MODES:
             raise ValueError(f"--mode {self.mode!r}: choose from {', '.join(MODES)}")
+        if self.ranks.load_format == "dummy":
+            self.ranks.check_checkpoint(self.checkpoint)
 
     @property
     def otlp_endpoint(self) -> str | None:
@@ -83,15 +88,21 @@ class ServeOptions(Options):
     def demo_folder(self, home: Path) -> Path:
         return Path(self.cache_dir) if self.cache_dir else home / ".cache" / "glm"
 
+    @property
+    def dummy(self) -> bool:
+        return self.ranks.load_format == "dummy"
+
     def _served(self) -> tuple[str, str]:
-        if not self.checkpoint or not self.model_name:
-            raise ValueError("the stack needs its checkpoint and model name resolved first")
-        return self.checkpoint, self.model_name
+        """(the folder the scheduler and gateway read, the model's name)."""
+        folder = self.model_dir or self.checkpoint
+        if not folder or not self.model_name:
+            raise ValueError("the stack needs its checkpoint (or model folder) and model name resolved first")
+        return folder, self.model_name
 
     def pool(self, socket_dir: str) -> PoolOptions:
         """The options of each pool: its ranks run on loopback, sockets in ``socket_dir``."""
-        checkpoint, name = self._served()
-        return PoolOptions(checkpoint=checkpoint, tp=self.tp, socket_dir=socket_dir, ranks=self.ranks,
+        _, name = self._served()
+        return PoolOptions(checkpoint=self.checkpoint, tp=self.tp, socket_dir=socket_dir, ranks=self.ranks,
                            model_name=name, metrics_host=LOOPBACK)
 
     def scheduler(self, *, redis_url: str, workers: tuple[str, ...], pool_id: str,

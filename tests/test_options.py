@@ -64,6 +64,25 @@ def distinct(cls, **fixed):
     return cls.from_flat(**(settings | fixed))
 
 
+# The weights come from a checkpoint or are drawn for a preset, never both: a class with
+# ``--load-format`` is checked twice, once per source, and every flag must differ from its
+# default in one of the two.
+CHECKPOINT_SOURCE = {"load_format": "auto", "preset": None, "num_layers": None}
+DUMMY_SOURCE = {"load_format": "dummy", "preset": "glm-tiny", "num_layers": 1, "checkpoint": None}
+
+
+def variants(cls, **fixed) -> list:
+    """``distinct(cls)`` once per source of weights the class can name."""
+    if "load_format" not in {f.name for f in leaves(cls)}:
+        return [distinct(cls, **fixed)]
+    dummy = DUMMY_SOURCE | ({"model_dir": "/dummy-model"} if cls is ServeOptions else {})
+    return [distinct(cls, **(CHECKPOINT_SOURCE | fixed)), distinct(cls, **(dummy | fixed))]
+
+
+def non_default(options, field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING or settings_of(options)[field.name] != field.default
+
+
 def parse(argv: list[str], environ=None) -> argparse.Namespace:
     parser = build_parser()
     apply_env_defaults(parser, environ or {})
@@ -96,21 +115,23 @@ def subparser(command: str) -> argparse.ArgumentParser:
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_argv_rebuilds_the_options_through_the_real_parser(command):
     cls = COMMANDS[command]
-    options = distinct(cls, **({"rank": 1} if cls is WorkerOptions else {}))
-    values = settings_of(options)
+    every = variants(cls, **({"rank": 1} if cls is WorkerOptions else {}))
     for field in leaves(cls):
-        assert field.default is dataclasses.MISSING or values[field.name] != field.default, field.name
-    rebuilt = cls.from_args(parse([command, *options.to_argv()]))
-    programs = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)
-                if not flag_of(f) and not f.metadata.get("compose")}
-    assert dataclasses.replace(rebuilt, **programs) == options
+        assert any(non_default(options, field) for options in every), field.name
+    for options in every:
+        rebuilt = cls.from_args(parse([command, *options.to_argv()]))
+        programs = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)
+                    if not flag_of(f) and not f.metadata.get("compose")}
+        assert dataclasses.replace(rebuilt, **programs) == options
 
 
 def test_argv_wins_over_the_environment():
-    """A child parses its flags in an environment of its own: the argv decides."""
-    options = distinct(WorkerOptions, rank=1)
+    """A child parses its flags in an environment of its own: the argv decides (for every flag
+    the argv holds: a checkpoint source leaves --num-layers unset, and so out of its argv)."""
+    options = distinct(WorkerOptions, rank=1, **CHECKPOINT_SOURCE)
     env = {variable(a): ("1" if a.default else "0") if a.nargs == 0 else "9"   # a switch: its default
-           for a in subparser("worker")._actions if a.option_strings and not a.choices and a.dest != "help"}
+           for a in subparser("worker")._actions
+           if a.option_strings and not a.choices and a.dest not in ("help", "num_layers")}
     assert WorkerOptions.from_args(parse(["worker", *options.to_argv()], env)) == options
 
 
@@ -127,17 +148,32 @@ def children(options: ServeOptions) -> dict[str, object]:
 
 
 def test_every_serve_option_reaches_the_child_that_uses_it():
-    options = distinct(ServeOptions)
-    received = {name: leaf_values(child) for name, child in children(options).items()}
+    every = variants(ServeOptions)
     for field in leaves(ServeOptions):
         flag = flag_of(field)
         if field.name in SERVE_ITSELF:
             assert not flag.to, f"{flag_name(field)} is glm serve's own and names children {flag.to}"
             continue
         assert flag.to, f"glm serve {flag_name(field)}: no child uses it (name them in Flag.to)"
-        value = settings_of(options)[field.name]
-        for child in flag.to:
-            assert value in received[child], f"glm serve {flag_name(field)} {value!r} never reaches the {child}"
+        assert any(non_default(options, field) for options in every), field.name
+    for options in every:
+        received = {name: leaf_values(child) for name, child in children(options).items()}
+        for field in leaves(ServeOptions):
+            if field.name in SERVE_ITSELF or not non_default(options, field):
+                continue
+            value = settings_of(options)[field.name]
+            for child in flag_of(field).to:
+                assert value in received[child], f"glm serve {flag_name(field)} {value!r} never reaches the {child}"
+
+
+def test_with_dummy_weights_the_scheduler_and_gateway_read_the_model_folder():
+    """No checkpoint reaches any child; the model folder (config.json + tokenizer) reaches the
+    two processes that read it."""
+    options = variants(ServeOptions)[1]
+    got = children(options)
+    assert got["worker"].checkpoint is None and got["worker"].load_format == "dummy"
+    assert got["scheduler"].checkpoint == "/dummy-model"
+    assert got["gateway"].models == ((options.model_name, "/dummy-model"),)
 
 
 def test_serve_tokenizer_reaches_the_scheduler_and_the_gateway():

@@ -4,6 +4,7 @@ process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -182,3 +183,20 @@ def test_cli_bad_input_is_one_line_error(args, needle):
     assert out.returncode == 2 and out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("glm plan: error:") and needle in lines[0]
+
+
+def test_a_shortened_model_on_cpu_kernels_counts_its_layers_and_the_repacked_copies(capsys):
+    """``glm plan --num-layers 2 --cpu-kernels``: two 130B layers, with what the CPU int4 kernel
+    repacks (its own copy of the values) on top of the canonical weights."""
+    from services.cli.main import main
+
+    assert main(["plan", "--num-layers", "2", "--quant", "int4", "--tp", "1", "--gpu-memory-gib", "80",
+                 "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)["weights_gib"]
+    assert main(["plan", "--num-layers", "2", "--quant", "int4", "--tp", "1", "--gpu-memory-gib", "80",
+                 "--cpu-kernels", "--json"]) == 0
+    cpu = json.loads(capsys.readouterr().out)["weights_gib"]
+    short = dataclasses.replace(GLM_130B, num_layers=2)
+    assert plain == round(weight_bytes(short, quant="int4", tp=1) / GIB, 3)
+    assert cpu > plain and cpu == round(weight_bytes(short, quant="int4", tp=1, cpu_kernels=True) / GIB, 3)
+    assert main(["plan", "--num-layers", "71", "--tp", "1", "--gpu-memory-gib", "80"]) == 2

@@ -32,7 +32,8 @@ from services.common.net import free_port
 
 
 
-def machine() -> dict:
+def machine(cpu_flags: bool = False) -> dict:
+    """The CPU model, cores, Python and platform; with ``cpu_flags``, lscpu's flags too."""
     model = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,8 +42,22 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
+    found = {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+             "platform": platform.platform()}
+    if cpu_flags:
+        found["cpu_flags"] = _cpu_flags()
+    return found
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU's feature flags (lscpu's ``Flags``: avx512_bf16, amx_tile...), sorted."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return []
 
 
 def _log(args, text: str) -> None:
@@ -226,6 +241,21 @@ def gemv(args) -> int:
         print(json.dumps({"machine": machine(), "preset": args.preset, "tp": args.tp, **report.to_dict()}, indent=2))
     else:
         print(format_report(report, machine()))
+def step(args) -> int:
+    """``glm bench step``: the model-level ladder (``services.bench.step``)."""
+    from services.bench.step import StepBench, run as run_step
+    from services.bench.step_report import format_table
+
+    bench = StepBench(checkpoint=args.checkpoint, load_format=args.load_format, preset=args.preset,
+                      num_layers=args.num_layers, dtype=args.dtype, quant=None if args.quant == "none" else args.quant,
+                      tp=args.tp, batches=tuple(args.batch), prompt_tokens=args.prompt_tokens,
+                      context_tokens=args.context_tokens, steps=args.steps, warmup=args.warmup,
+                      bandwidth_gib=args.bandwidth_gib, threads=args.threads)
+    report = run_step(bench)
+    if args.json:
+        print(json.dumps({"machine": machine(cpu_flags=True), **report}, indent=2))
+    else:
+        print(format_table(report))
     return 0
 
 
@@ -234,4 +264,6 @@ def run(args) -> int:
         return serve(args)
     if args.bench_command == "gemv":
         return gemv(args)
+    if args.bench_command == "step":
+        return step(args)
     raise ValueError(f"unknown bench command {args.bench_command}")

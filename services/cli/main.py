@@ -28,7 +28,7 @@ COMMANDS = {
     "scheduler": ("scheduler", "run one pool's scheduler: Redis queue -> continuous batching over the workers"),
     "gateway": ("gateway", "serve the public gRPC API: validate, enqueue on Redis, relay tokens"),
     "client": ("client", "call a gateway from the command line"),
-    "bench": ("bench", "benchmark serving: load generator, continuous vs static vs sequential batching"),
+    "bench": ("bench", "benchmarks: serve (load generator over the whole stack), step (the model alone)"),
 }
 
 
@@ -98,6 +98,9 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
                    help="tokens per sequence, prompt + output")
     p.add_argument("--batch", type=positive_int, default=1, help="sequences at once")
     p.add_argument("--group-size", type=positive_int, help="group-wise scales (default: per row)")
+    p.add_argument("--num-layers", type=positive_int, help="only the first N layers of the model (same width)")
+    p.add_argument("--cpu-kernels", action="store_true",
+                   help="ranks on CPU with bf16 activations: count the copies the CPU kernels repack")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -163,6 +166,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     _add_bench_serve_apis(s)
     _add_bench_gemv(subs)
+    _add_bench_step(subs)
 
 
 def _add_bench_gemv(subs) -> None:
@@ -199,6 +203,41 @@ def _add_bench_serve_apis(s: argparse.ArgumentParser) -> None:
     s.add_argument("--extra-body", default="",
                    help="JSON object merged into every OpenAI request body (null drops a default field, "
                         "e.g. '{\"min_tokens\": null}')")
+
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def _add_bench_step(subs) -> None:
+    s = subs.add_parser("step", help="the model alone: bare forward, worker step, prefill, memory (per batch size)",
+                        description="Decode (bare forward, LM head, worker step) per batch size and a prefill, "
+                                    "each with the bytes it moves and the fraction of the read bandwidth "
+                                    "measured in the same run; resident memory against glm plan.")
+    s.add_argument("--checkpoint", help="checkpoint folder (or --load-format dummy)")
+    s.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="auto = the checkpoint; dummy = random weights for --preset, no checkpoint")
+    s.add_argument("--preset", help="--load-format dummy: the model shape (default glm-small, the demo's)")
+    s.add_argument("--num-layers", type=positive_int, help="--load-format dummy: the first N layers of the preset")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    s.add_argument("--quant", choices=["none", "int8", "int4"], default="none", help="weight-only quantization")
+    s.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks (local processes, gloo)")
+    s.add_argument("--batch", type=_batches, default=(1, 8, 32, 64), help="decode batch sizes, comma-separated")
+    s.add_argument("--prompt-tokens", type=positive_int, default=512, help="tokens of the prefill (batch 1)")
+    s.add_argument("--context-tokens", type=positive_int, default=32,
+                   help="prompt of every decoding row (its KV cache)")
+    s.add_argument("--steps", type=positive_int, default=10, help="timed calls per figure")
+    s.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls before them")
+    s.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the read-bandwidth probe")
+    s.add_argument("--threads", type=positive_int, help="torch threads per rank (default: CPUs / tp)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 # The service commands: one options class each declares their flags (services/*/options.py).

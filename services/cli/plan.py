@@ -4,6 +4,7 @@ It answers a question, so "does not fit" still exits 0; only bad input fails."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,9 +41,14 @@ def _table(model: str, plan) -> str:
 
 def run(args) -> int:
     config = load_config(args.model)
+    if args.num_layers is not None:
+        if args.num_layers > config.num_layers:
+            raise ValueError(f"--num-layers {args.num_layers}: the model has {config.num_layers} layers")
+        config = dataclasses.replace(config, num_layers=args.num_layers)
     quant = "none" if args.quant == "fp16" else args.quant
     plan = plan_memory(config, quant=quant, tp=args.tp, gpu_memory_gib=args.gpu_memory_gib,
-                       max_tokens=args.max_tokens, batch=args.batch, group_size=args.group_size)
+                       max_tokens=args.max_tokens, batch=args.batch, group_size=args.group_size,
+                       cpu_kernels=args.cpu_kernels)
     if args.json:
         print(json.dumps({"model": args.model, **plan.to_dict()}))
     else:

@@ -15,6 +15,7 @@ from services.local import LocalStack, StackError
 from services.local_options import ServeOptions
 
 DEMO_PRESET = "glm-small"
+TOKENIZER_FILE = "ice_text.model"     # beside the checkpoint, as the official layout has it
 DEMO_PROMPT = "The capital of the country is [MASK], a city by the river."
 
 
@@ -26,6 +27,19 @@ def demo_checkpoint(cache: Path) -> Path:
 
         print(f"glm serve: creating the demo model in {folder} (first use)", file=sys.stderr)
         init_tiny(folder, preset=DEMO_PRESET, seed=0)
+    return folder
+
+
+def dummy_model_dir(cache: Path, preset: str, config) -> Path:
+    """The folder the scheduler and gateway read for dummy weights: ``config.json`` of the
+    (shortened) preset and the demo tokenizer (the same 150 528-id vocabulary); no weights."""
+    folder = cache / f"dummy-{preset}-{config.num_layers}l"
+    if not (folder / TOKENIZER_FILE).exists():
+        from model.tokenizer import demo_tokenizer
+
+        folder.mkdir(parents=True, exist_ok=True)
+        demo_tokenizer().save(folder / TOKENIZER_FILE)
+    config.write_json(folder)
     return folder
 
 
@@ -43,6 +57,14 @@ def options_from_args(args) -> ServeOptions:
     """The stack's options, with the checkpoint (the demo model unless given) and the model's
     name resolved."""
     options = ServeOptions.from_args(args)
+    if options.dummy:
+        from model.config import DEFAULT_DUMMY_PRESET, dummy_config
+
+        preset = options.ranks.preset or DEFAULT_DUMMY_PRESET
+        config = dummy_config(preset, options.ranks.num_layers)
+        folder = dummy_model_dir(options.demo_folder(Path.home()), preset, config)
+        name = options.model_name or f"{preset}-dummy"
+        return replace(options, model_dir=str(folder), model_name=name)
     checkpoint = Path(options.checkpoint) if options.checkpoint else demo_checkpoint(options.demo_folder(Path.home()))
     name = options.model_name or ("glm-demo" if not options.checkpoint else checkpoint.resolve().name)
     return replace(options, checkpoint=str(checkpoint), model_name=name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from model.config import LOAD_FORMATS, PRESETS, check_model_source
 from services.common.net import free_port
 from services.common.options import Options, compose, non_negative_int, option, positive_int
 
@@ -65,6 +66,14 @@ class RankOptions(Options):
     cuda_graphs: bool = option(True, to=("worker",),
                                help="on cuda, capture the decode forward as CUDA graphs at bucketed batch "
                                     "sizes at Warmup (--no-cuda-graphs: decode eagerly; no effect on cpu)")
+    load_format: str = option("auto", choices=LOAD_FORMATS, to=("worker",),
+                              help="where the weights come from: auto = the checkpoint; dummy = random "
+                                   "weights for --preset drawn in memory (quantized in place), no checkpoint")
+    preset: str | None = option(None, choices=tuple(PRESETS), to=("worker",),
+                                help="the model shape of --load-format dummy (default: glm-small, the demo's)")
+    num_layers: int | None = option(None, type=positive_int, to=("worker",),
+                                    help="--load-format dummy: keep only the first N layers of the preset "
+                                         "(same width)")
 
     def __post_init__(self) -> None:
         if self.kv_memory_gib is not None and self.kv_memory_gib <= 0:
@@ -73,10 +82,18 @@ class RankOptions(Options):
             raise ValueError(f"--layer-trace-ratio must be in [0, 1], got {self.layer_trace_ratio}")
         if self.collective_timeout_s <= 0:
             raise ValueError(f"--collective-timeout-s must be > 0, got {self.collective_timeout_s}")
-        for name, allowed in (("dtype", DTYPES), ("device", DEVICES), ("quant", QUANTS)):
+        for name, allowed in (("dtype", DTYPES), ("device", DEVICES), ("quant", QUANTS),
+                              ("load_format", LOAD_FORMATS)):
             value = getattr(self, name) or "none"
             if value not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r}: choose from {', '.join(allowed)}")
+        check_model_source(self.load_format, None, self.preset, self.num_layers)
+
+    def check_checkpoint(self, checkpoint: str | None) -> None:
+        """ValueError unless exactly one source of weights is named: a checkpoint, or dummy."""
+        check_model_source(self.load_format, checkpoint, self.preset, self.num_layers)
+        if self.load_format == "auto" and not checkpoint:
+            raise ValueError("--checkpoint DIR is required (or --load-format dummy --preset NAME)")
 
 
 def _check_port(flag: str, port: int) -> None:
@@ -88,7 +105,7 @@ def _check_port(flag: str, port: int) -> None:
 class WorkerOptions(RankOptions):
     """``glm worker``: one tensor-parallel rank of a pool, serving the shard protocol."""
 
-    checkpoint: str = option(help="checkpoint folder (official layout)")
+    checkpoint: str | None = option(None, help="checkpoint folder (official layout; none with --load-format dummy)")
     tp: int = option(type=positive_int, help="tensor-parallel size: ranks per pool (one GPU each on cuda)")
     rank: int = option(type=non_negative_int, help="this process's rank")
     listen: str = option(help="unix:///path/to.sock or host:port")
@@ -107,6 +124,7 @@ class WorkerOptions(RankOptions):
             raise ValueError(f"--tp must be >= 1, got {self.tp}")
         if not 0 <= self.rank < self.tp:
             raise ValueError(f"--rank {self.rank} is outside --tp {self.tp}")
+        self.check_checkpoint(self.checkpoint)
         _check_port("--metrics-port", self.metrics_port)
 
     def argv(self) -> list[str]:
@@ -120,7 +138,7 @@ class PoolOptions(Options):
     ``r`` listens on ``<socket_dir>/rank-<r>.sock`` and serves its metrics on ``metrics_port + r``;
     every rank requires the pool's shard token (``token_file``)."""
 
-    checkpoint: str = option(help="checkpoint folder (official layout)")
+    checkpoint: str | None = option(None, help="checkpoint folder (official layout; none with --load-format dummy)")
     tp: int = option(type=positive_int, help="tensor-parallel size: ranks per pool (one GPU each on cuda)")
     socket_dir: str = option(help="rank r listens on unix://DIR/rank-<r>.sock")
     dist_port: int = option(0, type=non_negative_int,
@@ -141,6 +159,7 @@ class PoolOptions(Options):
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise ValueError(f"--tp must be >= 1, got {self.tp}")
+        self.ranks.check_checkpoint(self.checkpoint)
         _check_port("--dist-port", self.dist_port)
         if self.metrics_port and self.metrics_port + self.tp - 1 > MAX_PORT:
             raise ValueError(f"--metrics-port {self.metrics_port}: rank {self.tp - 1} would get a port "

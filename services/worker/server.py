@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from model.config import DEFAULT_DUMMY_PRESET
 from services.common.errors import REFUSED_REQUEST_METADATA, InvalidArgument, ServiceError, Unavailable, one_line
 from services.common.metrics import new_registry, serve_metrics
 from services.common.tracing import context_from_metadata, setup_tracing
@@ -195,15 +196,19 @@ def bind(server: grpc.aio.Server, listen: str, *, token: bool) -> None:
 
 
 def model_name(opts: WorkerOptions) -> str:
-    return opts.model_name or Path(opts.checkpoint).resolve().name
+    """The served name: given, else the checkpoint folder's name, else ``<preset>-dummy``."""
+    if opts.model_name:
+        return opts.model_name
+    if opts.checkpoint:
+        return Path(opts.checkpoint).resolve().name
+    return f"{opts.preset or DEFAULT_DUMMY_PRESET}-dummy"
 
 
 def load_shard(opts: WorkerOptions, tracer) -> Shard:
     """Join the process group and load this rank's shard (only its own weights)."""
-    from model.checkpoint import inspect_checkpoint
     from model.distributed import default_backend, init_group
     from model.quantization import QuantSpec
-    from model.runner import load_model, parse_dtype, rank_device
+    from model.runner import open_model, parse_dtype, rank_device
 
     from services.common.malloc import tune_malloc
 
@@ -215,10 +220,10 @@ def load_shard(opts: WorkerOptions, tracer) -> Shard:
     device = rank_device(opts.device, ctx)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    spec = QuantSpec.parse(opts.quant, opts.quant_group_size)
-    info = inspect_checkpoint(opts.checkpoint)
-    model = load_model(info, ctx, dtype=parse_dtype(opts.dtype, device), device=device, quant=spec)
-    spec = info.quant or spec                  # a pre-quantized checkpoint loads as it is
+    model = open_model(opts.checkpoint, ctx, load_format=opts.load_format, preset=opts.preset,
+                       num_layers=opts.num_layers, dtype=parse_dtype(opts.dtype, device), device=device,
+                       quant=QuantSpec.parse(opts.quant, opts.quant_group_size))
+    spec = model.quant                         # a pre-quantized checkpoint loads as it is
     return Shard(model, model_name=model_name(opts),
                  quantization=spec.name if spec else "none", kv_memory_gib=opts.kv_memory_gib, tracer=tracer,
                  layer_trace_ratio=opts.layer_trace_ratio,
