@@ -183,6 +183,33 @@ def _counts(vocab: int, ids: Sequence[Sequence[int]], device) -> Tensor:
     return counts.scatter_add_(1, index.to(device), ones.to(device))
 
 
+ARGMAX_BLOCK = 1024   # columns per block of ``first_argmax``'s first pass
+
+
+def first_argmax(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(values, indices)`` of each row's maximum of ``x [b, V]``, the first index among
+    ties: what ``torch.max(x, dim=-1)`` returns, ~5x faster on bf16 logits here.
+
+    torch's max-with-indices reduction is a slow path for bf16 while ``amax`` is
+    vectorised: the maxima of blocks of ``ARGMAX_BLOCK`` columns are taken with ``amax``,
+    then the first index is searched only in the first block that holds the row's maximum.
+    A NaN makes its row's value NaN (the caller sends such rows down the full rule)."""
+    b, vocab = x.shape
+    full = vocab // ARGMAX_BLOCK * ARGMAX_BLOCK
+    if full == 0 or not x.is_contiguous():
+        return torch.max(x, dim=-1)
+    blocks = x[:, :full].view(b, -1, ARGMAX_BLOCK).amax(dim=-1)               # [b, nb]
+    if full < vocab:
+        blocks = torch.cat([blocks, x[:, full:].amax(dim=-1, keepdim=True)], dim=1)
+    values = blocks.amax(dim=-1)                                             # [b]
+    first = torch.argmax((blocks == values[:, None]).to(torch.uint8), dim=-1)  # [b] first block holding it
+    start = first * ARGMAX_BLOCK                                            # [b]
+    columns = (start[:, None] + torch.arange(ARGMAX_BLOCK, device=x.device)).clamp(max=vocab - 1)
+    window = x.gather(1, columns)                                            # [b, block]
+    inside = torch.argmax((window == values[:, None]).to(torch.uint8), dim=-1)
+    return values, start + inside
+
+
 def step_seed(seed: int, step: int) -> int:
     """The generator seed of a row's ``step``-th draw: ``seed`` itself for the first (as the
     official sampler after ``torch.manual_seed(seed)``), then a hash of ``(seed, step)``.
@@ -259,9 +286,9 @@ class Sampler:
         if plain:
             whole = len(plain) == b
             sub = logits if whole else logits[torch.tensor(plain, device=logits.device)]
-            # max (the first index among ties, like argmax) reads bf16 at full speed where
-            # argmax does not; a NaN wins it, so a row with one takes the full rule below.
-            values, best = torch.max(sub, dim=-1)                              # [p]
+            # The first index among ties, like argmax, but at the speed of amax on bf16;
+            # a NaN wins it, so a row with one takes the full rule below.
+            values, best = first_argmax(sub)                                   # [p]
             nan = torch.isnan(values)
             if whole:
                 tokens = best

@@ -295,3 +295,22 @@ def test_choose_takes_shortcuts_only_where_they_equal_the_full_rule():
     assert got.tolist() == full_rule(params, before, prompt, output).tolist()
     assert got[4] == 0 and got[2] != 10
     assert got[3] != logits[3].argmax() and got[5] != logits[5].argmax()   # penalised rows took the full rule
+
+
+@pytest.mark.parametrize("vocab", [7, 1024, 3000, 150528])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_argmax_equals_torch_max_ties_and_infinities_included(vocab, dtype):
+    from model.sampling import first_argmax
+
+    gen = torch.Generator().manual_seed(vocab)
+    x = (torch.randn(6, vocab, generator=gen) * 3).to(dtype)
+    x[1] = x[1].round()                                      # many ties, at the max too
+    x[2] = -math.inf                                         # nothing but -inf: index 0
+    x[3, -1] = 1e4                                           # the max in the tail block
+    x[4, vocab // 2:] = x[4].max() + 1                        # a tie across blocks: the first
+    x[5, 0] = 1e4
+    values, indices = first_argmax(x)
+    expected = torch.max(x, dim=-1)
+    assert torch.equal(indices, expected.indices) and torch.equal(values, expected.values)
+    x[0, vocab // 3] = math.nan
+    assert torch.isnan(first_argmax(x)[0][0])

@@ -103,7 +103,7 @@ def bench_local(args, checkpoint: str) -> dict[str, dict]:
         options = ServeOptions.from_flat(
             checkpoint=checkpoint, model_name="glm-bench", port=free_port(), tp=args.tp,
             dtype=args.dtype, device=args.device, mode=mode, max_batch_size=args.max_batch_size,
-            kv_memory_gib=args.kv_memory_gib, workdir=logs,
+            kv_memory_gib=args.kv_memory_gib, threads=args.threads, workdir=logs,
             gateway_args=("--max-queue-depth", str(max(1024, args.requests))))
         _log(args, f"{mode}: starting a stack ({checkpoint})")
         stack = LocalStack(options).start()

@@ -163,6 +163,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
                    help="auto: bfloat16 on a CPU with native bf16, float16 on CUDA, else float32")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
+    s.add_argument("--threads", type=positive_int, help="torch CPU threads per rank (default: CPUs / tp)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     _add_bench_serve_apis(s)
     _add_bench_gemv(subs)
@@ -226,7 +227,8 @@ def _add_bench_step(subs) -> None:
                    help="auto = the checkpoint; dummy = random weights for --preset, no checkpoint")
     s.add_argument("--preset", help="--load-format dummy: the model shape (default glm-small, the demo's)")
     s.add_argument("--num-layers", type=positive_int, help="--load-format dummy: the first N layers of the preset")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bfloat16 on a CPU with native bf16, float16 on CUDA, else float32")
     s.add_argument("--quant", choices=["none", "int8", "int4"], default="none", help="weight-only quantization")
     s.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks (local processes, gloo)")
     s.add_argument("--batch", type=_batches, default=(1, 8, 32, 64), help="decode batch sizes, comma-separated")

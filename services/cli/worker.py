@@ -20,6 +20,9 @@ def options_from_args(args) -> WorkerOptions:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {args.rank} %(levelname)s %(message)s")
+    from services.common.env import quiet_openmp
+
+    quiet_openmp()                                  # before torch loads OpenMP
     from services.worker.server import serve      # torch: only once the options are valid
 
     asyncio.run(serve(options_from_args(args)))

@@ -84,6 +84,14 @@ def child_environ(environ=None) -> dict[str, str]:
     return {k: v for k, v in environ.items() if not k.startswith(PREFIX) or k in INHERITED}
 
 
+def quiet_openmp() -> None:
+    """Make GNU OpenMP's threads sleep between parallel regions instead of spinning
+    (``OMP_WAIT_POLICY=PASSIVE``) unless the environment chose a policy: a worker shares
+    its cores with the gateway, the scheduler and Redis (docs/benchmarks.md, "Threads").
+    Effective only before torch loads OpenMP."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def debug_enabled() -> bool:
     """``GLM_DEBUG=1`` shows tracebacks instead of one-line errors."""
     return os.environ.get(PREFIX + "DEBUG", "").strip().lower() in _TRUE
