@@ -122,4 +122,4 @@ def build_dummy_model(config: GLMConfig, ctx: ParallelContext | None = None, *,
         quant = QuantSpec.parse(quant)
     config.check_tp(ctx.world_size)
     model = GLMModel(config, ctx, dtype=dtype, device=device, quant=quant)
-    return fill_dummy(model, seed).eval()
+    return fill_dummy(model, seed).eval().prepare()      # the dense layouts and the tied head's

@@ -104,11 +104,14 @@ class _ShardLinear(nn.Module):
 
     def prepare(self) -> None:
         """Build the matmul op from the loaded weight (once, after loading): the quantized
-        kernel op, or on CPU the dense op in the measured layout (see the module docstring)."""
+        kernel op, or on CPU the dense op in the measured layout (see the module docstring).
+        A second call keeps the op it has."""
+        if self.op is not None:
+            return
         if self.quant is not None:
             self.op = kernels.prepare(self.quantized_weight(), device=self.weight.device, dtype=self.dtype)
             return
-        if self.op is not None or self.weight.device.type != "cpu":
+        if self.weight.device.type != "cpu":
             return
         op = prepare_dense(self.weight.detach(), self.bias.detach() if self.fuse_bias else None)
         if op.layout == "transposed":

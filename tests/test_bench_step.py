@@ -11,6 +11,8 @@ import json
 import pytest
 import torch
 
+from kernels.cpu_dense import choose_layout
+
 from model.config import dummy_config
 from model.dummy import build_dummy_model
 from model.plan import weight_bytes
@@ -24,10 +26,11 @@ TINY = dict(load_format="dummy", preset="glm-tiny", num_layers=1, batches=(1, 3)
 
 
 def held_bytes(model) -> int:
-    """Every byte the shard holds: its tensors plus what the kernel ops repacked."""
-    ops = [m.op for m in model.modules() if getattr(m, "op", None) is not None]
+    """Every byte the shard holds: its tensors plus what the kernel ops repacked and the tied
+    head's packed copy."""
+    ops = [m.op for m in model.modules() if getattr(m, "op", None) is not None and hasattr(m.op, "qw")]
     repacked = sum(op.nbytes - op.qw.nbytes for op in ops)
-    return sum(t.nbytes for t in model.state_dict().values()) + repacked
+    return sum(t.nbytes for t in model.state_dict().values()) + repacked + model.transformer.word_embeddings.head_nbytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -38,7 +41,9 @@ def test_plan_weights_equal_the_bytes_a_shard_holds(dtype, quant, tp):
     ctx = ParallelContext(rank=tp - 1, world_size=tp, group=object()) if tp > 1 else ParallelContext()
     model = build_dummy_model(config, ctx, dtype=dtype, quant=None if quant == "none" else quant)
     size = torch.empty((), dtype=dtype).element_size()
-    predicted = weight_bytes(config, quant=quant, tp=tp, dtype_bytes=size, cpu_kernels=dtype == torch.bfloat16)
+    bf16 = dtype == torch.bfloat16
+    predicted = weight_bytes(config, quant=quant, tp=tp, dtype_bytes=size, cpu_kernels=bf16,
+                             head_copy=bf16 and choose_layout(dtype) == "packed")
     assert predicted == held_bytes(model)
 
 

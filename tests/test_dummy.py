@@ -44,8 +44,11 @@ def test_a_dummy_shard_has_the_layout_of_the_loaded_checkpoint(checkpoint, prese
         dummy = build_dummy_model(PRESETS[preset], ctx, dtype=torch.bfloat16, quant=quant)
         assert layout(dummy) == layout(loaded)
         assert dummy.quant == loaded.quant
-        ops = [m.op for m in dummy.modules() if hasattr(m, "op")]
-        assert all((op is not None) == (quant is not None) for op in ops)   # prepared as load_model does
+        def ops(model):
+            return [(type(m.op).__name__, getattr(m.op, "layout", None)) for m in model.modules() if hasattr(m, "op")]
+
+        assert ops(dummy) == ops(loaded) and all(op != "NoneType" for op, _ in ops(dummy))   # prepared as load_model does
+        assert dummy.transformer.word_embeddings.head_nbytes == loaded.transformer.word_embeddings.head_nbytes
 
 
 def test_the_layer_count_shortens_the_preset_at_full_width():

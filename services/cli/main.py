@@ -100,7 +100,8 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=positive_int, help="group-wise scales (default: per row)")
     p.add_argument("--num-layers", type=positive_int, help="only the first N layers of the model (same width)")
     p.add_argument("--cpu-kernels", action="store_true",
-                   help="ranks on CPU with bf16 activations: count the copies the CPU kernels repack")
+                   help="ranks on a CPU with native bf16, bf16 activations: count the copies the CPU "
+                        "kernels repack and the tied LM head's packed copy")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

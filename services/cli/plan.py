@@ -48,7 +48,7 @@ def run(args) -> int:
     quant = "none" if args.quant == "fp16" else args.quant
     plan = plan_memory(config, quant=quant, tp=args.tp, gpu_memory_gib=args.gpu_memory_gib,
                        max_tokens=args.max_tokens, batch=args.batch, group_size=args.group_size,
-                       cpu_kernels=args.cpu_kernels)
+                       cpu_kernels=args.cpu_kernels, head_copy=args.cpu_kernels)
     if args.json:
         print(json.dumps({"model": args.model, **plan.to_dict()}))
     else:
