@@ -149,7 +149,9 @@ def _decode_rows(batch_size: int, context_tokens: int, budget: int):
 
     context = [TEXT_ID + i % 1000 for i in range(context_tokens - 1)] + [GMASK_ID]
     blank = Blank.first(context)
-    return [RequestState(i, blank, SamplingParams(greedy=True), allowed=budget, min_new=budget)
+    # Greedy without logprobs, as a served request that asks for neither (the worker's step then
+    # costs an argmax per row, no log-softmax).
+    return [RequestState(i, blank, SamplingParams(greedy=True), allowed=budget, min_new=budget, logprobs=False)
             for i in range(batch_size)]
 
 
@@ -175,7 +177,7 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
 
     parts = {
         "forward": lambda: engine.decode_logits(batch.cache, batch.pending, positions),
-        "head": lambda: t.word_embeddings.logits(t.final_layernorm(hidden)).float(),
+        "head": lambda: t.word_embeddings.logits(t.final_layernorm(hidden)),   # as the forward: compute dtype
         "embed": embed,
         "step": lambda: engine.decode(batch),
     }
@@ -209,6 +211,9 @@ def bench_rank(ctx, bench: StepBench) -> dict:
 
     from model.engine import Engine
 
+    from services.common.malloc import tune_malloc
+
+    tune_malloc()                      # as the worker does (its per-step temporaries reuse heap pages)
     if bench.threads:
         torch.set_num_threads(bench.threads)
     before = rss_bytes()
