@@ -267,14 +267,7 @@ class PoolLoop:
     async def _flush(self) -> None:
         """Publish the outbox now (after the flusher, if one runs)."""
         await self._wait_flusher()
-        if self._recovering:
-            return                     # _recover flushes first
-        try:
-            await self.outbox.flush(self.taken)
-        except _REDIS_ERRORS as exc:
-            if not transient(exc):
-                raise
-            self._redisfailed_rows(exc)
+        await self._publish_outbox()
 
     def _flush_behind(self) -> None:
         """Publish the outbox in the background, by one task at a time (a running one
@@ -287,8 +280,12 @@ class PoolLoop:
             await previous             # done; its failure, if any, is raised here: the loop sees it
         for _ in range(3):             # the Decode just started goes out first (its gRPC
             await asyncio.sleep(0)     # send runs in tasks of its own)
+        await self._publish_outbox()
+
+    async def _publish_outbox(self) -> None:
+        """One flush of the outbox; a transient Redis failure starts the recovery."""
         if self._recovering:
-            return
+            return                     # _recover flushes first
         try:
             await self.outbox.flush(self.taken)
         except _REDIS_ERRORS as exc:
