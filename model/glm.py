@@ -63,6 +63,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
 
 
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    coeff: float) -> torch.Tensor:
+    """``softmax(q·kᵀ/√d − 10000·coeff·mask)·v`` in one call of torch's fused attention
+    (``F.scaled_dot_product_attention``: on CPU its flash kernel, fp32 scores and softmax in
+    every dtype). The same function as the official ops (``docs/model.md`` "Attention and QKV
+    layout"): a masked score is ``−10000·coeff`` there and ``score − 10000·coeff`` here, and
+    both are exactly zero after the softmax for every row with an unmasked score. The eager ops
+    cost a oneDNN bmm per shape, and the key length changes every decode step."""
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(mask, -10000.0 * coeff)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
 class SelfAttention(nn.Module):
     """One layer's attention on this rank's heads: fused per-head ``[q; k; v]``, rotary,
     prefix-LM mask, fp32 softmax, row-parallel ``dense`` (``docs/model.md`` "Attention and QKV layout")."""
@@ -91,6 +103,9 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer_id, k, v)                            # [b, np, t, hn]
         coeff = float(self.layer_id + 1)
+        if q.device.type == "cpu":
+            out = fused_attention(q, k, v, mask, coeff)                        # [b, np, s, hn]
+            return self.dense(out.transpose(1, 2).reshape(b, s, np_ * hn))
         q = q / (math.sqrt(hn) * coeff)
         scores = torch.matmul(q, k.transpose(-1, -2))                          # [b, np, s, t]
         scores = scores.masked_fill(mask, -10000.0)
