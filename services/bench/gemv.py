@@ -26,8 +26,8 @@ import kernels.cpu as cpu
 from kernels.cpu_dense import CpuDenseLinear, choose_layout, native_bf16
 from kernels.reference import QuantizedWeight, dequantize
 from model.config import GLMConfig
+from services.bench.bandwidth import GIB, best_of, measure_bandwidth
 
-GIB = 1 << 30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTS = ("none", "int8", "int4")
 
@@ -65,48 +65,6 @@ class Report:
     def to_dict(self) -> dict:
         return {"read_gb_s": self.read_gb_s, "copy_gb_s": self.copy_gb_s, "bandwidth": self.bandwidth,
                 "results": [asdict(r) for r in self.results]}
-
-
-def best_of(fn, repeats: int, budget_s: float = 2.0) -> tuple[float, float]:
-    """(min, median) seconds of ``fn()`` over ``repeats`` calls after warm-up; stops early once
-    ``budget_s`` is spent (at least three timed calls, two for a call slower than 0.2 s, which
-    also gets a single warm-up)."""
-    start = time.perf_counter()
-    fn()
-    slow = time.perf_counter() - start > 0.2
-    if not slow:
-        fn()
-    times: list[float] = []
-    spent = 0.0
-    least = 2 if slow else 3
-    while len(times) < repeats and (len(times) < least or spent < budget_s):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        spent += times[-1]
-    times.sort()
-    return times[0], times[len(times) // 2]
-
-
-def measure_bandwidth(gib: float, repeats: int) -> dict:
-    """Read GB/s (best of a sum, a max and a dot over ``gib`` GiB of fp32) and copy GB/s
-    (bytes read + written)."""
-    n = int(gib * GIB) // 4
-    x = torch.empty(n, dtype=torch.float32).uniform_()
-    half = n // 2
-    reads = {
-        "sum": best_of(lambda: x.sum(), repeats)[0],
-        "amax": best_of(lambda: x.amax(), repeats)[0],
-        "dot": best_of(lambda: torch.dot(x[:half], x[half:2 * half]), repeats)[0],
-    }
-    out = {f"read_{k}_gb_s": x.nbytes / t / 1e9 for k, t in reads.items()}
-    del x
-    gc.collect()
-    src = torch.empty(n // 2, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    out["copy_gb_s"] = 2 * src.nbytes / best_of(lambda: dst.copy_(src), repeats)[0] / 1e9
-    out["read_gb_s"] = max(v for k, v in out.items() if k.startswith("read_"))
-    return out
 
 
 def linear_shapes(config: GLMConfig, tp: int) -> list[tuple[str, int, int]]:

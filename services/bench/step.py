@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from model.config import GMASK_ID, check_model_source, dummy_config
 
 TEXT_ID = 20100               # any text id: prompts are ``TEXT_ID + i % 1000`` then [gMASK]
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -76,20 +75,10 @@ def rss_bytes() -> int:
 
 
 def read_bandwidth(gib: float, runs: int = 5) -> float:
-    """Bytes/s of the best of ``runs`` sums over a ``gib`` GiB fp32 tensor (all threads). The
-    values are random: pages of one constant value may be merged by the host (one physical page
-    read again and again), which would time the cache, not the memory."""
-    import torch
+    """Bytes/s read: the probe of ``glm bench gemv`` (``services/bench/bandwidth.py``)."""
+    from services.bench.bandwidth import measure_bandwidth
 
-    data = torch.empty(int(gib * GIB) // 4, dtype=torch.float32).uniform_()
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    nbytes = data.nbytes
-    del data
-    return nbytes / best
+    return measure_bandwidth(gib, runs)["read_gb_s"] * 1e9
 
 
 def _timed(fn, steps: int, warmup: int) -> list[float]:
