@@ -14,7 +14,7 @@ from services.common.options import Repeatable, non_negative_int, positive_int
 from services.gateway.options import GatewayOptions
 from services.local_options import ServeOptions
 from services.scheduler.options import SchedulerOptions
-from services.worker.options import PoolOptions, WorkerOptions
+from services.worker.options import DTYPES, PoolOptions, WorkerOptions
 
 # command -> (module under services.cli, help)
 COMMANDS = {
@@ -40,7 +40,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (official layout)")
     p.add_argument("--tokenizer", help="ice_text.model (default: the one beside the checkpoint)")
     p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks (local processes)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="auto: bfloat16 on a CPU with native bf16, float16 on CUDA, else float32")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -160,7 +160,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--warmup", type=non_negative_int, default=2, help="short requests before measuring")
     s.add_argument("--max-batch-size", type=positive_int, default=32)
     s.add_argument("--tp", type=positive_int, default=1, help="ranks per pool")
-    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    s.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bfloat16 on a CPU with native bf16, float16 on CUDA, else float32")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per rank (default: measured)")
@@ -228,7 +228,7 @@ def _add_bench_step(subs) -> None:
                    help="auto = the checkpoint; dummy = random weights for --preset, no checkpoint")
     s.add_argument("--preset", help="--load-format dummy: the model shape (default glm-small, the demo's)")
     s.add_argument("--num-layers", type=positive_int, help="--load-format dummy: the first N layers of the preset")
-    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    s.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bfloat16 on a CPU with native bf16, float16 on CUDA, else float32")
     s.add_argument("--quant", choices=["none", "int8", "int4"], default="none", help="weight-only quantization")
     s.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks (local processes, gloo)")
