@@ -123,8 +123,13 @@ class Event:
         return self.type in (EVENT_FINAL, EVENT_ERROR)
 
     def to_json(self) -> str:
-        defaults = {f.name: f.default for f in fields(self)}
-        data = {k: v for k, v in asdict(self).items() if k in ("type", "seq") or v != defaults[k]}
+        """``type``, ``seq`` and every field that differs from its default (one event per
+        generated token goes through here: no ``dataclasses.asdict`` deep copy)."""
+        data = {"type": self.type, "seq": self.seq}
+        for name, default in _EVENT_DEFAULTS:
+            value = getattr(self, name)
+            if value != default:
+                data[name] = value
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -135,5 +140,8 @@ class Event:
                 data[name] = tuple(data[name])
         if "top_logprobs" in data:
             data["top_logprobs"] = tuple(tuple(map(tuple, row)) for row in data["top_logprobs"])
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in _EVENT_FIELDS})
+
+
+_EVENT_DEFAULTS = tuple((f.name, f.default) for f in fields(Event) if f.name not in ("type", "seq"))
+_EVENT_FIELDS = frozenset(f.name for f in fields(Event))

@@ -42,6 +42,8 @@ namespaced request id and the pool id.
 
 from __future__ import annotations
 
+import re
+
 PREFIX = "glm:"
 GROUP = "pools"              # the consumer group of every request stream
 FIELD = "d"                  # the one field of every stream entry (a JSON document)
@@ -61,12 +63,15 @@ CLAIM_IDLE_MS = 10_000       # a pending entry idle this long belongs to a dead 
 ANONYMOUS = "anonymous"      # the one tenant of a gateway without API keys
 TENANT_SEPARATOR = "/"       # never in a tenant name: ``namespaced`` is one-to-one
 SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_ALL_SAFE = re.compile(r"[A-Za-z0-9._-]*")
 
 
 def part(text: str) -> str:
     """``text`` as one key part: every UTF-8 byte outside ``[A-Za-z0-9._-]`` as ``%XX``.
 
     One-to-one (``urllib.parse.unquote`` reverses it), and never holds ``:``."""
+    if _ALL_SAFE.fullmatch(text):
+        return text                  # the usual case (ids, model names), without the byte loop
     return "".join(chr(b) if b in SAFE else f"%{b:02X}" for b in text.encode("utf-8"))
 
 
