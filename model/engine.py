@@ -277,7 +277,7 @@ class Engine:
         ids, pos, valid, prefix = batch.prefill_inputs(self.device)         # [b, w] each
         cache = self.new_cache(len(batch.requests), batch.width + batch.max_remaining)
         mask = cache.extend(valid, prefix)                                   # [b, 1, w, w]
-        logits = self.model(ids, pos, mask, cache, last_only=True, float_logits=False)   # [b, 1, V]
+        logits = self.model(ids, pos, mask, cache, last_only=True, float_logits=False, valid=valid)   # [b, 1, V]
         batch.cache = cache
         return logits[:, -1]
 

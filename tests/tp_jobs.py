@@ -42,7 +42,8 @@ def batch_logits(ctx, checkpoint: str, rows: list[tuple[list[int], list[int]]],
     out = []
     for start, end in chunks:
         mask = cache.extend(valid[:, start:end], prefix[:, start:end])
-        out.append(model(ids[:, start:end], pos[:, start:end], mask, cache))
+        # valid: the prefill skips the padding's layers, as the engine's does (glm.Packing)
+        out.append(model(ids[:, start:end], pos[:, start:end], mask, cache, valid=valid[:, start:end]))
     logits = torch.cat(out, dim=1)                                   # [b, width, V]
     if ctx.rank != 0:
         return None
