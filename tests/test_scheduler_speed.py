@@ -98,7 +98,7 @@ def test_redis_commands_per_token_at_8_rows(pool, server):
             if task.done():
                 task.result()
             return (loop.core is not None and loop.steps > 0 and loop.core.idle and not loop.outbox
-                    and (loop._flusher is None or loop._flusher.done()))
+                    and loop.flusher.idle)
 
         await until(served, "the 8 requests served")
         stats = await r.info("commandstats")

@@ -6,7 +6,7 @@ as far as the budget reaches, a short BLOCK when idle), in one round trip; Filte
 Prefill;
 Decode of the running + new batches. The step's events (and the previous step's)
 wait in the outbox; one flusher task publishes them, in one script call, while
-the next Decode runs (``_flush_behind``), so the workers do not wait on Redis;
+the next Decode runs (``outbox.Flusher``), so the workers do not wait on Redis;
 when there is no next Decode they are published at once. The cancel keys are read
 before the step is planned, so a request whose flag was read runs no further step:
 the next plan ends it (``PoolLoop.cancel_marks`` records both step numbers). Between steps,
@@ -63,7 +63,7 @@ from services.common import redis_keys as keys
 from services.common.metrics import new_registry
 from services.common.tracing import context_from_traceparent
 from services.scheduler.metrics import MALFORMED, SchedulerMetrics
-from services.scheduler.outbox import Backoff, Outbox
+from services.scheduler.outbox import Backoff, Flusher, Outbox
 from services.scheduler.policy import Limits, Scheduler, StepOutput
 from services.scheduler.queue import Entry, PoolQueue, lost_group, transient
 from services.scheduler.request import Cancellation
@@ -159,7 +159,7 @@ class PoolLoop:
         self._recovering = False                  # a Redis call failed: recover before reading new work
         self._need_group = False                  # the server lost the consumer group
         self._held_back: list[Entry] = []         # entries taken but not added yet (Redis failed meanwhile)
-        self._flusher: asyncio.Task | None = None  # the one task publishing the outbox behind a Decode
+        self.flusher: Flusher | None = None       # publishes the outbox (behind a Decode or at once)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -172,6 +172,8 @@ class PoolLoop:
         client = ShardClient(list(o.workers), timeout_s=o.shard_timeout_s, token=o.shard_token)
         self.queue = PoolQueue(redis, o.model, o.pool_id, claim_idle_ms=o.claim_idle_ms, result_ttl_s=o.result_ttl_s)
         self.outbox = Outbox(self.queue)
+        self.flusher = Flusher(self.outbox, self.taken, transient=transient, failed=self._redisfailed_rows,
+                               recovering=lambda: self._recovering, errors=_REDIS_ERRORS)
         refresher = None
         try:
             try:
@@ -197,8 +199,7 @@ class PoolLoop:
         finally:
             if refresher is not None:
                 refresher.cancel()
-            if self._flusher is not None:
-                self._flusher.cancel()
+            self.flusher.cancel()
             for span in self.spans.values():
                 span.set_status(trace.StatusCode.ERROR, "pool stopped")
                 span.end()
@@ -245,7 +246,7 @@ class PoolLoop:
         entries still pending under this pool; then new work again."""
         if not self._recovering or not self.backoff.ready:
             return
-        await self._wait_flusher()
+        await self.flusher.wait()
         try:
             if self._need_group:
                 await self.queue.ensure_group()
@@ -263,41 +264,6 @@ class PoolLoop:
         entries, self._held_back = self._held_back + own, []
         for entry in entries:
             await self._add(entry)
-
-    async def _flush(self) -> None:
-        """Publish the outbox now (after the flusher, if one runs)."""
-        await self._wait_flusher()
-        await self._publish_outbox()
-
-    def _flush_behind(self) -> None:
-        """Publish the outbox in the background, by one task at a time (a running one
-        takes what was queued since), so a step's events go out during the next Decode."""
-        if self.outbox and not self._recovering and (self._flusher is None or self._flusher.done()):
-            self._flusher = asyncio.ensure_future(self._flush_later(self._flusher))
-
-    async def _flush_later(self, previous: asyncio.Task | None) -> None:
-        if previous is not None:
-            await previous             # done; its failure, if any, is raised here: the loop sees it
-        for _ in range(3):             # the Decode just started goes out first (its gRPC
-            await asyncio.sleep(0)     # send runs in tasks of its own)
-        await self._publish_outbox()
-
-    async def _publish_outbox(self) -> None:
-        """One flush of the outbox; a transient Redis failure starts the recovery."""
-        if self._recovering:
-            return                     # _recover flushes first
-        try:
-            await self.outbox.flush(self.taken)
-        except _REDIS_ERRORS as exc:
-            if not transient(exc):
-                raise
-            self._redisfailed_rows(exc)
-
-    async def _wait_flusher(self) -> None:
-        """Until the background publish is done; raises what it raised (a bug, not Redis)."""
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            await flusher
 
     async def _refresh_leases(self) -> None:
         """Every ``refresh_s``, whatever a step takes: re-claim the held entries, note
@@ -357,7 +323,7 @@ class PoolLoop:
                     "running": snapshot.running, "waiting": snapshot.waiting, **self.counters})
             await self._recover()
             if core.idle:
-                await self._flush()        # else the next Decode's flusher publishes it
+                await self.flusher.now()        # else the next Decode's flusher publishes it
             self._drop_taken()
             if drain_until is None and not self.degraded and now - last["claim"] >= o.claim_every_s:
                 last["claim"] = now
@@ -474,7 +440,7 @@ class PoolLoop:
             with self._step_span("scheduler.decode", core.request_ids_of(batches), {
                     "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
                 call = asyncio.ensure_future(client.decode([cached_pb(v) for v in batches]))
-                self._flush_behind()      # the events so far go out while the workers decode
+                self.flusher.behind()      # the events so far go out while the workers decode
                 reply = await self._timed(call)
             self.counters["decode_steps"] += 1
             self.counters["decode_rows"] += sum(v.size for v in batches)
@@ -483,7 +449,7 @@ class PoolLoop:
             self.metrics.generated.inc(len(reply.generations))
             await self._publish(core.decoded(generations(reply), view_of(reply), failed_rows(reply)))
         if not batches:
-            self._flush_behind()           # no Decode to publish behind
+            self.flusher.behind()           # no Decode to publish behind
         self.steps += 1
         if self.after_step is not None:
             await self.after_step(self.steps)
@@ -498,7 +464,7 @@ class PoolLoop:
 
     async def _publish(self, out: StepOutput) -> None:
         """Queue the output's events and ends in the outbox (dropping those of requests
-        another pool holds now); the loop publishes them (``_flush``, ``_flush_behind``)."""
+        another pool holds now); the loop publishes them (``Flusher``)."""
         events = [(rid, e) for rid, e in out.events if rid not in self.taken]
         ended = [o for o in out.ended if o.request_id not in self.taken]
         tags = {}

@@ -4,15 +4,18 @@
 ``Outbox`` holds the step outputs not yet published and publishes them oldest
 first, all those waiting in one script call; one that fails stays at the head
 and is retried, so events are never dropped and never reordered. A retry after a lost reply writes nothing twice:
-``PoolQueue.publish`` appends only past the stream's length. ``Backoff`` is the
-capped exponential delay between tries while Redis fails.
+``PoolQueue.publish`` appends only past the stream's length. ``Flusher`` runs those
+publishes, behind the next Decode or at once. ``Backoff`` is the capped exponential
+delay between tries while Redis fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from services.common.messages import Event
 from services.scheduler.queue import PoolQueue
@@ -90,3 +93,57 @@ class Outbox:
                                               [o for b in head for o in b.ended], raw, tags)
             for _ in head:                # outputs put meanwhile stay, after these
                 self._batches.popleft()
+
+
+class Flusher:
+    """Publishes an ``Outbox`` for the loop: ``behind()`` in a background task, one at a time
+    (a running one takes what was queued since), so a step's events go out while the next
+    Decode runs; ``now()`` after that task. A transient Redis failure goes to ``failed``
+    (the loop's recovery, which flushes first); while ``recovering()`` nothing is tried."""
+
+    def __init__(self, outbox: Outbox, taken: set[str], *, transient: Callable[[BaseException], bool],
+                 failed: Callable[[BaseException], None], recovering: Callable[[], bool],
+                 errors: tuple[type[BaseException], ...]) -> None:
+        self.outbox, self.taken = outbox, taken
+        self._transient, self._failed, self._recovering, self._errors = transient, failed, recovering, errors
+        self.task: asyncio.Task | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None or self.task.done()
+
+    def behind(self) -> None:
+        if self.outbox and not self._recovering() and self.idle:
+            self.task = asyncio.ensure_future(self._later(self.task))
+
+    async def now(self) -> None:
+        await self.wait()
+        await self.publish()
+
+    async def wait(self) -> None:
+        """Until the background publish is done; raises what it raised (a bug, not Redis)."""
+        task, self.task = self.task, None
+        if task is not None:
+            await task
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _later(self, previous: asyncio.Task | None) -> None:
+        if previous is not None:
+            await previous             # done; its failure, if any, is raised here: the loop sees it
+        for _ in range(3):             # the Decode just started goes out first (its gRPC
+            await asyncio.sleep(0)     # send runs in tasks of its own)
+        await self.publish()
+
+    async def publish(self) -> None:
+        """One flush of the outbox; a transient Redis failure starts the recovery."""
+        if self._recovering():
+            return                     # the recovery flushes first
+        try:
+            await self.outbox.flush(self.taken)
+        except self._errors as exc:
+            if not self._transient(exc):
+                raise
+            self._failed(exc)
