@@ -112,5 +112,32 @@ def test_bench_serve_two_modes_on_tiny(tmp_path, capsys):
         assert r["throughput_tok_s"] > 0 and r["throughput_rps"] > 0
         assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] <= r["latency_s"]["p99"]
         assert 0 < r["itl_s"]["count"] <= expected - 6      # the first message of each has no gap
+        assert set(r["cpu"]) == {"workers", "schedulers", "gateway", "redis", "load generator"}
+        assert r["cpu"]["workers"] > 0 and all(share >= 0 for share in r["cpu"].values())
     row = report["ratios"]["continuous_vs_static"]
     assert all(row[k] is not None and row[k] > 0 for k in ("throughput_tok_s", "throughput_rps", "ttft_p50"))
+
+
+def test_cpu_split_tells_a_busy_process_from_a_sleeping_one():
+    import subprocess
+    import sys
+
+    from services.bench.cpu_split import CpuSplit, cpu_seconds
+
+    burn = ("import sys, time\nsys.stdin.readline()\nend = time.process_time() + 0.3\n"
+            "while time.process_time() < end: pass\nprint(flush=True)\ntime.sleep(60)")
+    busy = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        split = CpuSplit({"busy": [busy.pid], "idle": [idle.pid], "none": []})
+        split.start()
+        busy.stdin.write("go\n")                        # it burns 0.3 s of CPU only after start()
+        busy.stdin.flush()
+        busy.stdout.readline()                          # ... and says when it has
+        assert cpu_seconds(busy.pid) >= 0.3
+        shares = split.report()
+        assert set(shares) == {"busy", "idle"}          # a name without processes is left out
+        assert shares["busy"] > shares["idle"] >= 0
+    finally:
+        busy.kill(), idle.kill()
+        busy.wait(), idle.wait()

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from services.bench.cpu_split import CpuSplit, format_cpu
 from services.bench.driver import run_load, server_model
 from services.bench.redis_load import RedisLoad, format_line
 from services.bench.stats import peer_ratios, ratios, summarise
@@ -95,6 +96,15 @@ def measure_peer(args) -> dict:
     return report
 
 
+def stack_processes(stack: LocalStack) -> dict[str, list[int]]:
+    """The local stack's processes by role, and this one (the load generator)."""
+    return {"workers": [pid for pool in stack.pools for pid in pool.pids],
+            "schedulers": [p.pid for p in stack.schedulers],
+            "gateway": [stack.gateway.pid] if stack.gateway is not None else [],
+            "redis": [stack.redis.process.pid] if stack.redis is not None else [],
+            "load generator": [os.getpid()]}
+
+
 def bench_local(args, checkpoint: str) -> dict[str, dict]:
     """One stack per mode, started and stopped in turn."""
     reports = {}
@@ -110,7 +120,14 @@ def bench_local(args, checkpoint: str) -> dict[str, dict]:
         try:
             _log(args, f"{mode}: {args.requests} requests at {args.rate}/s, concurrency {args.concurrency}")
             load = RedisLoad(stack.redis_url)
-            reports[mode] = measure(stack.address, args, model="glm-bench", on_start=load.start)
+            cpu = CpuSplit(stack_processes(stack))
+
+            def start() -> None:
+                load.start()
+                cpu.start()
+
+            reports[mode] = measure(stack.address, args, model="glm-bench", on_start=start)
+            reports[mode]["cpu"] = cpu.report()
             reports[mode]["redis"] = load.report(reports[mode]["generated_tokens"], reports[mode]["elapsed_s"])
             load.close()
             stack.check_alive()
@@ -147,6 +164,7 @@ def format_table(reports: dict[str, dict], compared: dict[str, dict]) -> str:
             f"x{_num(row['throughput_rps'])} requests/s; TTFT p50 x{_num(row['ttft_p50'])}, "
             f"p99 x{_num(row['ttft_p99'])}; ITL p50 x{_num(row['itl_p50'])}, p99 x{_num(row['itl_p99'])}")
     lines += [format_line(mode, r["redis"]) for mode, r in reports.items() if "redis" in r]
+    lines += [f"{mode}: {format_cpu(r['cpu'])}" for mode, r in reports.items() if "cpu" in r]
     if compared:
         lines.append("(ratios are first / second: above 1 is better for throughput, below 1 for latency)")
     return "\n".join(lines)
