@@ -11,12 +11,13 @@
 # 3. vLLM's OpenAI server on 127.0.0.1 with `--load-format dummy` (random weights), in DTYPE.
 # 4. glm bench serve: our local stack (MODES, same DTYPE) then vLLM, the issue's load
 #    (48 requests at once, 32 in flight, exactly 32 new tokens, greedy, streaming), then the
-#    same one request at a time (REQUESTS_ONE requests). Both tables are printed; the JSON
-#    reports are kept in RESULTS. The server is stopped at the end, whatever happens.
+#    same one request at a time (REQUESTS_ONE requests), ROUNDS times in turn. Every table
+#    and a summary of the ratios are printed; the JSON reports are kept in RESULTS. The server is stopped at the end, whatever happens.
 #
 # Settings (environment): PEER_VENV, VLLM_VERSION (0.32.0), GLM_PYTHON (.venv/bin/python),
 # GLM_CACHE (~/.cache/glm), PEER_PORT (8100), REQUESTS (48), CONCURRENCY (32), REQUESTS_ONE
-# (16), NEW_TOKENS (32), MODES (continuous), RESULTS ($GLM_CACHE/peer-vllm-results),
+# (16), NEW_TOKENS (32), ROUNDS (3: pairs of measurements, alternating, with a summary of
+# the ratios), MODES (continuous), RESULTS ($GLM_CACHE/peer-vllm-results),
 # VLLM_CPU_KVCACHE_SPACE (GiB, 1), VLLM_CPU_OMP_THREADS_BIND (every core: 0-$(nproc - 1)),
 # PEER_START_S (900: start-up includes vLLM's torch.compile on first use), VLLM_ARGS (more
 # flags for the server), BENCH_ARGS (more flags for glm bench serve).
@@ -34,6 +35,7 @@ REQUESTS=${REQUESTS:-48}
 CONCURRENCY=${CONCURRENCY:-32}
 REQUESTS_ONE=${REQUESTS_ONE:-16}
 NEW_TOKENS=${NEW_TOKENS:-32}
+ROUNDS=${ROUNDS:-3}
 MODES=${MODES:-continuous}
 RESULTS=${RESULTS:-$GLM_CACHE/peer-vllm-results}
 PEER_START_S=${PEER_START_S:-900}
@@ -120,7 +122,32 @@ r = json.load(open(sys.argv[1]))
 print(format_table(r['modes'], {**r['ratios'], **r['peer_ratios']}))" "$out"
 }
 failed=0
-compare "in-flight-$CONCURRENCY" "$CONCURRENCY" "$REQUESTS"
-compare one-at-a-time 1 "$REQUESTS_ONE"
+# ROUNDS pairs of measurements, alternating, so that a slow phase of a shared host (minutes
+# long on the development VMs) hits both servers alike; the summary gives every round's ratio
+# and their median.
+for round in $(seq "$ROUNDS"); do
+    compare "in-flight-$CONCURRENCY-r$round" "$CONCURRENCY" "$REQUESTS"
+    compare "one-at-a-time-r$round" 1 "$REQUESTS_ONE"
+done
+"$GLM_PYTHON" - "$RESULTS" "$DTYPE" "$CONCURRENCY" "$ROUNDS" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+results, dtype, concurrency, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+print(f"== summary, {dtype}: ours / vLLM generated tokens/s per round ==")
+for load in (f"in-flight-{concurrency}", "one-at-a-time"):
+    cells, ratios = [], []
+    for r in range(1, rounds + 1):
+        path = Path(results) / f"{load}-r{r}-{dtype}.json"
+        if not path.exists():
+            continue
+        modes = json.loads(path.read_text())["modes"]
+        ours, peer = modes.get("continuous", {}).get("throughput_tok_s"), modes.get("vllm", {}).get("throughput_tok_s")
+        if ours and peer:
+            cells.append(f"{ours:.1f}/{peer:.1f}")
+            ratios.append(ours / peer)
+    if ratios:
+        print(f"{load}: {', '.join(cells)}; ratio per round {', '.join(f'{x:.2f}' for x in ratios)}; "
+              f"median {statistics.median(ratios):.2f}")
+PY
 log "JSON reports in $RESULTS"
 exit "$failed"
