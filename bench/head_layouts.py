@@ -4,8 +4,8 @@ is native), plain ``F.linear``, an ``[in, out]`` bf16 copy, and MKL on an fp32 c
 
     .venv/bin/python bench/head_layouts.py [--rows 1,4,8,16,32,64] [--rounds 8]
 
-Prints the median ms per call of each layout for each row count (docs/benchmarks.md, "A second
-machine: Intel with AMX").
+Prints the median ms per call of each layout for each row count (docs/benchmarks.md, "Against
+vLLM (CPU)", its Intel/AMX machine).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 each process's user + system time, its threads included (``/proc/<pid>/stat``), over the
 run's wall time, in % of one core. On a machine whose cores the worker shares with the
 gateway, the scheduler, Redis and the load generator, their share is CPU the worker's
-threads did not get (docs/benchmarks.md, "Where the stack's time goes")."""
+threads did not get (docs/benchmarks.md, "Against vLLM (CPU)")."""
 
 from __future__ import annotations
 
