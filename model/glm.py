@@ -95,6 +95,16 @@ class Packing:
         return out.view(self.b, self.s, -1)
 
 
+def official_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       coeff: float) -> torch.Tensor:
+    """The official ops, in their order: q divided by ``√d·coeff``, ``q·kᵀ`` in the compute
+    dtype, −10000 on masked scores, times ``coeff`` and softmax in fp32, then ``·v``."""
+    q = q / (math.sqrt(q.shape[-1]) * coeff)
+    scores = torch.matmul(q, k.transpose(-1, -2)).masked_fill(mask, -10000.0)   # [b, np, s, t]
+    probs = F.softmax(scores.float() * coeff, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)                                                # [b, np, s, hn]
+
+
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                     coeff: float) -> torch.Tensor:
     """``softmax(q·kᵀ/√d − 10000·coeff·mask)·v`` in one call of torch's fused attention
@@ -138,14 +148,8 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer_id, k, v)                            # [b, np, t, hn]
         coeff = float(self.layer_id + 1)
-        if q.device.type == "cpu":
-            out = fused_attention(q, k, v, mask, coeff)                        # [b, np, s, hn]
-        else:
-            q = q / (math.sqrt(hn) * coeff)
-            scores = torch.matmul(q, k.transpose(-1, -2))                      # [b, np, s, t]
-            scores = scores.masked_fill(mask, -10000.0)
-            probs = F.softmax(scores.float() * coeff, dim=-1).to(v.dtype)      # fp32 softmax
-            out = torch.matmul(probs, v)                                       # [b, np, s, hn]
+        attention = fused_attention if q.device.type == "cpu" else official_attention
+        out = attention(q, k, v, mask, coeff)                                  # [b, np, s, hn]
         out = out.transpose(1, 2).reshape(b, s, np_ * hn)                      # [b, s, h/tp]
         if packing is not None:
             out = packing.pack(out)                                            # [1, n, h/tp]
@@ -254,7 +258,7 @@ class GLMModel(nn.Module):
         """
         x = self.transformer.word_embeddings(input_ids)                        # [b, s, h]
         cos, sin = self.rotary(position_ids, x.dtype)                           # [b, s, hn]
-        packing = Packing.of(valid) if valid is not None and input_ids.shape[1] > 1 else None
+        packing = Packing.of(valid) if valid is not None else None
         if packing is not None:
             x = packing.pack(x)                                                 # [1, n, h]
         observer = self.layer_observer
