@@ -16,7 +16,6 @@ the next; a case whose peak memory would pass ``--max-gib`` is skipped and repor
 from __future__ import annotations
 
 import gc
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch

@@ -54,7 +54,6 @@ import grpc
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -65,16 +64,13 @@ from services.common.tracing import context_from_traceparent
 from services.scheduler.metrics import MALFORMED, SchedulerMetrics
 from services.scheduler.outbox import Backoff, Flusher, Outbox
 from services.scheduler.policy import Limits, Scheduler, StepOutput
-from services.scheduler.queue import Entry, PoolQueue, lost_group, transient
+from services.scheduler.queue import REDIS_ERRORS, Entry, PoolQueue, lost_group, transient
 from services.scheduler.request import Cancellation
 from services.scheduler.shard_pb import PoolFailure, batch_pb, cached_pb, failed_rows, generations, view_of
 from services.worker.client import ShardCallError, ShardClient
 
 log = logging.getLogger("glm.scheduler")
 REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
-
-
-_REDIS_ERRORS = (RedisError, OSError)
 
 
 @dataclass(frozen=True)
@@ -172,8 +168,8 @@ class PoolLoop:
         client = ShardClient(list(o.workers), timeout_s=o.shard_timeout_s, token=o.shard_token)
         self.queue = PoolQueue(redis, o.model, o.pool_id, claim_idle_ms=o.claim_idle_ms, result_ttl_s=o.result_ttl_s)
         self.outbox = Outbox(self.queue)
-        self.flusher = Flusher(self.outbox, self.taken, transient=transient, failed=self._redisfailed_rows,
-                               recovering=lambda: self._recovering, errors=_REDIS_ERRORS)
+        self.flusher = Flusher(self.outbox, self.taken, failed=self._redisfailed_rows,
+                               recovering=lambda: self._recovering)
         refresher = None
         try:
             try:
@@ -224,7 +220,7 @@ class PoolLoop:
             return default
         try:
             result = await call(*args)
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             if not transient(exc):
                 raise
             self._redisfailed_rows(exc)
@@ -253,7 +249,7 @@ class PoolLoop:
                 self._need_group = False
             await self.outbox.flush(self.taken)
             own = await self.queue.read_own(len(self.core.request_ids()) + self.options.limits.max_batch_size)
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             if not transient(exc):
                 raise
             self._redisfailed_rows(exc)
@@ -279,7 +275,7 @@ class PoolLoop:
                 continue
             try:
                 taken = await self.queue.refresh(list(held))
-            except _REDIS_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("pool %s: lease refresh failed: %s", self.options.pool_id, exc)
                 self.queue.failed()
                 continue

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from services.common.messages import Event
-from services.scheduler.queue import PoolQueue
+from services.scheduler.queue import REDIS_ERRORS, PoolQueue, transient
 from services.scheduler.request import Outcome
 
 
@@ -101,11 +101,10 @@ class Flusher:
     Decode runs; ``now()`` after that task. A transient Redis failure goes to ``failed``
     (the loop's recovery, which flushes first); while ``recovering()`` nothing is tried."""
 
-    def __init__(self, outbox: Outbox, taken: set[str], *, transient: Callable[[BaseException], bool],
-                 failed: Callable[[BaseException], None], recovering: Callable[[], bool],
-                 errors: tuple[type[BaseException], ...]) -> None:
+    def __init__(self, outbox: Outbox, taken: set[str], *, failed: Callable[[BaseException], None],
+                 recovering: Callable[[], bool]) -> None:
         self.outbox, self.taken = outbox, taken
-        self._transient, self._failed, self._recovering, self._errors = transient, failed, recovering, errors
+        self._failed, self._recovering = failed, recovering
         self.task: asyncio.Task | None = None
 
     @property
@@ -143,7 +142,7 @@ class Flusher:
             return                     # the recovery flushes first
         try:
             await self.outbox.flush(self.taken)
-        except self._errors as exc:
-            if not self._transient(exc):
+        except REDIS_ERRORS as exc:
+            if not transient(exc):
                 raise
             self._failed(exc)

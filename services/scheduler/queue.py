@@ -41,7 +41,7 @@ from typing import Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import (BusyLoadingError, ConnectionError as RedisConnectionError, MasterDownError,
-                              OutOfMemoryError, ReadOnlyError, ResponseError,
+                              OutOfMemoryError, ReadOnlyError, RedisError, ResponseError,
                               TimeoutError as RedisTimeoutError, TryAgainError)
 
 from services.common import redis_keys as keys
@@ -49,6 +49,7 @@ from services.common.messages import Event, QueuedRequest
 from services.scheduler.request import Outcome
 
 
+REDIS_ERRORS = (RedisError, OSError)   # what a Redis call raises; ``transient`` tells which to ride through
 _TRANSIENT_TYPES = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OutOfMemoryError, ReadOnlyError,
                    TryAgainError, MasterDownError, OSError)
 _TRANSIENT_PREFIXES = ("NOGROUP", "BUSY", "LOADING", "OOM", "MISCONF", "MASTERDOWN", "READONLY", "TRYAGAIN")
