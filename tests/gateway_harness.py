@@ -14,13 +14,16 @@ import time
 import uuid
 from dataclasses import replace
 
+import pytest
 import redis
 
-from redis_harness import url
+from model.tokenizer import GLMTokenizer
+from redis_harness import SKIP_REASON, RedisDb, reachable, url
 from services.common import redis_keys as keys
 from services.common.messages import (EVENT_BLANK, EVENT_FINAL, EVENT_TOKENS, Event,
                                       QueuedRequest)
 from services.gateway.auth import tenant_of
+from services.client import GLMError
 from services.gateway.server import Gateway, GatewayOptions
 
 REDIS_URL = url("test_gateway")                 # the gateway tests' own database
@@ -163,3 +166,83 @@ def options(checkpoint, model: str | None = None, **overrides) -> GatewayOptions
     base = GatewayOptions(models=((model or unique_model(), str(checkpoint)),), host="127.0.0.1",
                           port=0, redis_url=REDIS_URL, grace_period_s=1.0)
     return replace(base, **overrides)
+
+
+# ---- fixtures of the gateway test modules (imported by name there) ------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from model.tiny import init_tiny  # torch: only the test process, never the gateway's code
+
+    directory = tmp_path_factory.mktemp("gateway") / "tiny"
+    init_tiny(directory, preset="glm-tiny")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    return GLMTokenizer.from_file(checkpoint / "ice_text.model")
+
+
+@pytest.fixture(scope="module")
+def rdb():
+    """The gateway tests' database (``REDIS_URL``, the one every gateway and fake pool here
+    uses), flushed before a module's first test and after its last, as a client; the module's
+    tests are skipped when no Redis answers."""
+    if not reachable():
+        pytest.skip(SKIP_REASON)
+    db = RedisDb("test_gateway")
+    db.flush()
+    yield db.client
+    db.flush()
+    db.close()
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+def start(loop, checkpoint, rdb):
+    """``start(**options)`` -> a running gateway; stopped after the test."""
+    running = []
+
+    def _start(**overrides) -> RunningGateway:
+        gateway = RunningGateway(loop, options(checkpoint, **overrides))
+        running.append(gateway)
+        return gateway
+
+    yield _start
+    for gateway in running:
+        gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(loop, checkpoint, rdb):
+    """One gateway for the tests that never reach a pool (validation, model info)."""
+    gateway = RunningGateway(loop, options(checkpoint, max_queue_depth=1000))
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def pools():
+    started = []
+
+    def _pool(model, script, delay=0.0) -> FakePool:
+        pool = FakePool(model, script, delay)
+        started.append(pool)
+        return pool
+
+    yield _pool
+    for pool in started:
+        pool.close()
+
+
+def call_code(fn):
+    with pytest.raises(GLMError) as info:
+        fn()
+    return info.value

@@ -1,5 +1,7 @@
-"""The gateway against the real Redis (this module's own database, tests/redis_harness.py)
-and real gRPC servers on loopback.
+"""The gateway's request path (validation, model info, queueing, streaming, cancellation)
+against the real Redis (the gateway tests' own database, ``gateway_harness.REDIS_URL``) and
+real gRPC servers on loopback; tests/test_gateway_access.py has health, reflection, API keys,
+TLS, the clients and the graceful stop.
 
 A scripted fake pool (tests/gateway_harness.py) stands in for the scheduler: it
 takes entries from the queue and writes events; the scheduler has its own tests.
@@ -9,99 +11,22 @@ under test; no verdict depends on how long a call took.
 
 from __future__ import annotations
 
-import asyncio
-import datetime
 import threading
-import uuid
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-    ProtoReflectionDescriptorDatabase)
 
-from gateway_harness import (HANG_S, FakePool, LoopThread, RunningGateway, closed_port,
-                             default_script, internal_id, options, wait_for)
-from model.tokenizer import GLMTokenizer
+from gateway_harness import HANG_S, call_code, default_script, internal_id, wait_for
+from gateway_harness import checkpoint, loop, pools, rdb, shared, start, tokenizer  # noqa: F401 (fixtures)
 from services.common import redis_keys as keys
-from services.common.messages import EVENT_ERROR, EVENT_FINAL, EVENT_TOKENS, Event, QueuedRequest
-from services.client import AsyncGLMClient, GLMClient, GLMError
+from services.common.messages import EVENT_ERROR, EVENT_TOKENS, Event, QueuedRequest
+from services.client import GLMClient
 from services.proto_gen.glm.v1 import generation_pb2 as pb
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.redis]
 Code = grpc.StatusCode
 CALL_S = HANG_S              # a caller's deadline where the deadline is not under test
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from model.tiny import init_tiny  # torch: only the test process, never the gateway's code
-
-    directory = tmp_path_factory.mktemp("gateway") / "tiny"
-    init_tiny(directory, preset="glm-tiny")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tokenizer(checkpoint):
-    return GLMTokenizer.from_file(checkpoint / "ice_text.model")
-
-
-@pytest.fixture(scope="module")
-def rdb(redis_db):
-    """This module's database (flushed before and after the module), as a client."""
-    return redis_db.client
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture
-def start(loop, checkpoint, rdb):
-    """``start(**options)`` -> a running gateway; stopped after the test."""
-    running = []
-
-    def _start(**overrides) -> RunningGateway:
-        gateway = RunningGateway(loop, options(checkpoint, **overrides))
-        running.append(gateway)
-        return gateway
-
-    yield _start
-    for gateway in running:
-        gateway.stop()
-
-
-@pytest.fixture(scope="module")
-def shared(loop, checkpoint, rdb):
-    """One gateway for the tests that never reach a pool (validation, model info)."""
-    gateway = RunningGateway(loop, options(checkpoint, max_queue_depth=1000))
-    yield gateway
-    gateway.stop()
-
-
-@pytest.fixture
-def pools():
-    started = []
-
-    def _pool(model, script, delay=0.0) -> FakePool:
-        pool = FakePool(model, script, delay)
-        started.append(pool)
-        return pool
-
-    yield _pool
-    for pool in started:
-        pool.close()
-
-
-def call_code(fn):
-    with pytest.raises(GLMError) as info:
-        fn()
-    return info.value
 
 
 # ---- validation --------------------------------------------------------------------------
@@ -335,210 +260,3 @@ def test_finished_request_is_not_cancelled(start, pools, tokenizer, rdb):
     # for are written (drain): a cancel of this call would be in Redis by now.
     gateway.stop()
     assert not rdb.exists(keys.cancel(internal_id(reply.request_id)))
-
-
-# ---- Redis down, health, reflection --------------------------------------------------------
-
-def health_status(address, service="") -> int:
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_S).status
-
-
-def test_redis_unreachable_is_unavailable_and_not_serving(start):
-    gateway = start(redis_url=f"redis://127.0.0.1:{closed_port()}/0", redis_timeout_s=1.0)
-    assert health_status(gateway.address) == health_pb2.HealthCheckResponse.NOT_SERVING
-    with GLMClient(gateway.address, timeout=CALL_S) as client:
-        # UNAVAILABLE, not DEADLINE_EXCEEDED: the gateway answered instead of waiting on
-        # Redis (its client has redis_timeout_s timeouts and no retries); no clock needed.
-        error = call_code(lambda: client.generate("Say [MASK]"))
-        assert error.code == Code.UNAVAILABLE
-        assert client.list_models()  # model info needs no Redis
-    assert health_status(gateway.address, "glm.v1.TextGeneration") == \
-        health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def test_health_and_reflection_list_the_services(shared, rdb):
-    """``""`` follows Redis; ``glm.v1.TextGeneration`` also needs a live pool heartbeat."""
-    assert health_status(shared.address) == health_pb2.HealthCheckResponse.SERVING
-    heartbeat = keys.pool(f"health-{uuid.uuid4().hex[:8]}")
-    rdb.hset(heartbeat, mapping={"model": shared.model})
-    rdb.expire(heartbeat, 60)
-    try:
-        assert wait_for(lambda: health_status(shared.address, "glm.v1.TextGeneration") ==
-                        health_pb2.HealthCheckResponse.SERVING)
-        assert health_status(shared.address, f"glm.v1.TextGeneration/{shared.model}") == \
-            health_pb2.HealthCheckResponse.SERVING
-    finally:
-        rdb.delete(heartbeat)
-    assert wait_for(lambda: health_status(shared.address, "glm.v1.TextGeneration") ==
-                    health_pb2.HealthCheckResponse.NOT_SERVING)
-    with grpc.insecure_channel(shared.address) as channel:
-        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
-    assert {"glm.v1.TextGeneration", "grpc.health.v1.Health",
-            "grpc.reflection.v1alpha.ServerReflection"} <= services
-
-
-def test_reflection_v1_lists_and_describes_the_services(shared):
-    """A client of the current protocol (``grpc.reflection.v1``, what grpcurl tries first)
-    gets the same answers as a ``v1alpha`` one, in one bidirectional stream."""
-    from google.protobuf import descriptor_pb2
-
-    from services.proto_gen.grpc.reflection.v1 import reflection_pb2 as v1
-    from services.proto_gen.grpc.reflection.v1 import reflection_pb2_grpc as v1_grpc
-
-    requests = [v1.ServerReflectionRequest(list_services=""),
-                v1.ServerReflectionRequest(file_containing_symbol="glm.v1.TextGeneration"),
-                v1.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
-                v1.ServerReflectionRequest(file_containing_symbol="glm.v1.NoSuchThing")]
-    with grpc.insecure_channel(shared.address) as channel:
-        stub = v1_grpc.ServerReflectionStub(channel)
-        listed, api, itself, missing = stub.ServerReflectionInfo(iter(requests), timeout=10)
-    assert {s.name for s in listed.list_services_response.service} == {
-        "glm.v1.TextGeneration", "grpc.health.v1.Health",
-        "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
-    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
-             for raw in api.file_descriptor_response.file_descriptor_proto]
-    assert files[0].name == "glm/v1/generation.proto"
-    assert "TextGeneration" in [s.name for s in files[0].service]
-    assert api.original_request.file_containing_symbol == "glm.v1.TextGeneration"
-    own = descriptor_pb2.FileDescriptorProto.FromString(itself.file_descriptor_response.file_descriptor_proto[0])
-    assert own.package == "grpc.reflection.v1" and own.service[0].name == "ServerReflection"
-    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
-
-
-# ---- API keys and TLS ----------------------------------------------------------------------
-
-def test_api_keys(start, pools, tokenizer):
-    gateway = start(api_keys=("k1", "k2"))
-    pools(gateway.model, default_script(tokenizer))
-    for key in (None, "wrong"):
-        with GLMClient(gateway.address, api_key=key, timeout=CALL_S) as client:
-            for call in (client.list_models, lambda: client.generate("Say [MASK]"),
-                         lambda: list(client.generate_stream("Say [MASK]"))):
-                assert call_code(call).code == Code.UNAUTHENTICATED
-    with GLMClient(gateway.address, api_key="k2", timeout=CALL_S) as client:
-        assert client.generate("Say [MASK]").text == "Hello world"
-    assert health_status(gateway.address) == health_pb2.HealthCheckResponse.SERVING
-    with grpc.insecure_channel(gateway.address) as channel:
-        assert "glm.v1.TextGeneration" in ProtoReflectionDescriptorDatabase(channel).get_services()
-
-
-def self_signed(directory):
-    """A self-signed certificate for ``localhost``: the cryptography package, else openssl."""
-    try:
-        import cryptography  # noqa: F401
-    except ImportError:
-        import subprocess
-
-        cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
-                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                        "-keyout", str(key_path), "-out", str(cert_path)],
-                       check=True, capture_output=True)
-        return cert_path, key_path
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
-def test_tls_round_trip(start, pools, tokenizer, tmp_path):
-    cert, key = self_signed(tmp_path)
-    gateway = start(tls_cert=str(cert), tls_key=str(key))
-    pools(gateway.model, default_script(tokenizer))
-    with GLMClient(gateway.address, root_certificates=cert, server_name="localhost",
-                   timeout=CALL_S) as client:
-        assert client.generate("Say [MASK]").text == "Hello world"
-    with GLMClient(gateway.address, timeout=CALL_S) as plaintext:
-        assert call_code(plaintext.list_models).code == Code.UNAVAILABLE
-
-
-# ---- clients and shutdown ------------------------------------------------------------------
-
-def test_async_client(start, pools, tokenizer):
-    gateway = start()
-    pools(gateway.model, default_script(tokenizer))
-
-    async def main():
-        async with AsyncGLMClient(gateway.address, timeout=CALL_S) as client:
-            reply = await client.generate("Say [MASK]", seed=3)
-            texts = [m.text async for m in client.generate_stream("Say [MASK]")]
-            models = await client.list_models()
-            tokens = await client.tokenize("Hello")
-            with pytest.raises(GLMError) as info:
-                await client.generate("Say [MASK]", top_k=10**6)
-            return reply, texts, models, tokens, info.value
-
-    reply, texts, models, tokens, error = asyncio.run(main())
-    assert reply.text == "Hello world" and reply.seed == 3
-    assert texts == ["Hello", " world", ""] and models[0].name == gateway.model
-    assert list(tokens.token_ids)[-1] == 150001
-    assert error.code == Code.INVALID_ARGUMENT and error.details.startswith("sampling.top_k")
-
-
-def test_cli_client(start, pools, tokenizer, capsys):
-    import json
-
-    from services.cli.main import main
-
-    gateway = start()
-    pools(gateway.model, default_script(tokenizer))
-    assert main(["client", "--address", gateway.address, "--prompt", "Say [MASK]",
-                 "--temperature", "0", "--stop", "!", "--seed", "9"]) == 0
-    assert capsys.readouterr().out == "Hello world\n"
-    assert main(["client", "--address", gateway.address, "--prompt", "Say [MASK]", "--stream"]) == 0
-    assert capsys.readouterr().out == "Hello world\n"
-    assert main(["client", "--address", gateway.address, "--prompt-ids", "20005,150001",
-                 "--json", "--seed", "4"]) == 0
-    reply = json.loads(capsys.readouterr().out)
-    assert reply["text"] == "Hello world" and reply["seed"] == "4"
-    assert main(["client", "--address", gateway.address, "--prompt", "Hi", "--top-p", "3"]) == 1
-    assert "INVALID_ARGUMENT: sampling.top_p" in capsys.readouterr().err
-
-
-def serving(address) -> bool:
-    """The gateway answers its health check with SERVING (False once a stop has begun)."""
-    try:
-        return health_status(address) == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
-
-
-def test_graceful_stop_lets_a_stream_finish(loop, checkpoint, pools, rdb):
-    gateway = RunningGateway(loop, options(checkpoint))
-    release = threading.Event()       # the rest of the stream is written once the stop has begun
-    slow = [Event(EVENT_TOKENS, 0, token_ids=(20005,), text="a"), release,
-            Event(EVENT_TOKENS, 1, index=1, token_ids=(20006,), text="b"),
-            Event(EVENT_FINAL, 2, finish_reason="length", text="ab")]
-    pools(gateway.model, lambda q: slow)
-    with GLMClient(gateway.address, timeout=CALL_S) as client:
-        stream = client.generate_stream("Say [MASK]")
-        first = next(stream)
-        stopping = asyncio.run_coroutine_threadsafe(gateway.gateway.stop(HANG_S), loop.loop)
-        try:
-            assert wait_for(lambda: not serving(gateway.address))   # NOT_SERVING or refused
-        finally:
-            release.set()
-        rest = list(stream)
-        stopping.result(HANG_S + 10)
-    assert first.text == "a" and [m.text for m in rest] == ["b", ""]
-    assert rest[-1].finish_reason == "length"
