@@ -117,6 +117,49 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(q.shape[-1]))
 
 
+DECODE_CHUNK_BYTES = 2 << 20   # bytes of keys (in their dtype) one chunk of decode attention reads
+DECODE_MIN_QUERIES = 16        # rows x heads from which a decode step uses decode_attention
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     coeff: float) -> torch.Tensor:
+    """Attention of one query per row (a decode step) on CPU: ``q·kᵀ/√d``, masked scores set to
+    ``−10000·coeff`` (the official value after its ``×coeff``), fp32 softmax, ``·v``, as two
+    batched fp32 matmuls over the rows × heads, in chunks of about ``DECODE_CHUNK_BYTES`` of
+    keys so the fp32 copies of keys and values stay in cache. Measured against the fused
+    call, which pays a fixed cost per (row, head) that a single query cannot amortise
+    (docs/model.md "Attention and QKV layout"; ``bench/attention_ab.py``). The matmuls run in
+    fp32 because oneDNN's bf16 bmm builds a primitive per key length, i.e. per step."""
+    b, heads, t, d = k.shape
+    n = b * heads
+    keys, values = k.reshape(n, t, d), v.reshape(n, t, d)               # views: rows and heads merge
+    query = q.reshape(n, 1, d).float() * (1.0 / math.sqrt(d))
+    masked = mask.expand(b, heads, 1, t).reshape(n, 1, t)
+    fill = -10000.0 * coeff
+    step = max(1, DECODE_CHUNK_BYTES // (t * d * k.element_size()))
+    if step >= n:
+        scores = torch.bmm(query, keys.float().transpose(1, 2)).masked_fill_(masked, fill)   # [n, 1, t]
+        out = torch.bmm(torch.softmax(scores, dim=-1), values.float())
+    else:
+        out = torch.empty((n, 1, d), dtype=torch.float32, device=q.device)
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            scores = torch.bmm(query[i:j], keys[i:j].float().transpose(1, 2)).masked_fill_(masked[i:j], fill)
+            torch.bmm(torch.softmax(scores, dim=-1), values[i:j].float(), out=out[i:j])
+    return out.view(b, heads, 1, d).to(q.dtype)
+
+
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                  coeff: float) -> torch.Tensor:
+    """The CPU path: ``decode_attention`` for one query per row from ``DECODE_MIN_QUERIES``
+    rows × heads (below it, the few (row, head) pairs cost the fused call less than the extra
+    small ops), ``fused_attention`` otherwise."""
+    b, heads, s, _ = q.shape
+    if s == 1 and b * heads >= DECODE_MIN_QUERIES:
+        return decode_attention(q, k, v, mask, coeff)
+    return fused_attention(q, k, v, mask, coeff)
+
+
 class SelfAttention(nn.Module):
     """One layer's attention on this rank's heads: fused per-head ``[q; k; v]``, rotary,
     prefix-LM mask, fp32 softmax, row-parallel ``dense`` (``docs/model.md`` "Attention and QKV layout")."""
@@ -148,7 +191,7 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer_id, k, v)                            # [b, np, t, hn]
         coeff = float(self.layer_id + 1)
-        attention = fused_attention if q.device.type == "cpu" else official_attention
+        attention = cpu_attention if q.device.type == "cpu" else official_attention
         out = attention(q, k, v, mask, coeff)                                  # [b, np, s, hn]
         out = out.transpose(1, 2).reshape(b, s, np_ * hn)                      # [b, s, h/tp]
         if packing is not None:

@@ -164,7 +164,9 @@ def test_the_worker_builds_its_graphs_at_warmup(model):
     static = serve_mixed_batch(graphed := Shard(model, model_name="tiny", kv_memory_gib=0.01, decode_graphs=True))
     assert static.ids == eager.ids and static.finish == eager.finish
     for rid, logprobs in eager.logprobs.items():
-        assert static.logprobs[rid] == pytest.approx(logprobs, rel=1e-5, abs=1e-6)
+        # fp32 rounding only: the static path attends over the arena's fixed width, whose
+        # masked slots add exact zeros to sums taken in another order (about 5e-6 here)
+        assert static.logprobs[rid] == pytest.approx(logprobs, rel=1e-5, abs=2e-5)
     graphs = graphed.engine.graphs
     assert plain.engine.graphs is None and graphs is not None and graphs.captured == ()
     assert graphs.buckets == (1, 2, 4, 8) and graphs.arena.slots == 40 and graphs.stats.static > 3

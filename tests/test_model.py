@@ -124,3 +124,30 @@ def test_fused_attention_equals_the_official_ops(dtype):
     real = ~mask.all(dim=-1, keepdim=True).expand_as(got[..., :1]).squeeze(-1)   # rows with a key
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.float() - want.float())[real].abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_the_official_ops(dtype, monkeypatch):
+    """One query per row (a decode step: the CPU path sends it to ``decode_attention`` from
+    ``DECODE_MIN_QUERIES`` rows x heads):
+    the chunked fp32 matmuls compute what the official ops compute, for a row with left
+    padding and rows of full length, in one chunk or in several."""
+    import model.glm as glm
+
+    gen = torch.Generator().manual_seed(1)
+    b, heads, hn, t, coeff = 3, 4, 16, 9, 3.0
+    q = torch.randn(b, heads, 1, hn, generator=gen).to(dtype)
+    k, v = (torch.randn(b, heads, t, hn, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.zeros(b, 1, 1, t, dtype=torch.bool)
+    mask[1, :, :, :3] = True                               # row 1: three padding slots
+    want = glm.official_attention(q, k, v, mask, coeff)
+    whole = glm.decode_attention(q, k, v, mask, coeff)
+    monkeypatch.setattr(glm, "DECODE_MIN_QUERIES", b * heads)            # from 12 queries: the decode path
+    routed = glm.cpu_attention(q, k, v, mask, coeff)
+    monkeypatch.setattr(glm, "DECODE_CHUNK_BYTES", 5 * t * hn * k.element_size())   # chunks of 5 of 12
+    chunked = glm.decode_attention(q, k, v, mask, coeff)
+    assert whole.dtype == dtype and whole.shape == q.shape
+    assert torch.equal(routed, whole)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got in (whole, chunked):
+        assert (got.float() - want.float()).abs().max().item() <= tol
