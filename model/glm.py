@@ -75,6 +75,7 @@ class Packing:
     index: torch.Tensor   # [n]: the flat ``row * s + slot`` of each real token, in order
     b: int
     s: int
+    starts: tuple[int, ...] | None = None   # each row's first real slot, when every row is left-padded
 
     @classmethod
     def of(cls, valid: torch.Tensor) -> "Packing | None":
@@ -82,7 +83,24 @@ class Packing:
         if bool(valid.all()):
             return None
         b, s = valid.shape
-        return cls(valid.reshape(-1).nonzero().squeeze(1), b, s)
+        starts = s - valid.sum(dim=1)                                            # [b]
+        left_padded = torch.equal(torch.arange(s, device=valid.device)[None, :] >= starts[:, None], valid)
+        return cls(valid.reshape(-1).nonzero().squeeze(1), b, s,
+                   tuple(starts.tolist()) if left_padded else None)
+
+    def attend(self, attention: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor, coeff: float) -> torch.Tensor:
+        """``attention`` of each row over its own slots only, packed ``[1, n, np*hn]``: for a
+        left-padded prefill into an empty cache (``q``, ``k``, ``v`` ``[b, np, s, hn]``, mask
+        ``[b, 1, s, s]``) a row's real queries see no slot before its first real one, so
+        dropping those keys changes nothing but the work (a batch of 20- and 200-token prompts
+        attends over 20² + 200² pairs, not 2 × 200²)."""
+        parts = []
+        for row, start in enumerate(self.starts):
+            out = attention(q[row:row + 1, :, start:], k[row:row + 1, :, start:], v[row:row + 1, :, start:],
+                            mask[row:row + 1, :, start:, start:], coeff)           # [1, np, n_row, hn]
+            parts.append(out[0].transpose(0, 1).reshape(self.s - start, -1))     # [n_row, np*hn]
+        return torch.cat(parts).unsqueeze(0)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``[b, s, f]`` -> ``[1, n, f]``."""
@@ -191,7 +209,10 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer_id, k, v)                            # [b, np, t, hn]
         coeff = float(self.layer_id + 1)
-        attention = cpu_attention if q.device.type == "cpu" else official_attention
+        cpu = q.device.type == "cpu"
+        attention = cpu_attention if cpu else official_attention
+        if cpu and packing is not None and packing.starts is not None and k.shape[2] == s:
+            return self.dense(packing.attend(attention, q, k, v, mask, coeff))  # [1, n, h/tp], row by row
         out = attention(q, k, v, mask, coeff)                                  # [b, np, s, hn]
         out = out.transpose(1, 2).reshape(b, s, np_ * hn)                      # [b, s, h/tp]
         if packing is not None:

@@ -92,6 +92,19 @@ def test_batched_left_padding_equals_single_rows(ckpt, stepped):
         assert (got - alone).abs().max().item() <= TOL
 
 
+def test_packing_knows_left_padded_rows():
+    """A left-padded prefill's packing names each row's first real slot (its attention then
+    runs row by row on the real slots: the one-pass case above); any other pattern of
+    padding keeps the padded attention."""
+    from model.glm import Packing
+
+    left = torch.tensor([[False, False, True, True], [True, True, True, True], [False, True, True, True]])
+    packing = Packing.of(left)
+    assert packing.starts == (2, 0, 1) and packing.index.tolist() == [2, 3, 4, 5, 6, 7, 9, 10, 11]
+    assert Packing.of(torch.tensor([[True, False, True], [True, True, True]])).starts is None
+    assert Packing.of(torch.ones(2, 3, dtype=torch.bool)) is None
+
+
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.5), ("float16", 0.1)])
 def test_half_precisions_track_float32(ckpt, dtype, tol):
     full = ours(ckpt, MASK_CONTEXT)
