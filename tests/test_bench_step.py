@@ -73,11 +73,15 @@ def test_one_rank_measures_every_batch_and_the_prefill():
         assert all(len(r[k]) == bench.steps and min(r[k]) > 0 for k in ("forward", "step", "head", "embed"))
         assert r["kv_length"] > bench.context_tokens
     assert rank["prefill"]["tokens"] == 16 and rank["quant"] == "int8"
-    assert rank["rss_after_build"] > rank["rss_before_build"] > 0
+    # RSS readings, not growth: in a process that freed memory before (an earlier test), the
+    # shard may be built in pages already resident; growth is measured at full width (docs).
+    assert min(rank["rss_before_build"], rank["rss_after_build"], rank["rss_end"]) > 0
     model = build_dummy_model(dummy_config("glm-tiny", 1), dtype=torch.bfloat16, quant="int8")
     assert rank["bytes"] == shard_bytes(model)
     memory = memory_rows(bench, [rank])[0]
     assert memory["plan_weights"] == held_bytes(model)
+    assert memory["built"] == rank["rss_after_build"] - rank["rss_before_build"]
+    assert memory["stored"] == sum(rank["bytes"].values())
 
 
 def test_bad_settings_are_refused_by_name():
