@@ -39,6 +39,7 @@ from model.config import END_IDS
 from model.glm import GLMModel
 from model.kv_cache import DecodeCache
 from model.kv_footprint import padded_kv_slots
+from model.paged_kv import BlockPool, PagedCache, PagedStep, PoolExhausted, blocks_for
 from model.prompt import Blank
 from model.sampling import Sampler, SamplingParams
 
@@ -136,8 +137,17 @@ class Batch:
 
     @property
     def max_tokens(self) -> int:
-        """KV slots once every row runs to its limit (``model.kv_footprint.padded_kv_slots``)."""
+        """KV slots the batch holds: a paged cache's blocks now, a dense one's once every row
+        runs to its limit (``model.kv_footprint.padded_kv_slots``)."""
+        if isinstance(self.cache, PagedCache):
+            return self.cache.blocks * self.cache.pool.block_size
         return padded_kv_slots(len(self.requests), self.width, self.max_remaining)
+
+    def release(self) -> None:
+        """Give a paged cache's blocks back (the batch is dropped); a dense cache is freed
+        with the batch."""
+        if isinstance(self.cache, PagedCache):
+            self.cache.release()
 
     # -- rows ------------------------------------------------------------------------------
     def filter(self, keep_ids: Sequence[int]) -> "Batch | None":
@@ -147,7 +157,10 @@ class Batch:
         if unknown:
             raise UnknownRequest(f"batch {self.id}: unknown request id(s) {unknown} (holds {self.request_ids})")
         rows = sorted({index[i] for i in keep_ids})
-        return self.rows(rows) if rows else None
+        if not rows:
+            self.release()
+            return None
+        return self.rows(rows)
 
     def rows(self, rows: list[int]) -> "Batch":
         """The batch of ``rows`` (indices, in that order); the cache is grown exactly to
@@ -262,12 +275,14 @@ class Engine:
     collectives); ``step`` is where rank 0's choice becomes every rank's state.
     """
 
-    def __init__(self, model: GLMModel, new_cache: CacheFactory | None = None) -> None:
+    def __init__(self, model: GLMModel, new_cache: CacheFactory | None = None,
+                 pool: BlockPool | None = None) -> None:
         self.model = model
         self.ctx = model.ctx
         self.device = model.device
         self.new_cache: CacheFactory = new_cache or model.new_cache
         self.graphs = None   # a model.cuda_graphs.DecodeGraphs: decode steps at bucketed static shapes
+        self.pool = pool     # set: batches live in this block pool, every step is one packed forward
 
     # -- forward primitives (beam search uses them too) -------------------------------------
     def prefill_logits(self, batch: Batch) -> torch.Tensor:
@@ -297,14 +312,67 @@ class Engine:
     # -- whole steps ----------------------------------------------------------------------
     def prefill(self, batch: Batch) -> StepOutput:
         """Prefill a new batch and choose every row's next token."""
+        if self.pool is not None:
+            return self.mixed(None, batch)
         logits = self.prefill_logits(batch)
         batch.sampler = Sampler([r.params for r in batch.requests], device=self.device)
         return self.step(batch, logits)
 
     def decode(self, batch: Batch) -> StepOutput:
         """Feed every row's pending token and choose its next one."""
+        if self.pool is not None:
+            return self.mixed(batch, None)
         logits = self.decode_logits(batch.cache, batch.pending, batch.decode_positions(self.device))
         return self.step(batch, logits)
+
+    def blocks_needed(self, running: Batch | None, admit: Batch | None) -> int:
+        """Fresh blocks of ``self.pool`` that ``mixed(running, admit)`` takes."""
+        need = running.cache.blocks_to_append([1] * len(running.requests)) if running is not None else 0
+        if admit is not None:
+            need += sum(blocks_for(len(r.prefill_ids), self.pool.block_size) for r in admit.requests)
+        return need
+
+    def mixed(self, running: Batch | None, admit: Batch | None) -> StepOutput:
+        """One step of the ``running`` rows (each feeds its pending token) and the ``admit`` rows
+        (each prefills ``context + sop + generated``), rows in that order, under ``running``'s id
+        (else ``admit``'s). With a pool: one packed forward, and ``PoolExhausted`` before anything
+        changes when the pool is short; without one, a prefill and a decode."""
+        if running is None and admit is None:
+            raise ValueError("a step needs running or admitted rows")
+        if self.pool is None:
+            parts = [self.decode(running) if running is not None else None,
+                     self.prefill(admit) if admit is not None else None]
+            parts = [p for p in parts if p is not None]
+            kept = [p.batch for p in parts if p.batch is not None]
+            return StepOutput(type(kept[0]).concatenate(kept) if kept else None,
+                              [t for p in parts for t in p.tokens], [f for p in parts for f in p.failed])
+        need, free = self.blocks_needed(running, admit), self.pool.free_blocks
+        if need > free:
+            raise PoolExhausted(f"KV pool: this step needs {need} blocks, {free} of {self.pool.num_blocks} free")
+        decode_rows = len(running.requests) if running is not None else 0
+        new = admit.requests if admit is not None else []
+        fresh = PagedCache(self.pool)
+        fresh.add_rows(len(new))
+        cache = PagedCache.concatenate([running.cache, fresh] if running is not None else [fresh])
+        step = PagedStep.build(cache, decode_rows, [(len(r.prefill_ids), r.blank.context_length) for r in new])
+        ids, pos = [], []
+        if running is not None:
+            ids.append(running.pending.to(self.device))
+            pos.append(running.decode_positions(self.device).view(-1))
+        if new:
+            ids.append(torch.tensor([t for r in new for t in r.prefill_ids], device=self.device))
+            pos.append(torch.tensor([p for r in new for p in r.prefill_positions], device=self.device))
+        samplers = [running.sampler] if running is not None else []
+        if new:
+            samplers.append(Sampler([r.params for r in new], device=self.device))
+        first = running if running is not None else admit
+        batch = type(first)(first.id, (running.requests if running is not None else []) + new, cache,
+                            Sampler.concatenate(samplers))
+        try:
+            return self.step(batch, self.model.step_logits(torch.cat(ids), torch.cat(pos), step))
+        except BaseException:
+            cache.release()                      # the rows are dropped: their blocks go back
+            raise
 
     def choose(self, batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
         """Rank 0 samples ``[b]`` ids from ``logits [b, V]`` (end tokens banned below
@@ -386,4 +454,6 @@ class Engine:
                 keep.append(row)
             out.append(StepToken(req, tok, logprobs.get(row, 0.0), len(req.generated), reason, top.get(row, ())))
         batch.pending = tokens
+        if not keep:
+            batch.release()
         return StepOutput(batch.rows(keep) if keep else None, out, failed)

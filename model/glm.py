@@ -24,6 +24,7 @@ from torch import nn
 
 from model.config import GLMConfig
 from model.kv_cache import KVCache
+from model.paged_kv import PagedStep
 from model.quantization import QuantSpec
 from model.parallel import (
     ColumnParallelLinear,
@@ -197,6 +198,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor, cache: KVCache | None, packing: Packing | None = None) -> torch.Tensor:
         hn, np_ = self.head_dim, self.heads_local
+        if isinstance(cache, PagedStep):
+            return self._paged(x, cos, sin, cache)
         qkv = self.query_key_value(x)                                          # [b, s, 3h/tp]
         if packing is not None:
             qkv = packing.unpack(qkv)                                          # [1, n, .] -> [b, s, .]
@@ -218,6 +221,18 @@ class SelfAttention(nn.Module):
         if packing is not None:
             out = packing.pack(out)                                            # [1, n, h/tp]
         return self.dense(out)
+
+
+    def _paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: PagedStep) -> torch.Tensor:
+        """The packed ``[1, n, h]`` tokens of a paged step (``model.paged_kv``): keys and values
+        go to their pool slots, each row attends as ``PagedStep.attend`` says."""
+        hn, np_ = self.head_dim, self.heads_local
+        n = x.shape[1]
+        q, k, v = self.query_key_value(x).view(1, n, np_, 3 * hn).split(hn, dim=-1)   # [1, n, np, hn] each
+        q, k, v = apply_rotary(q, cos, sin)[0], apply_rotary(k, cos, sin)[0], v[0]
+        step.write(self.layer_id, k, v)
+        attention = cpu_attention if q.device.type == "cpu" else official_attention
+        return self.dense(step.attend(self.layer_id, q, k, v, float(self.layer_id + 1), attention)[None])
 
 
 class GEGLUMLP(nn.Module):
@@ -325,12 +340,7 @@ class GLMModel(nn.Module):
         packing = Packing.of(valid) if valid is not None else None
         if packing is not None:
             x = packing.pack(x)                                                 # [1, n, h]
-        observer = self.layer_observer
-        for layer in self.transformer.layers:
-            if observer is None:
-                x = layer(x, cos, sin, attention_mask, cache, packing)
-            else:
-                x = _timed(layer, observer, x, cos, sin, attention_mask, cache, packing)
+        x = self._layers(x, cos, sin, attention_mask, cache, packing)
         if packing is not None:
             x = packing.unpack(x)                                               # [b, s, h]
         if last_only:
@@ -338,6 +348,27 @@ class GLMModel(nn.Module):
         x = self.transformer.final_layernorm(x)
         logits = self.transformer.word_embeddings.logits(x)                    # [b, s, V]
         return logits.float() if float_logits else logits
+
+
+    def _layers(self, x, cos, sin, mask, cache, packing) -> torch.Tensor:
+        observer = self.layer_observer
+        for layer in self.transformer.layers:
+            if observer is None:
+                x = layer(x, cos, sin, mask, cache, packing)
+            else:
+                x = _timed(layer, observer, x, cos, sin, mask, cache, packing)
+        return x
+
+    @torch.inference_mode()
+    def step_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: PagedStep) -> torch.Tensor:
+        """One packed forward over a paged batch (``model.paged_kv``): ``input_ids`` and
+        ``position_ids`` ``[n]``, the tokens of every row back to back; the logits ``[rows, V]``
+        of each row's last token, in the compute dtype."""
+        x = self.transformer.word_embeddings(input_ids[None])                  # [1, n, h]
+        cos, sin = self.rotary(position_ids[None], x.dtype)                     # [1, n, hn]
+        x = self._layers(x, cos, sin, None, step, None)
+        x = self.transformer.final_layernorm(x[0].index_select(0, step.last))  # [rows, h]
+        return self.transformer.word_embeddings.logits(x[None])[0]              # [rows, V]
 
 
 def _timed(layer: GLMBlock, observer: LayerObserver, *args) -> torch.Tensor:

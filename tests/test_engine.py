@@ -76,7 +76,9 @@ def test_generate_and_worker_paths_step_the_same_rows_through_one_engine(model, 
     reasons = {STOP: pb.FINISH_REASON_STOP, LENGTH: pb.FINISH_REASON_LENGTH}
     for row, completion in enumerate(done):
         assert got.ids[row] == completion.token_ids
-        assert got.logprobs[row] == pytest.approx(completion.logprobs, abs=1e-6)   # fp32 on the wire
+        # The worker pages its cache (model.paged_kv), glm generate keeps it dense: the same
+        # arithmetic summed in another fp32 order (7e-6 seen).
+        assert got.logprobs[row] == pytest.approx(completion.logprobs, abs=2e-5)
         assert got.finish[row] == reasons[completion.finish_reason]
         assert MIN_NEW <= len(completion.token_ids) <= MAX_NEW
     assert len({tuple(c.token_ids) for c in done}) > 1
