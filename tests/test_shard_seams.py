@@ -11,7 +11,7 @@ import asyncio
 import grpc
 import pytest
 
-from model.kv_footprint import padded_kv_slots
+from model.kv_footprint import blocks_for
 from services.common.errors import REFUSED_REQUEST_METADATA
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.proto_gen.glm.v1 import shard_pb2_grpc
@@ -104,8 +104,8 @@ def test_a_real_worker_names_the_refused_request_and_reports_its_width(checkpoin
     finally:
         pool.stop()
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.refused_request_id == 13
-    # the width is the cache length: the widest prompt + sop, then one slot per decode step
+    # the width is the longest row: the widest prompt + sop, then one token per decode step
     assert after_prefill.width == 5 and after_decode.width == 6
-    # and the footprint is the shared formula over it (1 and 2 tokens generated so far)
-    assert after_prefill.max_tokens == padded_kv_slots(2, 5, max(6 - 1, 9 - 1))
-    assert after_decode.max_tokens == padded_kv_slots(2, 6, max(6 - 2, 9 - 2))
+    # and the footprint is the blocks the rows hold now (paged pool of 16-token blocks)
+    assert after_prefill.max_tokens == (blocks_for(5, 16) + blocks_for(3, 16)) * 16 == 32
+    assert after_decode.max_tokens == (blocks_for(6, 16) + blocks_for(4, 16)) * 16

@@ -66,27 +66,55 @@ def test_requests_join_and_leave_without_changing_tokens(shard, model):
         assert req.id == 2 or got == want
 
 
-def test_filter_and_concatenate_keep_kv_rows_aligned(shard):
+def test_filter_and_concatenate_move_block_tables_not_kv(shard):
+    """Paged: a join concatenates block tables and a leave gives its blocks back; no key or
+    value moves (the pool's contents are the same before and after)."""
     shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[
         request(1, PROMPTS["mask"], 9), request(2, PROMPTS["long_gmask"], 9)])))
     shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=2, requests=[request(3, PROMPTS["gmask"], 9)])))
+    pool = shard.pool
     a, b = shard.batches[1], shard.batches[2]
+    tables = a.cache.tables + b.cache.tables
+    used, keys = pool.used_blocks, pool.keys.clone()
     merged = ShardBatch.concatenate([a, b])
     assert merged.request_ids == [1, 2, 3] and merged.pending.tolist() == a.pending.tolist() + b.pending.tolist()
-    n = merged.cache.length
-    # row 3's KV is right-aligned in the merged cache, equal to its own cache
-    own = b.cache.keys[:, 0, :, : b.cache.length]
-    assert torch.equal(merged.cache.keys[:, 2, :, n - b.cache.length: n], own)
-    assert not merged.cache.valid[2, : n - b.cache.length].any()
+    assert merged.cache.tables == tables and pool.used_blocks == used
     kept = merged.filter([3, 1])
-    assert kept.request_ids == [1, 3]
-    assert torch.equal(kept.cache.keys[:, 1, :, :n], merged.cache.keys[:, 2, :, :n])
-    assert torch.equal(kept.cache.valid[:, :n], merged.cache.valid[[0, 2], :n])
+    assert kept.request_ids == [1, 3] and kept.cache.tables == [tables[0], tables[2]]
+    assert pool.used_blocks == used - len(tables[1])                      # row 2's blocks are back
+    torch.testing.assert_close(pool.keys, keys, rtol=0, atol=0, equal_nan=True)   # free slots hold garbage
     assert kept.sampler.params == [merged.sampler.params[0], merged.sampler.params[2]]
-    assert kept.cache.capacity >= n + kept.max_remaining                    # reserved, no doubling
-    assert merged.filter([]) is None
+    assert kept.max_tokens == sum(map(len, kept.cache.tables)) * pool.block_size
+    assert kept.filter([]) is None and pool.used_blocks == 0
     with pytest.raises(InvalidArgument, match="unknown request id"):
         merged.filter([9])
+
+
+def test_a_decode_admits_new_requests_in_the_same_forward(shard, model):
+    """Decode with ``admit``: the running rows and the new requests go through one forward,
+    and every request still gets exactly the reference tokens."""
+    a = pb.Batch(id=1, requests=[request(1, PROMPTS["mask"], 8), request(2, PROMPTS["gmask"], 8, **SAMPLED)])
+    b = pb.Batch(id=2, requests=[request(3, PROMPTS["long_gmask"], 6), request(4, PROMPTS["mid_mask"], 7)])
+    tokens = Tokens()
+    cached = tokens.add(shard.prefill(pb.PrefillRequest(batch=a)))
+    cached = tokens.add(shard.decode(pb.DecodeRequest(batches=[cached])))
+    steps = shard.steps
+    cached = tokens.add(shard.decode(pb.DecodeRequest(batches=[cached], admit=b)))
+    assert shard.steps == steps + 1 and list(cached.request_ids) == [1, 2, 3, 4] and cached.id == 1
+    assert {g for g in tokens.ids} == {1, 2, 3, 4}
+    while cached is not None:
+        cached = tokens.add(shard.decode(pb.DecodeRequest(batches=[cached])))
+    for req in [*a.requests, *b.requests]:
+        assert tokens.ids[req.id] == reference(model, req), req.id
+    first = tokens.add(shard.decode(pb.DecodeRequest(admit=pb.Batch(id=5, requests=[request(6, PROMPTS["gmask"], 3)]))))
+    assert first.id == 5 and len(tokens.ids[6]) == 1                        # admit alone: a prefill
+    shard.clear_cache(pb.ClearCacheRequest())
+    assert shard.pool.used_blocks == 0
+    shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=6, requests=[request(7, PROMPTS["gmask"])])))
+    with pytest.raises(InvalidArgument, match="request id 7 is already in cached batch 6"):
+        shard.decode(pb.DecodeRequest(admit=pb.Batch(id=7, requests=[request(7, PROMPTS["gmask"])])))
+    with pytest.raises(InvalidArgument, match="batch 6 is already cached"):
+        shard.decode(pb.DecodeRequest(admit=pb.Batch(id=6, requests=[request(8, PROMPTS["gmask"])])))
 
 
 def test_resumed_request_continues_exactly(shard, model):
@@ -119,11 +147,12 @@ def test_min_new_tokens_and_top_logprobs(shard):
 def test_capacity_from_kv_memory_and_refusal(shard, model):
     per_token = kv_bytes_per_token(model.config, 1, torch.float32)
     assert per_token == 2 * 2 * 64 * 4
-    assert shard.capacity == int(KV_GIB * GIB) // per_token
-    too_many = [request(i, PROMPTS["long_gmask"], 400) for i in range(1, 8)]
-    with pytest.raises(ResourceExhausted, match="capacity is"):
+    block = shard.pool.block_size
+    assert shard.capacity == int(KV_GIB * GIB) // (per_token * block) * block == shard.pool.num_blocks * block
+    too_many = [request(i, [20100] * 200 + [150001], 4) for i in range(1, 8)]
+    with pytest.raises(ResourceExhausted, match="the step needs 91 blocks of 16 tokens, 65 of 65 are free"):
         shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=5, requests=too_many)))
-    assert not shard.batches                                                 # refused before any work
+    assert not shard.batches and shard.pool.used_blocks == 0                  # refused before any work
     assert mem_available_bytes() > 0
 
 

@@ -102,7 +102,9 @@ def test_info_and_warmup_capacity(pool):
     per_token = 2 * NUM_LAYERS * (64 // 2) * 4
     assert info[0].kv_bytes_per_token == per_token
     warm = asyncio.run(_warmup(pool.addresses))
-    assert warm.max_batch_total_tokens == int(KV_GIB * GIB) // per_token == info[0].max_batch_total_tokens
+    blocks = int(KV_GIB * GIB) // (per_token * warm.kv_block_size)            # the paged pool, whole blocks
+    assert warm.kv_block_size == 16 and warm.kv_blocks == blocks
+    assert warm.max_batch_total_tokens == blocks * 16 == info[0].max_batch_total_tokens
 
 
 def test_mixed_batch_equals_generate_and_ranks_agree(pool, model):
@@ -155,7 +157,8 @@ def test_requests_join_and_leave_between_steps(pool, model):
 
 
 def test_over_capacity_prefill_is_refused(pool):
-    big = pb.Batch(id=30, requests=[request(i, PROMPTS["long_gmask"], 490) for i in range(31, 51)])
+    long = [20000 + i % 300 for i in range(299)] + [150001]             # 300 tokens + sop: 19 blocks
+    big = pb.Batch(id=30, requests=[request(i, long, 8) for i in range(31, 51)])   # 380 blocks > 262
 
     async def scenario(c):
         with pytest.raises(ShardCallError) as err:
@@ -164,7 +167,7 @@ def test_over_capacity_prefill_is_refused(pool):
         return err.value, health
 
     err, health = drive(pool.addresses, scenario)
-    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "capacity is" in err.details
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the step needs 380 blocks" in err.details
     assert all(h.cached_batches == 0 for h in health)
 
 

@@ -163,8 +163,10 @@ class ShardClient:
     async def prefill(self, batch: pb.Batch, timeout_s: float | None = None) -> pb.PrefillResponse:
         return await self.call("Prefill", pb.PrefillRequest(batch=batch), timeout_s)
 
-    async def decode(self, batches: list[pb.CachedBatch], timeout_s: float | None = None) -> pb.DecodeResponse:
-        return await self.call("Decode", pb.DecodeRequest(batches=batches), timeout_s)
+    async def decode(self, batches: list[pb.CachedBatch], timeout_s: float | None = None, *,
+                     admit: pb.Batch | None = None) -> pb.DecodeResponse:
+        """One step of ``batches`` (and, paged, the new requests of ``admit`` in the same forward)."""
+        return await self.call("Decode", pb.DecodeRequest(batches=batches, admit=admit), timeout_s)
 
     async def filter_batch(self, batch_id: int, keep_request_ids: list[int]) -> pb.FilterBatchResponse:
         req = pb.FilterBatchRequest(batch_id=batch_id, keep_request_ids=keep_request_ids)

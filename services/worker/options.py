@@ -54,6 +54,8 @@ class RankOptions(Options):
                                                "official per-row scales)")
     kv_memory_gib: float | None = option(None, type=float, to=("worker",),
                                          help="KV-cache memory per rank (default: measured)")
+    kv_block_size: int = option(16, type=positive_int, to=("worker",),
+                                help="tokens per block of the paged KV pool (docs/worker.md, \"Paged KV\")")
     collective_timeout_s: float = option(60.0, type=float, to=("worker",),
                                          help="a collective waiting longer than this fails the rank")
     otlp_endpoint: str | None = option(None, to=("worker", "scheduler", "gateway"),

@@ -28,6 +28,7 @@ from model.cuda_graphs import DecodeGraphs, arena_bytes, batch_buckets
 from model.engine import Engine, StepOutput
 from model.glm import GLMModel
 from model.kv_footprint import padded_kv_slots
+from model.paged_kv import DEFAULT_BLOCK_SIZE, BlockPool, PoolExhausted
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.tracing import LayerSampler
 from services.proto_gen.glm.v1 import shard_pb2 as pb
@@ -54,7 +55,8 @@ class Shard:
 
     def __init__(self, model: GLMModel, *, model_name: str, quantization: str = "none",
                  kv_memory_gib: float | None = None, tracer: trace.Tracer | None = None,
-                 layer_trace_ratio: float = 0.0, decode_graphs: bool = False) -> None:
+                 layer_trace_ratio: float = 0.0, decode_graphs: bool = False,
+                 kv_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         self.model, self.ctx, self.config = model, model.ctx, model.config
         self.decode_graphs = decode_graphs  # Warmup builds model.cuda_graphs.DecodeGraphs (captured on CUDA)
         self.engine = Engine(model)
@@ -63,6 +65,8 @@ class Shard:
         self.kv_memory_gib = kv_memory_gib
         self.kv_bytes_per_token = kv_bytes_per_token(self.config, self.ctx.world_size, model.dtype)
         self.capacity: int | None = None     # KV token slots, set by Warmup
+        self.kv_block_size = kv_block_size
+        self.pool: BlockPool | None = None   # the paged KV pool, sized by Warmup (None with decode graphs)
         self.batches: dict[int, ShardBatch] = {}
         self.tracer = tracer or trace.NoOpTracer()
         self.layer_sampler = LayerSampler(layer_trace_ratio)
@@ -117,6 +121,9 @@ class Shard:
     def _decode(self, batch: ShardBatch, span: trace.Span, record: bool = True) -> StepOutput:
         return self._record(self._forward(span, lambda: self.engine.decode(batch)), record)
 
+    def _step(self, running: ShardBatch | None, admit: ShardBatch | None, span: trace.Span) -> StepOutput:
+        return self._record(self._forward(span, lambda: self.engine.mixed(running, admit)), True)
+
     def _record(self, step: StepOutput, record: bool) -> StepOutput:
         """Fold the step's applied ``(request id, token)`` pairs into the digest."""
         if record:
@@ -149,6 +156,7 @@ class Shard:
             pb.Request(id=i, input_ids=context, sampling=pb.SamplingParameters(greedy=True),
                        stopping=pb.StoppingCriteria(max_new_tokens=total - inp)) for i in range(n)])
         with self.tracer.start_as_current_span("worker.warmup", context=parent) as span:
+            self._drop_pool()                     # the warm-up batch runs dense, before the pool is sized
             batch = ShardBatch.from_pb(msg, self.config)
             result = self._guarded(lambda: self._prefill(batch, span, record=False), "the warm-up batch")
             if result.batch is not None:
@@ -158,16 +166,40 @@ class Shard:
                                      local_ranks=self.ctx.world_size)
             if self.decode_graphs:
                 memory = self._build_graphs(n, total, memory, span)
-            capacity = torch.tensor([memory // self.kv_bytes_per_token], dtype=torch.long, device=self.device)
+            unit = self.kv_bytes_per_token * (1 if self.decode_graphs else self.kv_block_size)
+            capacity = torch.tensor([memory // unit], dtype=torch.long, device=self.device)
             if self.ctx.distributed:                                      # every rank: the smallest
                 dist.all_reduce(capacity, op=dist.ReduceOp.MIN, group=self.ctx.group)
-            self.capacity = int(capacity)
+            if self.decode_graphs:
+                self.capacity = int(capacity)
+            else:
+                self._build_pool(int(capacity))
             span.set_attribute("glm.kv_capacity_tokens", self.capacity)
         if self.capacity < total:
             raise ResourceExhausted(
                 f"warmup: KV memory holds {self.capacity} tokens, fewer than max_total_tokens {total}")
+        pool = self.pool
         return pb.WarmupResponse(max_batch_total_tokens=self.capacity,
-                                 kv_bytes_per_token=self.kv_bytes_per_token, kv_memory_bytes=memory)
+                                 kv_bytes_per_token=self.kv_bytes_per_token, kv_memory_bytes=memory,
+                                 kv_block_size=pool.block_size if pool else 0, kv_blocks=pool.num_blocks if pool else 0)
+
+    def _drop_pool(self) -> None:
+        """A second Warmup replaces the pool: the cached batches are dropped with it."""
+        for batch in self.batches.values():
+            batch.release()
+        self.batches.clear()
+        self.engine.pool = self.pool = None
+
+    def _build_pool(self, blocks: int) -> None:
+        """The paged KV pool of ``blocks`` blocks (every rank the same count)."""
+        if blocks < 1:
+            self.capacity = 0
+            return
+        c = self.config
+        self.pool = BlockPool(c.num_layers, blocks, self.kv_block_size, c.num_attention_heads // self.ctx.world_size,
+                              c.head_dim, dtype=self.model.dtype, device=self.device)
+        self.engine.pool = self.pool
+        self.capacity = blocks * self.kv_block_size
 
     def _build_graphs(self, max_batch: int, max_total: int, memory: int, span: trace.Span) -> int:
         """Build the decode graphs for batches up to ``max_batch`` over an arena of at most
@@ -192,7 +224,10 @@ class Shard:
         return kv_memory_bytes(self.device, kv_memory_gib=None, local_ranks=self.ctx.world_size)
 
     def _check_room(self, batch: ShardBatch) -> None:
-        """Refuse a batch whose merge with every cached batch could exceed the capacity."""
+        """Refuse a batch whose merge with every cached batch could exceed the capacity (dense);
+        the paged pool checks each step instead (``_check_blocks``)."""
+        if self.pool is not None:
+            return
         batches = [*self.batches.values(), batch]
         rows = sum(len(b.requests) for b in batches)
         width = max(b.width for b in batches)
@@ -202,18 +237,35 @@ class Shard:
                 f"batch {batch.id}: needs {need} KV token slots ({rows} rows x ({width} + {need // rows - width}) "
                 f"with the cached batches), capacity is {self.capacity}")
 
-    def prefill(self, req: pb.PrefillRequest, parent: Context | None = None) -> pb.PrefillResponse:
-        start = time.perf_counter_ns()
-        if self.capacity is None:
-            raise FailedPrecondition("prefill before warmup: call Warmup first")
-        if req.batch.id in self.batches:
-            raise InvalidArgument(f"batch {req.batch.id} is already cached")
-        batch = ShardBatch.from_pb(req.batch, self.config)
+    def _check_blocks(self, running: list[ShardBatch], admit: ShardBatch | None) -> None:
+        """Refuse a paged step the pool's free blocks cannot hold (before any collective)."""
+        if self.pool is None:
+            return
+        need = sum(self.engine.blocks_needed(b, None) for b in running)
+        need += self.engine.blocks_needed(None, admit) if admit is not None else 0
+        if need > self.pool.free_blocks:
+            raise ResourceExhausted(
+                f"KV pool: the step needs {need} blocks of {self.pool.block_size} tokens, "
+                f"{self.pool.free_blocks} of {self.pool.num_blocks} are free")
+
+    def _admitted(self, msg: pb.Batch, listed: set[int]) -> ShardBatch:
+        """A new batch to prefill, validated against the cached ones."""
+        if msg.id in self.batches and msg.id not in listed:
+            raise InvalidArgument(f"batch {msg.id} is already cached")
+        batch = ShardBatch.from_pb(msg, self.config)
         cached = {rid: b.id for b in self.batches.values() for rid in b.request_ids}
         clash = [rid for rid in batch.request_ids if rid in cached]
         if clash:
             raise InvalidArgument(f"batch {batch.id}: request id {clash[0]} is already in cached batch {cached[clash[0]]}")
+        return batch
+
+    def prefill(self, req: pb.PrefillRequest, parent: Context | None = None) -> pb.PrefillResponse:
+        start = time.perf_counter_ns()
+        if self.capacity is None:
+            raise FailedPrecondition("prefill before warmup: call Warmup first")
+        batch = self._admitted(req.batch, set())
         self._check_room(batch)
+        self._check_blocks([], batch)
         with self.tracer.start_as_current_span("worker.prefill", context=parent, attributes={
                 "glm.rank": self.ctx.rank, "glm.batch_id": batch.id, "glm.batch_size": len(batch.requests),
                 "glm.tokens": sum(len(r.prefill_ids) for r in batch.requests)}) as span:
@@ -225,8 +277,8 @@ class Shard:
 
     def decode(self, req: pb.DecodeRequest, parent: Context | None = None) -> pb.DecodeResponse:
         start = time.perf_counter_ns()
-        if not req.batches:
-            raise InvalidArgument("decode: no batches listed")
+        if not req.batches and not req.HasField("admit"):
+            raise InvalidArgument("decode: no batches listed and none admitted")
         ids = [b.id for b in req.batches]
         for listed in req.batches:
             if ids.count(listed.id) > 1:
@@ -237,15 +289,28 @@ class Shard:
             if listed.request_ids and list(listed.request_ids) != held.request_ids:
                 raise InvalidArgument(f"decode: batch {listed.id} holds requests {held.request_ids}, "
                                       f"the call lists {list(listed.request_ids)}")
+        admit = None
+        if req.HasField("admit"):
+            if self.capacity is None:
+                raise FailedPrecondition("decode with admitted requests before warmup: call Warmup first")
+            admit = self._admitted(req.admit, set())
+            self._check_room(admit)
+        self._check_blocks([self.batches[i] for i in ids], admit)
         batches = [self.batches.pop(i) for i in ids]          # dropped for good if the step fails
-        with self.tracer.start_as_current_span("worker.decode", context=parent, attributes={
-                "glm.rank": self.ctx.rank, "glm.batch_id": ids[0],
-                "glm.batch_size": sum(len(b.requests) for b in batches)}) as span:
-            t0 = time.perf_counter_ns()
-            batch = ShardBatch.concatenate(batches)
-            t1 = time.perf_counter_ns()
-            result = self._guarded(lambda: self._decode(batch, span), f"batch(es) {ids}")
-            forward = time.perf_counter_ns() - t1
+        rows = sum(len(b.requests) for b in batches) + (len(admit.requests) if admit else 0)
+        try:
+            with self.tracer.start_as_current_span("worker.decode", context=parent, attributes={
+                    "glm.rank": self.ctx.rank, "glm.batch_id": ids[0] if ids else admit.id,
+                    "glm.batch_size": rows, "glm.admitted": len(admit.requests) if admit else 0}) as span:
+                t0 = time.perf_counter_ns()
+                batch = ShardBatch.concatenate(batches) if batches else None
+                t1 = time.perf_counter_ns()
+                result = self._guarded(lambda: self._step(batch, admit, span), f"batch(es) {ids}")
+                forward = time.perf_counter_ns() - t1
+        except BaseException:
+            for b in batches:
+                b.release()
+            raise
         return self._store(pb.DecodeResponse, result, forward_ns=forward, concat_ns=t1 - t0,
                            total_ns=time.perf_counter_ns() - start)
 
@@ -272,8 +337,10 @@ class Shard:
         return out
 
     def clear_cache(self, req: pb.ClearCacheRequest, parent: Context | None = None) -> pb.ClearCacheResponse:
-        if req.HasField("batch_id"):
-            self.batches.pop(req.batch_id, None)
-        else:
+        dropped = [self.batches.pop(req.batch_id, None)] if req.HasField("batch_id") else list(self.batches.values())
+        if not req.HasField("batch_id"):
             self.batches.clear()
+        for batch in dropped:
+            if batch is not None:
+                batch.release()
         return pb.ClearCacheResponse()

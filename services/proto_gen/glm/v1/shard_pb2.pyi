@@ -69,14 +69,18 @@ class WarmupRequest(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
-    __slots__ = ("max_batch_total_tokens", "kv_bytes_per_token", "kv_memory_bytes")
+    __slots__ = ("max_batch_total_tokens", "kv_bytes_per_token", "kv_memory_bytes", "kv_block_size", "kv_blocks")
     MAX_BATCH_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     max_batch_total_tokens: int
     kv_bytes_per_token: int
     kv_memory_bytes: int
-    def __init__(self, max_batch_total_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_memory_bytes: _Optional[int] = ...) -> None: ...
+    kv_block_size: int
+    kv_blocks: int
+    def __init__(self, max_batch_total_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_memory_bytes: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks: _Optional[int] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
     __slots__ = ("greedy", "temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed")
@@ -203,10 +207,12 @@ class PrefillResponse(_message.Message):
     def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., batch: _Optional[_Union[CachedBatch, _Mapping]] = ..., forward_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., failed: _Optional[_Iterable[_Union[RowFailure, _Mapping]]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("batches",)
+    __slots__ = ("batches", "admit")
     BATCHES_FIELD_NUMBER: _ClassVar[int]
+    ADMIT_FIELD_NUMBER: _ClassVar[int]
     batches: _containers.RepeatedCompositeFieldContainer[CachedBatch]
-    def __init__(self, batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ...) -> None: ...
+    admit: Batch
+    def __init__(self, batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ..., admit: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("generations", "batch", "forward_ns", "total_ns", "concat_ns", "failed")
