@@ -362,3 +362,40 @@ def test_missing_worker_fails_the_pool_loudly(pool, tokenizer):
                        warmup_timeout_s=3.0)
     assert message.startswith("warmup failed: rank 0 Warmup: ")
     assert "UNAVAILABLE" in message or "DEADLINE_EXCEEDED" in message
+
+
+BLOCK_BYTES = 16 * 2 * 2 * 64 * 4        # one 16-token block of glm-tiny (2 layers, hidden 64) in fp32
+
+
+@pytest.fixture(scope="module")
+def small_pool(ckpt):
+    """A pool whose paged KV holds 9 blocks (144 tokens): four requests outgrow it."""
+    handle = start_pool(ckpt, 1, dtype="float32", kv_memory_gib=9 * BLOCK_BYTES / 2**30)
+    yield handle
+    handle.stop()
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=0.9, top_k=40, top_p=0.95, seed=23)])
+def test_preempted_requests_end_with_the_uninterrupted_tokens(small_pool, model, tokenizer, sampling):
+    """Four requests that together outgrow the pool's blocks: the scheduler preempts the newest
+    rows (their blocks are freed), resumes them later from what they generated, and every
+    request ends with exactly ``glm generate``'s tokens (greedy, and seeded sampling)."""
+    prompts = [[20100 + 7 * i + j for j in range(12 + 3 * i)] + [GMASK_ID] for i in range(4)]
+    max_new = 40
+
+    async def body(h):
+        reqs = [h.request(p, max_new, sampling=sampling) for p in prompts]
+        for r in reqs:
+            await h.submit(r)
+        h.start()
+        return [await h.events(r.id) for r in reqs], h.loop.core.preempted
+
+    streams, preempted = scenario(small_pool, tokenizer, body,
+                                  limits=Limits(max_batch_size=4, max_input_tokens=64, max_total_tokens=128))
+    assert preempted >= 1
+    params = SamplingParams(greedy=True) if sampling.greedy else SamplingParams(
+        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
+    for prompt, events in zip(prompts, streams):
+        check_stream(events)
+        want = Generator(model).fill_blanks(list(prompt), params, GenerationOptions(max_new_tokens=max_new))
+        assert tokens_of(events) == [b.token_ids for b in want.blanks]

@@ -178,7 +178,7 @@ class PoolLoop:
             except ShardCallError as exc:
                 raise PoolFailure(f"warmup failed: {exc}") from None
             await client.clear_cache()            # this scheduler owns the workers' cache from now on
-            self.core = Scheduler(o.limits, warm.max_batch_total_tokens,
+            self.core = Scheduler(o.limits, warm.max_batch_total_tokens, block_size=warm.kv_block_size,
                                   max_sequence_length=self.max_sequence_length, decode=self.decode)
             self.metrics.kv_capacity.set(warm.max_batch_total_tokens)
             log.info("pool %s: model %s, KV capacity %d tokens, mode %s", o.pool_id, o.model,
@@ -412,8 +412,59 @@ class PoolLoop:
         if plan.filter:
             reply = await self._timed(client.filter_batch(plan.filter.batch_id, list(plan.filter.keep)))
             core.filtered(view_of(reply))
-        if plan.prefill:
-            op = plan.prefill
+        if core.paged:
+            await self._mixed_step(client, plan.prefill)
+        else:
+            await self._split_step(client, plan.prefill)
+        self.steps += 1
+        if self.after_step is not None:
+            await self.after_step(self.steps)
+
+    async def _mixed_step(self, client: ShardClient, op) -> None:
+        """Paged workers: the running rows and the phases admitted now in one Decode (one
+        forward): a prefill never pauses the running batch."""
+        core = self.core
+        batches = core.decode_batches()
+        if not batches and op is None:
+            self.flusher.behind()
+            return
+        ids = core.request_ids_of(batches) + (list(op.request_ids) if op else [])
+        rows = sum(v.size for v in batches)
+        admitted = len(op.requests) if op else 0
+        with self._step_span("scheduler.decode" if batches else "scheduler.prefill", ids, {
+                "glm.batch_id": batches[0].id if batches else op.batch_id, "glm.batch_size": rows + admitted,
+                "glm.admitted": admitted, "glm.tokens": rows + (op.tokens if op else 0)}):
+            if batches:
+                call = client.decode([cached_pb(v) for v in batches], admit=batch_pb(op) if op else None)
+            else:                          # nothing running: the admitted phases' prefill
+                call = client.prefill(batch_pb(op))
+            call = asyncio.ensure_future(call)
+            self.flusher.behind()          # the events so far go out while the workers compute
+            try:
+                reply = await self._timed(call)
+            except ShardCallError as exc:
+                if op is None or exc.code not in REQUEST_ERRORS or exc.method not in ("Decode", "Prefill"):
+                    raise
+                log.warning("pool %s: admission refused: %s", self.options.pool_id, exc)
+                await self._publish(core.prefill_refused(op, exc.code.name, exc.details, exc.refused_request_id))
+                return
+        if op is not None:
+            self.counters["prefill_rows"] += len(op.requests)
+            self.metrics.prompt.inc(sum(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests))
+        if batches:
+            self.counters["decode_steps"] += 1
+            self.counters["decode_rows"] += rows
+            self.metrics.decode_steps.inc()
+            self.metrics.decode_rows.inc(rows)
+        else:
+            self.counters["prefill_steps"] += 1
+        self.metrics.generated.inc(len(reply.generations))
+        await self._publish(core.decoded(generations(reply), view_of(reply), failed_rows(reply), admitted=op))
+
+    async def _split_step(self, client: ShardClient, op) -> None:
+        """Dense workers: a Prefill of the admitted phases, then a Decode of every batch."""
+        core = self.core
+        if op:
             with self._step_span("scheduler.prefill", op.request_ids, {
                     "glm.batch_id": op.batch_id, "glm.batch_size": len(op.requests), "glm.tokens": op.tokens}):
                 try:
@@ -446,9 +497,6 @@ class PoolLoop:
             await self._publish(core.decoded(generations(reply), view_of(reply), failed_rows(reply)))
         if not batches:
             self.flusher.behind()           # no Decode to publish behind
-        self.steps += 1
-        if self.after_step is not None:
-            await self.after_step(self.steps)
 
     async def _timed(self, call):
         """``await call``, its time counted as the workers' (``counters["shard_ms"]``)."""

@@ -40,7 +40,7 @@ from enum import StrEnum
 from typing import Any, Callable, Sequence
 
 from model.config import END_IDS
-from model.kv_footprint import padded_kv_slots
+from model.kv_footprint import blocks_for, padded_kv_slots
 from model.limits import blanks_problem
 from services.common.messages import Event, FinishReason, QueuedRequest, Sampling
 from services.scheduler.request import Cancellation, Gen, Outcome, RequestState, RequestStatus
@@ -69,6 +69,7 @@ class Limits:
     max_waiting_tokens: int = 20       # decode steps after which waiting phases are forced in
     waiting_served_ratio: float = 0.3  # waiting phases per running row that justify a prefill
     mode: BatchingMode = BatchingMode.CONTINUOUS
+    kv_watermark: float = 0.01         # paged pool: share of blocks admission leaves free for growth
 
     def __post_init__(self) -> None:
         try:
@@ -82,6 +83,8 @@ class Limits:
         if not self.max_input_tokens < self.max_total_tokens:
             raise ValueError(f"max_input_tokens ({self.max_input_tokens}) must be < max_total_tokens "
                              f"({self.max_total_tokens})")
+        if not 0 <= self.kv_watermark < 1:
+            raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         if self.waiting_served_ratio < 0:
             raise ValueError(f"waiting_served_ratio must be >= 0, got {self.waiting_served_ratio}")
 
@@ -172,9 +175,13 @@ class Scheduler:
     """The requests of one pool and the decisions of every step (see the module docstring)."""
 
     def __init__(self, limits: Limits, capacity: int, *, max_sequence_length: int,
-                 decode: Callable[[Sequence[int]], str]) -> None:
+                 decode: Callable[[Sequence[int]], str], block_size: int = 0) -> None:
         self.limits = limits
         self.capacity = capacity
+        self.block_size = block_size                    # > 0: the workers page their KV in blocks
+        self.num_blocks = capacity // block_size if block_size else 0
+        self.preempted = 0                              # rows preempted to free blocks (recomputed later)
+        self._row_tokens: dict[int, int] = {}           # paged: per worker row, tokens in its KV
         self.max_sequence_length = max_sequence_length
         self.decode = decode
         self._requests: dict[str, RequestState] = {}
@@ -227,6 +234,11 @@ class Scheduler:
             self._enqueue(state)
         return out
 
+    @property
+    def paged(self) -> bool:
+        """The workers keep a block-paged KV pool: admitted phases join the running step."""
+        return self.block_size > 0
+
     def _invalid(self, state: RequestState) -> str:
         if not state.mask:
             return "prompt_ids hold no mask id ([MASK] 150000, [sMASK] 150002 or [gMASK] 150001)"
@@ -239,6 +251,8 @@ class Scheduler:
         if state.req.max_new_tokens < 1:
             return f"max_new_tokens must be >= 1, got {state.req.max_new_tokens}"
         need = padded_kv_slots(1, state.input_len, state.allowed)
+        if self.paged:
+            need = blocks_for(state.input_len + state.allowed, self.block_size) * self.block_size
         if need > self.capacity:
             return f"needs {need} KV slots, the pool holds {self.capacity}"
         return ""
@@ -283,7 +297,7 @@ class Scheduler:
         view = self._running
         rows = view.size if view else 0
         free = lim.max_batch_size - rows - len(self._waiting)
-        if view is not None:
+        if view is not None and not self.paged:
             per_row = padded_kv_slots(1, view.width, self._longest_remaining(view.row_ids))
             free = min(free, self.capacity // max(1, per_row) - rows)
         return max(0, free)
@@ -306,7 +320,7 @@ class Scheduler:
         for state in [s for s in self._waiting if s.cancelled is not None]:
             self._waiting.remove(state)
             self._end_cancelled(state, out)
-        keep = self._plan_filter(out)
+        keep = self._preempt(self._plan_filter(out), out)
         phases = self._admit(keep)
         if phases:
             requests = []
@@ -315,6 +329,8 @@ class Scheduler:
                 state.status, state.row_id = RequestStatus.RUNNING, next(self._row_ids)
                 self._by_row[state.row_id] = state
                 self._row_remaining[state.row_id] = state.remaining
+                if self.paged:
+                    self._row_tokens[state.row_id] = state.prefill_width
                 requests.append(ShardRequest(
                     state.row_id, tuple(state.context), tuple(state.tokens), state.req.sampling,
                     state.allowed, state.req.min_new_tokens, state.req.top_logprobs, state.blank.mask_pos,
@@ -338,6 +354,28 @@ class Scheduler:
             out.filter = FilterOp(self._running.id, tuple(keep))
         return keep
 
+    def _blocks_after_step(self, rows: Sequence[int]) -> int:
+        """Blocks ``rows`` hold once the next step has fed each its pending token."""
+        return sum(blocks_for(self._row_tokens[r] + 1, self.block_size) for r in rows)
+
+    def _preempt(self, keep: list[int], out: StepPlan) -> list[int]:
+        """Paged: while the running rows' next step does not fit the pool, the most recently
+        admitted row leaves (its blocks are freed by the FilterBatch) and waits again with what
+        it generated; it is prefilled again later (recomputed), as a resumed request is."""
+        if not self.paged or not keep or self._blocks_after_step(keep) <= self.num_blocks:
+            return keep
+        keep = list(keep)
+        while len(keep) > 1 and self._blocks_after_step(keep) > self.num_blocks:
+            row = max(keep)                              # row ids grow with admission
+            keep.remove(row)
+            state = self._by_row.pop(row)
+            self._row_remaining.pop(row, None)
+            self._row_tokens.pop(row, None)
+            self._enqueue(state)
+            self.preempted += 1
+        out.filter = FilterOp(self._running.id, tuple(keep))
+        return keep
+
     def _longest_remaining(self, rows: Sequence[int]) -> int:
         return max((self._row_remaining.get(r, 0) for r in rows), default=0)
 
@@ -352,6 +390,8 @@ class Scheduler:
             return []
         self._blocked_at = None
         max_rows = 1 if lim.mode is BatchingMode.SEQUENTIAL else lim.max_batch_size
+        if self.paged:
+            return self._admit_paged(keep, max_rows)
         width = self._running.width if self._running is not None and rows else 0
         longest = self._longest_remaining(keep)
         take: list[RequestState] = []
@@ -373,12 +413,35 @@ class Scheduler:
             min_size = max(1, int(rows * lim.waiting_served_ratio))
         return take if len(take) >= min_size else []
 
+    def _admit_paged(self, keep: list[int], max_rows: int) -> list[RequestState]:
+        """Paged admission: FIFO while a row is free, the step's tokens (one per running row plus
+        the prompts admitted) stay within ``max_prefill_tokens`` (the first phase always passes)
+        and the blocks after the step leave ``kv_watermark`` of the pool free (an empty pool
+        takes any phase that fits it): by the tokens a phase has now, not its max_new_tokens."""
+        rows, used = len(keep), self._blocks_after_step(keep)
+        limit = self.num_blocks - max(1, int(self.num_blocks * self.limits.kv_watermark))
+        take: list[RequestState] = []
+        tokens = rows
+        for state in self._waiting:
+            if rows + len(take) >= max_rows or (take and (state.solo or take[0].solo)):
+                break
+            n = state.prefill_width
+            if take and tokens + n > self.limits.max_prefill_tokens:
+                break
+            blocks = blocks_for(n, self.block_size)
+            if used + blocks > (limit if rows or take else self.num_blocks):
+                break
+            take.append(state)
+            used, tokens = used + blocks, tokens + n
+        return take
+
     # -- replies ------------------------------------------------------------------------------
     def filtered(self, view: BatchView | None) -> None:
         if self._running is not None:
             for row in self._running.row_ids:
                 if view is None or row not in view.row_ids:
                     self._row_remaining.pop(row, None)
+                    self._row_tokens.pop(row, None)
         self._running = view
 
     def prefilled(self, op: PrefillOp, gens: Sequence[Gen], view: BatchView | None,
@@ -398,6 +461,7 @@ class Scheduler:
         states = [self._by_row.pop(r.row_id) for r in op.requests if r.row_id in self._by_row]
         for state in states:
             self._row_remaining.pop(state.row_id, None)
+            self._row_tokens.pop(state.row_id, None)
             if code == "INVALID_ARGUMENT" and (state.row_id == refused_row_id or len(states) == 1):
                 self._fail(state, code, f"the workers rejected the request: {message}", dead=True, out=out)
             elif code == "RESOURCE_EXHAUSTED" and self._running is None:
@@ -410,10 +474,15 @@ class Scheduler:
         return out
 
     def decoded(self, gens: Sequence[Gen], view: BatchView | None,
-                failed: Sequence[tuple[int, str]] = ()) -> StepOutput:
-        """The workers decoded one step: as ``prefilled``."""
+                failed: Sequence[tuple[int, str]] = (), admitted: PrefillOp | None = None) -> StepOutput:
+        """The workers decoded one step (with ``admitted``: and prefilled those phases in the
+        same forward, paged): as ``prefilled``."""
+        for v in self.decode_batches():
+            for row in v.row_ids:
+                if row in self._row_tokens:
+                    self._row_tokens[row] += 1            # each fed its pending token
         self._running, self._fresh = view, None
-        self._steps_since_prefill += 1
+        self._steps_since_prefill = 0 if admitted is not None else self._steps_since_prefill + 1
         return self._rows_failed(failed).merge(self._apply(gens))
 
     def _rows_failed(self, failed: Sequence[tuple[int, str]]) -> StepOutput:
@@ -421,6 +490,7 @@ class Scheduler:
         out = StepOutput()
         for row_id, message in failed:
             self._row_remaining.pop(row_id, None)
+            self._row_tokens.pop(row_id, None)
             state = self._by_row.get(row_id)
             if state is None or state.status is not RequestStatus.RUNNING:
                 continue                                   # it had left already (a stop text)
@@ -443,6 +513,7 @@ class Scheduler:
                 self._row_remaining[gen.row_id] -= 1
                 if gen.finished:
                     del self._row_remaining[gen.row_id]
+                    self._row_tokens.pop(gen.row_id, None)
             state = self._by_row.get(gen.row_id)
             if state is None or state.status is not RequestStatus.RUNNING:
                 continue                                   # left on a stop text; filtered next step
