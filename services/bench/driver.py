@@ -11,6 +11,7 @@ scheduling and the timings are the same for both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from services.bench.stats import RequestResult
@@ -43,26 +44,44 @@ class GRPCGenerate:
                       clock, timeout_s: float) -> None:
         from services.client import GLMError
 
-        options = dict(model=model, max_new_tokens=req.max_new_tokens, min_new_tokens=req.max_new_tokens,
-                       temperature=temperature, timeout=timeout_s)
+        options = dict(model=model, max_new_tokens=req.max_new_tokens,
+                       min_new_tokens=req.stop_after or req.max_new_tokens, temperature=temperature, timeout=timeout_s)
         if temperature > 0:
             options["seed"] = req.seed
         try:
-            async for message in self._client.generate_stream(req.prompt, **options):
-                at = clock()
-                if message.token_ids:
-                    if res.first_token_s is None:
-                        res.first_token_s = at
-                    res.token_times.append((at, len(message.token_ids)))
-                if message.finish_reason:
-                    res.finished_s = at
-                    res.finish_reason = message.finish_reason
-                    res.prompt_tokens = message.usage.prompt_tokens
-                    res.generated_tokens = message.usage.generated_tokens
-                    if message.finish_reason not in FINISHED:
-                        res.error = f"finish_reason {message.finish_reason}"
+            async with contextlib.aclosing(self._client.generate_stream(req.prompt, **options)) as stream:
+                async for message in stream:
+                    at = clock()
+                    if message.token_ids:
+                        if res.first_token_s is None:
+                            res.first_token_s = at
+                        res.token_times.append((at, len(message.token_ids)))
+                    if req.stop_after and sum(n for _, n in res.token_times) >= req.stop_after:
+                        early_stop(res, at, req.stop_after)
+                        return                 # closing the stream cancels the call
+                    if self._finished(message, res, at):
+                        return
         except GLMError as error:
             res.error = f"{error.code.name}: {error.details}"[:200]
+
+    @staticmethod
+    def _finished(message, res: RequestResult, at: float) -> bool:
+        """Record the final message of a stream; True when ``message`` is it."""
+        if not message.finish_reason:
+            return False
+        res.finished_s = at
+        res.finish_reason = message.finish_reason
+        res.prompt_tokens = message.usage.prompt_tokens
+        res.generated_tokens = message.usage.generated_tokens
+        if message.finish_reason not in FINISHED:
+            res.error = f"finish_reason {message.finish_reason}"
+        return True
+
+
+def early_stop(res: RequestResult, at: float, tokens: int) -> None:
+    """The client ends a request after its drawn length (``BenchRequest.stop_after``)."""
+    res.token_times[-1] = (at, res.token_times[-1][1] - (sum(n for _, n in res.token_times) - tokens))
+    res.finished_s, res.finish_reason, res.generated_tokens = at, "stop", tokens
 
 
 def connect(api: str, address: str, *, extra_body: dict | None = None):
@@ -94,7 +113,7 @@ async def run_load(address: str, workload: list[BenchRequest], *, api: str = "gr
                    concurrency: int = 32, duration_s: float = 120.0, temperature: float = 0.0,
                    timeout_s: float = 600.0, extra_body: dict | None = None) -> list[RequestResult]:
     """The timings of every request of ``workload`` (one entry each, in order)."""
-    results = [RequestResult(r.index, r.max_new_tokens, r.at_s) for r in workload]
+    results = [RequestResult(r.index, r.stop_after or r.max_new_tokens, r.at_s) for r in workload]
     slots = asyncio.Semaphore(concurrency)
     async with connect(api, address, extra_body=extra_body) as client:
         origin = time.perf_counter()

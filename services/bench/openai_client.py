@@ -57,7 +57,7 @@ def completion_body(req: BenchRequest, *, model: str, temperature: float,
     """The JSON body of one request; ``extra_body`` entries replace the defaults (None drops one)."""
     body = {
         "model": model, "prompt": req.prompt, "max_tokens": req.max_new_tokens,
-        "min_tokens": req.max_new_tokens, "ignore_eos": True, "temperature": temperature,
+        "min_tokens": req.stop_after or req.max_new_tokens, "ignore_eos": True, "temperature": temperature,
         "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     if temperature > 0:
@@ -179,13 +179,15 @@ class OpenAICompletions:
                     text = await resp.text()
                     res.error = f"HTTP {resp.status}: {' '.join(text.split())[:BODY_CHARS]}"
                     return
-                await self._read(sse_data(resp.content), res, clock)
+                await self._read(sse_data(resp.content), res, clock, req.stop_after)
         except self._aiohttp.ClientError as exc:
             res.error = _describe(exc)
         except asyncio.TimeoutError:
             res.error = f"no answer within {timeout_s:g} s"
 
-    async def _read(self, events, res: RequestResult, clock) -> None:
+    async def _read(self, events, res: RequestResult, clock, stop_after: int = 0) -> None:
+        """Fill ``res`` from the stream; with ``stop_after``, end it after that many tokens (the
+        response is closed on return: the server sees the client go)."""
         counter = ChunkCounter()
         final_usage: dict = {}
         async for data in events:
@@ -213,6 +215,13 @@ class OpenAICompletions:
                     res.finish_reason = choice["finish_reason"]
             if chunk.get("usage"):
                 final_usage = chunk["usage"]
+            if stop_after and sum(n for _, n in res.token_times) >= stop_after:
+                from services.bench.driver import early_stop
+
+                res.count_source = "chunks"
+                early_stop(res, at, stop_after)
+                res.prompt_tokens = int(final_usage.get("prompt_tokens") or 0)
+                return
         final = final_usage.get("completion_tokens")
         counts, res.count_source = counter.settle(final if isinstance(final, int) else None)
         res.token_times = [(at, n) for (at, _), n in zip(res.token_times, counts)]

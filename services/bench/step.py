@@ -16,7 +16,9 @@ rank of ``tp`` (real processes over gloo, ``model.distributed.run_local_ranks``)
   copies counted on CPU).
 
 Rows decode greedily with ``min_new_tokens`` banning the end tokens, as ``glm bench serve``'s
-load does, so no row leaves the batch. On TP > 1 the ranks build their shards one after the
+load does, so no row leaves the batch. ``kv_cache`` chooses the cache: ``paged`` (the workers'
+block pool, ``model.paged_kv``: the forward is one packed ``GLMModel.step_logits``) or ``dense``
+(the left-padded ``model.kv_cache.KVCache`` of ``glm generate`` and CUDA graphs). On TP > 1 the ranks build their shards one after the
 other (only one build's transient at a time) and run the same calls in lockstep; rank 0's
 timings are reported, with every rank's memory. Importing this module loads no torch.
 """
@@ -29,6 +31,7 @@ from dataclasses import asdict, dataclass
 from model.config import GMASK_ID, check_model_source, dummy_config
 
 TEXT_ID = 20100               # any text id: prompts are ``TEXT_ID + i % 1000`` then [gMASK]
+KV_CACHES = ("paged", "dense")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class StepBench:
     warmup: int = 2
     bandwidth_gib: float = 1.0
     threads: int | None = None        # torch threads per rank (default: CPUs / tp)
+    kv_cache: str = "paged"           # paged (the workers' block pool) | dense
 
     def __post_init__(self) -> None:
         check_model_source(self.load_format, self.checkpoint, self.preset, self.num_layers)
@@ -61,6 +65,8 @@ class StepBench:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.bandwidth_gib <= 0:
             raise ValueError("--warmup must be >= 0 and --bandwidth-gib > 0")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         if not self.batches or min(self.batches) < 1:
             raise ValueError(f"--batch: a comma-separated list of batch sizes >= 1, got {self.batches}")
 
@@ -154,6 +160,8 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
     model, t = engine.model, engine.model.transformer
     calls = 2 * (bench.steps + bench.warmup) + 2
     batch = Batch(0, _decode_rows(batch_size, bench.context_tokens, calls))
+    if engine.pool is not None:
+        engine.pool = _pool(model, batch_size, bench.context_tokens + calls + 1)
     engine.prefill(batch)                                       # fills the cache, picks the first token
     length_before = batch.cache.length
     positions = batch.decode_positions(engine.device)
@@ -164,8 +172,15 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
         model.rotary(positions, model.dtype)
         t.word_embeddings(ids)
 
+    def paged_forward():                                        # the packed forward of a decode step
+        from model.paged_kv import PagedStep
+
+        step = PagedStep.build(batch.cache, batch_size, [])
+        return model.step_logits(batch.pending, positions.view(-1), step)
+
     parts = {
-        "forward": lambda: engine.decode_logits(batch.cache, batch.pending, positions),
+        "forward": (paged_forward if engine.pool is not None
+                    else lambda: engine.decode_logits(batch.cache, batch.pending, positions)),
         "head": lambda: t.word_embeddings.logits(t.final_layernorm(hidden)),   # as the forward: compute dtype
         "embed": embed,
         "step": lambda: engine.decode(batch),
@@ -179,18 +194,56 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
                 if round_ >= bench.warmup:
                     times[name].append(time.perf_counter() - start)
     kv_length = (length_before + batch.cache.length) / 2        # mean slots read over the calls
+    if engine.pool is not None:
+        batch.release()
     return {"batch": batch_size, "kv_length": kv_length, **times}
+
+
+def _pool(model, rows: int, tokens: int):
+    """A block pool holding ``rows`` rows of ``tokens`` tokens each."""
+    from model.kv_footprint import blocks_for
+    from model.paged_kv import DEFAULT_BLOCK_SIZE, BlockPool
+
+    c = model.config
+    return BlockPool(c.num_layers, rows * blocks_for(tokens, DEFAULT_BLOCK_SIZE), DEFAULT_BLOCK_SIZE,
+                     c.num_attention_heads // model.ctx.world_size, c.head_dim, dtype=model.dtype,
+                     device=model.device)
+
+
+def _prefill_forward(engine, rows):
+    """The prefill forward alone (no sampling) of a new batch of ``rows``."""
+    from model.engine import Batch
+
+    if engine.pool is None:
+        return engine.prefill_logits(Batch(0, rows))
+    from model.paged_kv import PagedCache, PagedStep
+
+    cache = PagedCache(engine.pool)
+    cache.add_rows(len(rows))
+    step = PagedStep.build(cache, 0, [(len(r.prefill_ids), r.blank.context_length) for r in rows])
+    ids = torch_tensor([t for r in rows for t in r.prefill_ids])
+    pos = torch_tensor([p for r in rows for p in r.prefill_positions])
+    try:
+        return engine.model.step_logits(ids, pos, step)
+    finally:
+        cache.release()
+
+
+def torch_tensor(values):
+    import torch
+
+    return torch.tensor(values, dtype=torch.long)
 
 
 def bench_prefill(engine, bench: StepBench) -> dict:
     """Prefills of ``prompt_tokens`` at batch 1, after (with ``warmup``) one short prefill that
     pays the first-call costs without the long call's minutes at full width."""
-    from model.engine import Batch
-
+    if engine.pool is not None:
+        engine.pool = _pool(engine.model, 1, bench.prompt_tokens)
     if bench.warmup:
-        engine.prefill_logits(Batch(0, _decode_rows(1, min(16, bench.prompt_tokens - 1), 1)))
+        _prefill_forward(engine, _decode_rows(1, min(16, bench.prompt_tokens - 1), 1))
     rows = _decode_rows(1, bench.prompt_tokens - 1, 1)          # context + sop = prompt_tokens
-    times = _timed(lambda: engine.prefill_logits(Batch(0, rows)), max(1, bench.steps // 3), 0)
+    times = _timed(lambda: _prefill_forward(engine, rows), max(1, bench.steps // 3), 0)
     return {"tokens": bench.prompt_tokens, "times": times}
 
 
@@ -209,6 +262,8 @@ def bench_rank(ctx, bench: StepBench) -> dict:
     model = _build(ctx, bench)
     after = rss_bytes()
     engine = Engine(model)
+    if bench.kv_cache == "paged":
+        engine.pool = _pool(model, 1, 1)                     # each measurement sizes its own
     decode = [bench_decode(engine, bench, b) for b in bench.batches]
     prefill = bench_prefill(engine, bench)
     c = model.config

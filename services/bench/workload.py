@@ -41,8 +41,27 @@ class BenchRequest:
     index: int
     at_s: float               # arrival, seconds after the start of the run
     prompt: str
-    max_new_tokens: int       # also its min_new_tokens: the output length is exactly this
+    max_new_tokens: int       # also its min_new_tokens unless stop_after: the output length is exactly this
     seed: int                 # sampling seed (used when sampling is on)
+    stop_after: int = 0       # > 0: sent with max_new_tokens as its limit, ended by the client after this many
+
+
+# Prompts of a chosen length: common English words, about TOKENS_PER_WORD tokens each with the
+# demo tokenizer (the 150 528-id vocabulary of every preset): 1 402 tokens for 1 000 words.
+WORDS = tuple("the of and to in is that for it as was with be by on not he this are or his from at "
+              "which but have an they you were her she there one all we their".split())
+TOKENS_PER_WORD = 1.4
+
+
+def synthetic_prompt(tokens: int, rng: random.Random) -> str:
+    """A prompt of about ``tokens`` tokens: random common words and one blank, ``[gMASK]`` at the
+    end (four in five) or ``[MASK]`` inside the text."""
+    words = [rng.choice(WORDS) for _ in range(max(1, round((tokens - 1) / TOKENS_PER_WORD)))]
+    if rng.random() < 0.2:
+        words.insert(rng.randrange(len(words) + 1), "[MASK]")
+    else:
+        words.append("[gMASK]")
+    return " ".join(words)
 
 
 def poisson_arrivals(count: int, rate: float, rng: random.Random) -> list[float]:
@@ -59,20 +78,28 @@ def poisson_arrivals(count: int, rate: float, rng: random.Random) -> list[float]
 
 
 def make_workload(count: int, *, rate: float, min_new_tokens: int, max_new_tokens: int,
-                  seed: int, prompts: tuple[str, ...] = PROMPTS) -> list[BenchRequest]:
+                  seed: int, prompts: tuple[str, ...] = PROMPTS, prompt_tokens: tuple[int, int] | None = None,
+                  early_stops: bool = False) -> list[BenchRequest]:
     """The requests of one run, deterministic in ``seed``: a prompt drawn uniformly from
-    ``prompts``, an output length uniform in [min_new_tokens, max_new_tokens], Poisson arrivals."""
+    ``prompts`` (or, with ``prompt_tokens = (lo, hi)``, a ``synthetic_prompt`` of a length uniform
+    in it), an output length uniform in [min_new_tokens, max_new_tokens], Poisson arrivals. With
+    ``early_stops`` every request is sent with ``max_new_tokens`` as its limit and stops after its
+    drawn length (the client ends it): a server cannot know when a request will stop."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     if not 1 <= min_new_tokens <= max_new_tokens:
         raise ValueError(f"need 1 <= min_new_tokens <= max_new_tokens, got {min_new_tokens}, {max_new_tokens}")
     if not prompts:
         raise ValueError("no prompts")
+    if prompt_tokens is not None and not 2 <= prompt_tokens[0] <= prompt_tokens[1]:
+        raise ValueError(f"prompt tokens: need 2 <= lo <= hi, got {prompt_tokens}")
     rng = random.Random(seed)
     arrivals = poisson_arrivals(count, rate, rng)
-    return [
-        BenchRequest(index=i, at_s=at, prompt=rng.choice(prompts),
-                     max_new_tokens=rng.randint(min_new_tokens, max_new_tokens),
-                     seed=rng.randrange(1, 2**31))
-        for i, at in enumerate(arrivals)
-    ]
+    out = []
+    for i, at in enumerate(arrivals):
+        prompt = synthetic_prompt(rng.randint(*prompt_tokens), rng) if prompt_tokens else rng.choice(prompts)
+        length = rng.randint(min_new_tokens, max_new_tokens)
+        out.append(BenchRequest(index=i, at_s=at, prompt=prompt,
+                                max_new_tokens=max_new_tokens if early_stops else length,
+                                seed=rng.randrange(1, 2**31), stop_after=length if early_stops else 0))
+    return out

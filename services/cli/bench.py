@@ -69,7 +69,8 @@ def measure(address: str, args, model: str = "", api: str = "grpc", on_start=Non
     """Warm the server up, then run the seeded workload against it; one mode's report.
     ``on_start``, when given, is called between the warm-up and the measured run."""
     workload = make_workload(args.requests, rate=args.rate, min_new_tokens=args.min_new_tokens,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed)
+                             max_new_tokens=args.max_new_tokens, seed=args.seed,
+                             prompt_tokens=args.prompt_tokens, early_stops=args.early_stops)
     load = dict(api=api, model=model, temperature=args.temperature, extra_body=args.extra_body)
     if args.warmup:
         warm = make_workload(args.warmup, rate=0, min_new_tokens=2, max_new_tokens=4, seed=args.seed + 1)
@@ -219,7 +220,8 @@ def serve(args) -> int:
     against_peer = peer_ratios(reports, args.peer_label) if args.peer else {}
     if args.json:
         settings = {k: getattr(args, k) for k in (
-            "requests", "rate", "concurrency", "min_new_tokens", "max_new_tokens", "duration_s",
+            "requests", "rate", "concurrency", "min_new_tokens", "max_new_tokens", "prompt_tokens", "early_stops",
+            "duration_s",
             "seed", "temperature", "max_batch_size", "tp", "dtype", "device", "address", "api",
             "extra_body")}
         if args.peer:
@@ -268,7 +270,7 @@ def step(args) -> int:
                       num_layers=args.num_layers, dtype=args.dtype, quant=None if args.quant == "none" else args.quant,
                       tp=args.tp, batches=tuple(args.batch), prompt_tokens=args.prompt_tokens,
                       context_tokens=args.context_tokens, steps=args.steps, warmup=args.warmup,
-                      bandwidth_gib=args.bandwidth_gib, threads=args.threads)
+                      bandwidth_gib=args.bandwidth_gib, threads=args.threads, kv_cache=args.kv_cache)
     report = run_step(bench)
     if args.json:
         print(json.dumps({"machine": machine(cpu_flags=True), **report}, indent=2))

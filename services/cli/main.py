@@ -153,6 +153,12 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--concurrency", type=positive_int, default=32, help="calls in flight at most")
     s.add_argument("--min-new-tokens", type=positive_int, default=8, help="shortest output (tokens)")
     s.add_argument("--max-new-tokens", type=positive_int, default=64, help="longest output (tokens)")
+    s.add_argument("--prompt-tokens", type=_token_range,
+                   help="LO:HI: synthetic prompts of a length uniform in LO..HI tokens (default: a fixed set "
+                        "of English and Chinese prompts of 3-90 tokens)")
+    s.add_argument("--early-stops", action="store_true",
+                   help="send every request with --max-new-tokens as its limit and end it (the client "
+                        "cancels) after its drawn length: requests that stop early")
     s.add_argument("--duration-s", type=float, default=120.0,
                    help="per mode: nothing is sent after this, and calls still running are cut")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrivals, prompts and lengths")
@@ -208,6 +214,16 @@ def _add_bench_serve_apis(s: argparse.ArgumentParser) -> None:
 
 
 
+def _token_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI (two integers), got {text!r}") from None
+    if not 2 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"need 2 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def _batches(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(item) for item in text.split(",") if item.strip())
@@ -236,6 +252,9 @@ def _add_bench_step(subs) -> None:
     s.add_argument("--prompt-tokens", type=positive_int, default=512, help="tokens of the prefill (batch 1)")
     s.add_argument("--context-tokens", type=positive_int, default=32,
                    help="prompt of every decoding row (its KV cache)")
+    s.add_argument("--kv-cache", choices=["paged", "dense"], default="paged",
+                   help="paged: the workers' block pool, one packed forward per step; dense: the left-padded "
+                        "cache of glm generate and CUDA graphs")
     s.add_argument("--steps", type=positive_int, default=10, help="timed calls per figure")
     s.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls before them")
     s.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the read-bandwidth probe")
