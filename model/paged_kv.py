@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from kernels import cpu_paged
 from model.kv_footprint import blocks_for
 
 DEFAULT_BLOCK_SIZE = 16
@@ -82,7 +83,15 @@ class BlockPool:
         out = [heapq.heappop(self._free) for _ in range(n)]
         for b in out:
             self.refs[b] = 1
+        if out:            # attention reads whole blocks (masked past a row's length): finite values only
+            index = torch.tensor(out, device=self.device)
+            for t in (self.keys, self.values):
+                self.blocks_view(t).index_fill_(2, index, 0)
         return out
+
+    def blocks_view(self, t: torch.Tensor) -> torch.Tensor:
+        """``keys``/``values`` (or one layer of them) seen as ``[..., np, blocks, block_size, hn]``."""
+        return t.view(*t.shape[:-2], self.num_blocks, self.block_size, self.head_dim)
 
     def share(self, blocks: Sequence[int]) -> None:
         """One more reference to each of ``blocks``."""
@@ -222,16 +231,10 @@ class PagedCache:
             self.pool.release(table)
         self.tables, self.lengths = [], []
 
-    def slot_index(self, rows: Sequence[int], width: int) -> torch.Tensor:
-        """``[len(rows), width]`` pool slots of each row's tokens ``0..width-1``; past a row's
-        length the index repeats its last token (finite values, masked by the caller)."""
-        bs = self.pool.block_size
-        tables = [self.tables[r] for r in rows]
-        most = max(len(t) for t in tables)
-        tab = torch.tensor([t + [0] * (most - len(t)) for t in tables], dtype=torch.long)   # [r, blocks]
-        lens = torch.tensor([self.lengths[r] for r in rows], dtype=torch.long)
-        k = torch.minimum(torch.arange(width)[None, :], lens[:, None] - 1)                  # [r, w]
-        return tab.gather(1, k // bs) * bs + k % bs
+    def block_index(self, rows: Sequence[int], blocks: int) -> torch.Tensor:
+        """``[len(rows), blocks]`` the tables of ``rows``, each padded with its last block."""
+        return torch.tensor([t + [t[-1]] * (blocks - len(t)) for t in (self.tables[r] for r in rows)],
+                            dtype=torch.long)
 
 
 DECODE_CHUNK_BYTES = 2 << 20   # bytes of gathered keys one chunk of paged decode attention reads
@@ -249,11 +252,13 @@ class PagedStep:
 
     pool: BlockPool
     slots: torch.Tensor                    # [n] pool slot of each packed token
-    decode_order: list[int]                # decode rows sorted by cached length (packed index = row)
+    cache: PagedCache
     decode_lengths: list[int]              # cached tokens of each decode row after this step's write
-    decode_chunks: list[tuple[int, int, torch.Tensor, torch.Tensor]]   # (i, j, slots [j-i, w], masked [j-i, w])
     prefill: list[tuple[int, int, int]]    # (packed offset, tokens, context tokens) of each admitted row
     last: torch.Tensor                     # [rows] packed index of each row's last token
+    kernel: bool = False                   # decode rows attend through kernels.cpu_paged
+    _tables: tuple[torch.Tensor, torch.Tensor] | None = None
+    _chunks: list | None = None
 
     @classmethod
     def build(cls, cache: PagedCache, decode_rows: int, prefill: Sequence[tuple[int, int]]) -> "PagedStep":
@@ -265,26 +270,44 @@ class PagedStep:
         pool = cache.pool
         slots = cache.append([1] * decode_rows + [n for n, _ in prefill]).to(pool.device)
         lengths = cache.lengths[:decode_rows]
-        order = sorted(range(decode_rows), key=lambda r: lengths[r])
-        per_slot = pool.heads_local * pool.head_dim * 4          # gathered as fp32
-        chunks, i = [], 0
-        while i < decode_rows:
-            j = i + 1
-            while j < decode_rows and (j + 1 - i) * lengths[order[j]] * per_slot <= DECODE_CHUNK_BYTES:
-                j += 1
-            width = lengths[order[j - 1]]
-            rows = order[i:j]
-            index = cache.slot_index(rows, width).to(pool.device)                     # [r, w]
-            lens = torch.tensor([lengths[r] for r in rows], device=pool.device)
-            masked = torch.arange(width, device=pool.device)[None, :] >= lens[:, None]
-            chunks.append((i, j, index, masked))
-            i = j
+        kernel = pool.device.type == "cpu" and decode_rows > 0 and cpu_paged.supports(pool.keys.dtype)
         spans, offset, last = [], decode_rows, list(range(decode_rows))
         for n, context in prefill:
             spans.append((offset, n, context))
             offset += n
             last.append(offset - 1)
-        return cls(pool, slots, order, lengths, chunks, spans, torch.tensor(last, device=pool.device))
+        return cls(pool, slots, cache, lengths, spans, torch.tensor(last, device=pool.device), kernel)
+
+    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode rows' block tables ``[rows, most blocks]`` (padded with each row's last
+        block) and cached lengths ``[rows]``, built once per step."""
+        if self._tables is None:
+            rows = range(len(self.decode_lengths))
+            most = max(blocks_for(n, self.pool.block_size) for n in self.decode_lengths)
+            self._tables = (self.cache.block_index(rows, most).to(self.pool.device),
+                            torch.tensor(self.decode_lengths, dtype=torch.long, device=self.pool.device))
+        return self._tables
+
+    def decode_chunks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The torch path's chunks: rows sorted by length, about ``DECODE_CHUNK_BYTES`` of fp32
+        keys each: (rows, their blocks ``[r, b]``, masked ``[r, b*bs]``), built once per step."""
+        if self._chunks is None:
+            pool, lengths = self.pool, self.decode_lengths
+            order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+            per_slot = pool.heads_local * pool.head_dim * 4          # gathered as fp32
+            self._chunks, i = [], 0
+            while i < len(order):
+                j = i + 1
+                while j < len(order) and (j + 1 - i) * lengths[order[j]] * per_slot <= DECODE_CHUNK_BYTES:
+                    j += 1
+                blocks = blocks_for(lengths[order[j - 1]], pool.block_size)
+                rows = order[i:j]
+                index = self.cache.block_index(rows, blocks).to(pool.device)               # [r, b]
+                lens = torch.tensor([lengths[r] for r in rows], device=pool.device)
+                masked = torch.arange(blocks * pool.block_size, device=pool.device)[None, :] >= lens[:, None]
+                self._chunks.append((torch.tensor(rows, device=pool.device), index, masked))
+                i = j
+        return self._chunks
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store ``layer``'s keys/values ``[n, np, hn]`` of the packed tokens in their slots."""
@@ -298,7 +321,7 @@ class PagedStep:
         dense function for the admitted rows (``[1, np, s, hn]``, mask ``[1, 1, s, s]``)."""
         n, heads, d = q.shape
         out = torch.empty((n, heads * d), dtype=q.dtype, device=q.device)
-        if self.decode_chunks:
+        if self.decode_lengths:
             self._decode(layer, q, coeff, out)
         for offset, s, context in self.prefill:
             mask = prefill_mask(s, context, q.device)                                 # [1, 1, s, s]
@@ -307,17 +330,26 @@ class PagedStep:
         return out
 
     def _decode(self, layer: int, q: torch.Tensor, coeff: float, out: torch.Tensor) -> None:
-        """One query per decode row over its cached tokens, chunk by chunk of rows of similar
-        length: the chunk's keys/values gathered from the pool (fp32, while they are in cache),
-        then the official arithmetic as in ``model.glm.decode_attention``."""
-        keys, values = self.pool.keys[layer], self.pool.values[layer]                 # [np, slots, hn]
-        heads, d = keys.shape[0], keys.shape[2]
+        """One query per decode row over its cached tokens: on a CPU through
+        ``kernels.cpu_paged`` (keys and values read where they lie); otherwise chunk by chunk of
+        rows of similar length, the chunk's blocks gathered from the pool (whole blocks, fp32,
+        while they are in cache), then the official arithmetic as in
+        ``model.glm.decode_attention``."""
+        d = self.pool.head_dim
         fill = -10000.0 * coeff
         scale = 1.0 / math.sqrt(d)
-        order = torch.tensor(self.decode_order, device=q.device)
-        for i, j, index, masked in self.decode_chunks:
-            r, w = index.shape
-            rows = order[i:j]
+        rows = len(self.decode_lengths)
+        if self.kernel:
+            tables, lens = self.decode_tables()
+            res = cpu_paged.paged_decode(q[:rows].float() * scale, self.pool.keys[layer],
+                                         self.pool.values[layer], tables, lens, self.pool.block_size)
+            out[:rows] = res.view(rows, -1)
+            return
+        keys = self.pool.blocks_view(self.pool.keys[layer])                           # [np, blocks, bs, hn]
+        values = self.pool.blocks_view(self.pool.values[layer])
+        heads = keys.shape[0]
+        for rows, index, masked in self.decode_chunks():
+            r, w = index.shape[0], masked.shape[1]
             query = q.index_select(0, rows).float().mul_(scale).transpose(0, 1).reshape(heads * r, 1, d)
             k = keys.index_select(1, index.view(-1)).float().view(heads * r, w, d)   # [np*r, w, hn]
             vv = values.index_select(1, index.view(-1)).float().view(heads * r, w, d)

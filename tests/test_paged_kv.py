@@ -9,10 +9,11 @@ import random
 import pytest
 import torch
 
+from kernels import cpu_paged
 from model.config import GMASK_ID, MASK_ID
 from model.engine import Batch, Engine, RequestState
 from model.generation import GenerationOptions, Generator
-from model.paged_kv import BlockPool, PagedCache, PoolExhausted, blocks_for, prefill_mask
+from model.paged_kv import BlockPool, PagedCache, PagedStep, PoolExhausted, blocks_for, prefill_mask
 from model.prompt import Blank
 from model.runner import load_model
 from model.sampling import Sampler, SamplingParams
@@ -23,6 +24,16 @@ SEEDED = dict(temperature=0.9, top_k=30, top_p=0.95, repetition_penalty=1.1, see
 @pytest.fixture(scope="module")
 def model(checkpoint):
     return load_model(checkpoint("glm-tiny", tp=1, seed=5))
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """Decode rows attend through the C kernel (kernels.cpu_paged) or the torch gather path."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_paged, "supports", lambda dtype: False)
+    else:
+        assert cpu_paged.kernel() is not None, "the paged decode kernel did not build on this machine"
+    return request.param
 
 
 def pool_of(model, blocks=64, block_size=4):
@@ -51,7 +62,7 @@ def test_prefill_mask_is_glms_prefix_lm():
     assert m[4].tolist() == [True] * 5
 
 
-def test_a_mixed_step_equals_the_reference_forward(model):
+def test_a_mixed_step_equals_the_reference_forward(model, path):
     """Rows decoding at different lengths and rows admitted in the same forward (a [MASK]
     row, a [gMASK] row, a resumed row with generated ids) get the reference logits."""
     pool = pool_of(model)
@@ -83,7 +94,7 @@ def test_a_mixed_step_equals_the_reference_forward(model):
 
 
 @pytest.mark.parametrize("params", [dict(greedy=True), SEEDED])
-def test_paged_engine_generates_what_glm_generate_does(model, params):
+def test_paged_engine_generates_what_glm_generate_does(model, params, path):
     """Rows admitted at different steps into the running batch generate exactly the tokens
     of ``glm generate`` (the dense engine) for the same blanks and seeds."""
     blanks = [Blank.first(prompt(n, mask, offset=n)) for n, mask in [(5, GMASK_ID), (14, MASK_ID), (9, GMASK_ID)]]
@@ -173,3 +184,30 @@ def test_a_forked_row_copies_a_shared_block_before_writing(model):
     with pytest.raises(PoolExhausted, match="9 blocks needed"):
         PagedCache(pool, [[]], [0]).append([36])
     assert pool.free_blocks == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_computes_what_the_torch_path_does(dtype):
+    """Decode attention of rows of different lengths over scattered blocks: the C kernel
+    against the torch gather path (masked fp32 batched matmuls), fp32 and bf16 pools."""
+    torch.manual_seed(1)
+    pool = BlockPool(2, 40, 4, 3, 16, dtype=dtype)
+    cache = PagedCache(pool)
+    cache.add_rows(5)
+    cache.append([3, 9, 1, 14, 6])
+    for _ in range(5):                                    # interleaved growth: scattered tables
+        cache.append([1, 0, 2, 1, 3])
+    pool.keys.normal_()
+    pool.values.normal_()
+    q = torch.randn(5, 3, 16).to(dtype)
+    step = PagedStep.build(cache, 5, [])
+    assert step.kernel                                    # the machine's build is in use
+    outs = {}
+    for kernel in (True, False):
+        step.kernel = kernel
+        out = torch.empty(5, 48, dtype=dtype)
+        step._decode(1, q, 2.0, out)
+        outs[kernel] = out.float()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(outs[True], outs[False], rtol=tol, atol=tol)
+    cache.release()
