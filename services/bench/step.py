@@ -162,7 +162,8 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
     batch = Batch(0, _decode_rows(batch_size, bench.context_tokens, calls))
     if engine.pool is not None:
         engine.pool = _pool(model, batch_size, bench.context_tokens + calls + 1)
-    engine.prefill(batch)                                       # fills the cache, picks the first token
+    state = {"batch": engine.prefill(batch).batch}              # fills the cache, picks the first token
+    batch = state["batch"]
     length_before = batch.cache.length
     positions = batch.decode_positions(engine.device)
     hidden = torch.randn((batch_size, 1, model.config.hidden_size), dtype=model.dtype)
@@ -175,15 +176,18 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
     def paged_forward():                                        # the packed forward of a decode step
         from model.paged_kv import PagedStep
 
-        step = PagedStep.build(batch.cache, batch_size, [])
-        return model.step_logits(batch.pending, positions.view(-1), step)
+        now = state["batch"]
+        return model.step_logits(now.pending, positions.view(-1), PagedStep.build(now.cache, batch_size, []))
+
+    def step() -> None:                                         # a paged step moves the rows to a new batch
+        state["batch"] = engine.decode(state["batch"]).batch
 
     parts = {
         "forward": (paged_forward if engine.pool is not None
                     else lambda: engine.decode_logits(batch.cache, batch.pending, positions)),
         "head": lambda: t.word_embeddings.logits(t.final_layernorm(hidden)),   # as the forward: compute dtype
         "embed": embed,
-        "step": lambda: engine.decode(batch),
+        "step": step,
     }
     times: dict[str, list[float]] = {name: [] for name in parts}
     with torch.inference_mode():
@@ -193,6 +197,7 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
                 fn()
                 if round_ >= bench.warmup:
                     times[name].append(time.perf_counter() - start)
+    batch = state["batch"]
     kv_length = (length_before + batch.cache.length) / 2        # mean slots read over the calls
     if engine.pool is not None:
         batch.release()

@@ -177,6 +177,8 @@ def check_args(args) -> None:
         raise ValueError("--requests, --concurrency and --duration-s must be positive")
     if not 1 <= args.min_new_tokens <= args.max_new_tokens:
         raise ValueError("need 1 <= --min-new-tokens <= --max-new-tokens")
+    if args.redis_url and not args.address:
+        raise ValueError("--redis-url is for --address (a local stack reports its own Redis)")
     if args.api != "grpc" and not args.address:
         raise ValueError(f"--api {args.api} needs --address (the local stacks speak gRPC; "
                          "use --peer to add another server to them)")
@@ -200,7 +202,13 @@ def serve(args) -> int:
     checkpoint = None
     if args.address:
         model = args.model or asyncio.run(server_model(args.api, args.address, extra_body=args.extra_body))
-        reports = {args.label: measure(args.address, args, model=model, api=args.api)}
+        load = RedisLoad(args.redis_url) if args.redis_url else None
+        reports = {args.label: measure(args.address, args, model=model, api=args.api,
+                                       on_start=load.start if load else None)}
+        if load is not None:
+            report = reports[args.label]
+            report["redis"] = load.report(report["generated_tokens"], report["elapsed_s"])
+            load.close()
     else:
         args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         unknown = [m for m in args.modes if m not in MODES]

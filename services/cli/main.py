@@ -148,6 +148,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--address", help="bench this running gateway (HOST:PORT) in its own mode only")
     s.add_argument("--model", default="", help="with --address: model name (default: the gateway's)")
     s.add_argument("--label", default="server", help="with --address: the report's row name")
+    s.add_argument("--redis-url", help="with --address: the stack's own Redis (its queue), to report its "
+                                       "commands per token, rows per forward and the workers' share (the "
+                                       "server's statistics are reset: give a Redis of this stack only)")
     s.add_argument("--requests", type=positive_int, default=48, help="requests per mode")
     s.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second (0 = all at once)")
     s.add_argument("--concurrency", type=positive_int, default=32, help="calls in flight at most")
