@@ -51,6 +51,10 @@ class ServeOptions(Options):
     mode: str = option("continuous", choices=MODES, to=("scheduler",),
                        help="batching: continuous (iteration-level), static, or one request at a time")
     max_batch_size: int = option(32, type=positive_int, to=("scheduler",), help="rows of one batch at most")
+    max_prefill_tokens: int = option(4096, type=positive_int, to=("scheduler",),
+                                     help="token budget of one step: paged workers, one per running row plus the "
+                                          "prompts admitted; dense, padded rows x width of one prefill (a single "
+                                          "request always passes)")
     result_ttl_s: int = option(keys.RESULT_TTL_S, type=positive_int, to=("scheduler",),
                                help="keep a finished request's events and idempotency record this long "
                                     "(seconds; see docs/deploy.md)")
@@ -111,7 +115,8 @@ class ServeOptions(Options):
         checkpoint, name = self._served()
         return SchedulerOptions(redis_url=redis_url, model=name, checkpoint=checkpoint, tokenizer=self.tokenizer,
                                 workers=workers, pool_id=pool_id, mode=self.mode,
-                                max_batch_size=self.max_batch_size, result_ttl_s=self.result_ttl_s,
+                                max_batch_size=self.max_batch_size, max_prefill_tokens=self.max_prefill_tokens,
+                                result_ttl_s=self.result_ttl_s,
                                 otlp_endpoint=self.ranks.otlp_endpoint,
                                 metrics_port=metrics_port, metrics_host=LOOPBACK)
 

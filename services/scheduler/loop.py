@@ -449,6 +449,7 @@ class PoolLoop:
                 await self._publish(core.prefill_refused(op, exc.code.name, exc.details, exc.refused_request_id))
                 return
         if op is not None:
+            self.counters["prefill_steps"] += 1          # steps that admitted (alone or with running rows)
             self.counters["prefill_rows"] += len(op.requests)
             self.metrics.prompt.inc(sum(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests))
         if batches:
@@ -456,8 +457,6 @@ class PoolLoop:
             self.counters["decode_rows"] += rows
             self.metrics.decode_steps.inc()
             self.metrics.decode_rows.inc(rows)
-        else:
-            self.counters["prefill_steps"] += 1
         self.metrics.generated.inc(len(reply.generations))
         await self._publish(core.decoded(generations(reply), view_of(reply), failed_rows(reply), admitted=op))
 

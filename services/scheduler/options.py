@@ -42,7 +42,13 @@ class SchedulerOptions(Options):
                                           help="context + sop (default: max_sequence_length/2)")
     max_total_tokens: int | None = option(None, type=positive_int,
                                           help="input + new (default: max_sequence_length)")
-    max_prefill_tokens: int = option(4096, type=positive_int, help="padded tokens of one prefill")
+    max_prefill_tokens: int = option(4096, type=positive_int,
+                                     help="token budget of one step: paged workers, one per running row plus the "
+                                          "prompts admitted; dense, padded rows x width of one prefill (a single "
+                                          "request always passes)")
+    kv_watermark: float = option(0.01, type=float,
+                                 help="paged workers: share of the KV blocks admission leaves free for the running "
+                                      "rows to grow into")
     max_waiting_tokens: int = option(20, type=positive_int,
                                      help="decode steps after which waiting requests are prefilled anyway")
     waiting_served_ratio: float = option(0.3, type=float,
@@ -95,7 +101,7 @@ class SchedulerOptions(Options):
             raise ValueError(f"--max-input-tokens {input_tokens} must be < --max-total-tokens {total}")
         return Limits(max_batch_size=self.max_batch_size, max_input_tokens=input_tokens, max_total_tokens=total,
                       max_prefill_tokens=self.max_prefill_tokens, max_waiting_tokens=self.max_waiting_tokens,
-                      waiting_served_ratio=self.waiting_served_ratio, mode=self.mode)
+                      waiting_served_ratio=self.waiting_served_ratio, kv_watermark=self.kv_watermark, mode=self.mode)
 
     def loop_options(self, max_sequence_length: int) -> LoopOptions:
         """The loop's options for a model of ``max_sequence_length`` tokens."""
