@@ -18,14 +18,18 @@ translates protobuf to and from the types here. The rules live here once:
   rows go on. When every row of a batch of several fails, the fault is not one row's:
   the exception propagates.
 
-Prefill is whole-prompt and left-padded (GLM's prefix-LM attention forbids chunking):
-``context`` attends bidirectionally, ``sop + generated`` causally, with the positions of
-``model.prompt.Blank`` (docs/model.md, "Positions" and "Masks"). A row resumed with
-generated ids re-reads them in its prefill and continues exactly.
+Prefill is whole-prompt (GLM's prefix-LM attention forbids chunking): ``context`` attends
+bidirectionally, ``sop + generated`` causally, with the positions of ``model.prompt.Blank``
+(docs/model.md, "Positions" and "Masks"). A row resumed with generated ids re-reads them in
+its prefill and continues exactly.
 
-The engine needs only what ``model.kv_cache.DecodeCache`` lists of a cache; the cache
-comes from a factory ``(rows, capacity) -> cache`` (``GLMModel.new_cache`` by default),
-so another cache can plug in without touching the decoding rules.
+Two caches. With a ``pool`` (``model.paged_kv.BlockPool``, the workers' case) every step is
+one packed forward, ``mixed``: the running rows feed their pending tokens and the admitted
+rows their prompts in the same forward, and rows hold blocks of the pool. Without one (``glm
+generate``, beam search, CUDA graphs) the dense cache of ``model.kv_cache``: a left-padded
+prefill per new batch; the engine needs only what ``model.kv_cache.DecodeCache`` lists of it
+and gets it from a factory ``(rows, capacity) -> cache`` (``GLMModel.new_cache`` by default),
+so another dense cache can plug in without touching the decoding rules.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from model.generation import GenerationOptions, Generator
 from model.paged_kv import BlockPool, PagedCache, PagedStep, PoolExhausted, blocks_for, prefill_mask
 from model.prompt import Blank
 from model.runner import load_model
-from model.sampling import Sampler, SamplingParams
+from model.sampling import SamplingParams
 
 SEEDED = dict(temperature=0.9, top_k=30, top_p=0.95, repetition_penalty=1.1, seed=11)
 
@@ -207,7 +207,18 @@ def test_the_kernel_computes_what_the_torch_path_does(dtype):
         step.kernel = kernel
         out = torch.empty(5, 48, dtype=dtype)
         step._decode(1, q, 2.0, out)
-        outs[kernel] = out.float()
+        outs[kernel] = out.float().clone()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(outs[True], outs[False], rtol=tol, atol=tol)
     cache.release()
+
+
+def test_the_pool_holds_what_glm_plan_counts_per_token(model):
+    """A pool of ``n`` blocks is exactly ``glm plan``'s KV bytes per token x its tokens (both
+    count keys and values of every layer for the rank's heads), so the capacity Warmup sizes
+    from the memory left is the plan's "kv tokens that fit" for that memory, in whole blocks."""
+    from model.plan import plan_memory
+
+    pool = pool_of(model, blocks=37, block_size=16)
+    plan = plan_memory(model.config, quant="none", tp=1, gpu_memory_gib=1.0, max_tokens=64, dtype_bytes=4)
+    assert pool.nbytes() == plan.kv_bytes_per_token * 37 * 16

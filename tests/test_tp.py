@@ -8,7 +8,7 @@ import pytest
 
 from model.config import GMASK_ID, MASK_ID
 from model.distributed import RankError, run_local_ranks
-from tp_jobs import batch_logits
+from tp_jobs import batch_logits, paged_logits
 
 pytestmark = [pytest.mark.processes, pytest.mark.slow]
 
@@ -49,6 +49,18 @@ def test_runtime_tp_differs_from_checkpoint_partitions(checkpoints, baseline, tp
     # the same weights written as 2 partitions, loaded at TP 1 (merge) and TP 4 (split)
     got = run_local_ranks(batch_logits, tp, checkpoints[1], ROWS, "float32", SPLIT)
     assert max_diff(got[0], baseline) <= TOL
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_paged_steps_equal_the_reference_forward(checkpoints, tp):
+    """The paged pool's packed steps (rows admitted while others decode, a resumed row) give
+    the logits of the one-pass reference forward at every position they compute, at TP 1/2/4."""
+    reference = run_local_ranks(batch_logits, 1, checkpoints[0], ROWS, "float32")[0]   # one pass, no cache
+    got = run_local_ranks(paged_logits, tp, checkpoints[0], ROWS, "float32")
+    assert got[1:] == [None] * (tp - 1)
+    assert len(got[0]) == 8                     # 2 + 3 + 3 last tokens
+    for (row, position), logits in got[0].items():
+        assert (logits - reference[row][position]).abs().max().item() <= TOL, (row, position)
 
 
 def test_a_failing_rank_fails_the_group_with_one_line(tmp_path):

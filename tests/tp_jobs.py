@@ -58,3 +58,42 @@ def dequantized_state(ctx, checkpoint: str, quant: str | None):
         if hasattr(module, "quantized_weight") and module.quant is not None:
             out[name + ".weight"] = dequantize(module.quantized_weight(), torch.float32)
     return out
+
+
+def paged_logits(ctx, checkpoint: str, rows: list[tuple[list[int], list[int]]], dtype: str = "float32"):
+    """Logits through the paged pool's packed steps (``model.paged_kv``): rows 0 and 1 are
+    admitted with one generated token, then decode while row 2 is admitted as a resumed row
+    (two generated ids) in the same forward, then all three decode. ``{(row, position):
+    logits}`` of every last token, on rank 0."""
+    from model.paged_kv import BlockPool, PagedCache, PagedStep
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = load_model(checkpoint, ctx, dtype=dt)
+    c = model.config
+    pool = BlockPool(c.num_layers, 64, 4, c.num_attention_heads // ctx.world_size, c.head_dim, dtype=dt)
+    blanks = [Blank.first(ctx_ids) for ctx_ids, _ in rows]
+    seqs = [sequence_inputs(b, gen) for b, (_, gen) in zip(blanks, rows)]
+    cache, fed, got = PagedCache(pool), {}, {}
+    plan = [([], [(0, 1), (1, 1)]), ([0, 1], [(2, 2)]), ([0, 1, 2], [])]     # (decoding, [(row, generated)])
+    for decoding, admitted in plan:
+        ids, pos, order = [], [], []
+        for r in decoding:
+            ids.append(seqs[r][0][fed[r]])
+            pos.append(seqs[r][1][fed[r]])
+            fed[r] += 1
+            order.append(r)
+        spans = []
+        for r, generated in admitted:
+            n = blanks[r].context_length + 1 + generated
+            ids += seqs[r][0][:n]
+            pos += seqs[r][1][:n]
+            fed[r] = n
+            spans.append((n, blanks[r].context_length))
+            order.append(r)
+        cache.add_rows(len(admitted))
+        step = PagedStep.build(cache, len(decoding), spans)
+        logits = model.step_logits(torch.tensor(ids), torch.tensor(pos), step)
+        for i, r in enumerate(order):
+            got[(r, fed[r] - 1)] = logits[i].float().clone()
+    cache.release()
+    return got if ctx.rank == 0 else None

@@ -24,7 +24,7 @@ import redis
 
 from services.common import redis_keys as keys
 
-COUNTERS = ("decode_steps", "decode_rows", "prefill_steps", "prefill_rows", "shard_ms", "busy_ms")
+COUNTERS = ("decode_steps", "decode_rows", "prefill_steps", "prefill_rows", "preempted", "shard_ms", "busy_ms")
 _OWN = ("config|resetstat", "config", "info")   # what this module sends between the two reads
 
 
@@ -114,5 +114,6 @@ def format_line(mode: str, load: dict) -> str:
                                            f"({load['workers_tok_s']:.0f} tokens/s in their calls)")
     return (f"{mode}: Redis {load['per_token']:.2f} commands/token ({top}); "
             f"rows per forward {rows_text} over {load['steps']['decode_steps']:.0f} decode steps, "
-            f"{load['steps']['prefill_steps']:.0f} prefills; workers busy {busy_text} of the pools' busy time"
+            f"{load['steps']['prefill_steps']:.0f} prefills, {load['steps'].get('preempted', 0):.0f} rows preempted; "
+            f"workers busy {busy_text} of the pools' busy time"
             f"{ratio_text}")

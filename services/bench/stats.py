@@ -98,7 +98,8 @@ def summarise(results: list[RequestResult]) -> dict:
         "ttft_s": distribution([r.first_token_s - r.sent_s for r in sent if r.first_token_s is not None]),
         "itl_s": distribution([g for r in sent for g in itl_samples(r.token_times)]),
         "latency_s": distribution([r.finished_s - r.sent_s for r in done]),
-        "prompt_tokens": distribution([float(r.prompt_tokens) for r in done]),   # as the server counted
+        # as the server counted (a request the client ended early has no final count)
+        "prompt_tokens": distribution([float(r.prompt_tokens) for r in done if r.prompt_tokens]),
         "client_wait_s": distribution([r.sent_s - r.scheduled_s for r in sent]),
         "ttft_from_arrival_s": distribution([r.first_token_s - r.scheduled_s for r in sent
                                              if r.first_token_s is not None]),

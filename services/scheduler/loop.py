@@ -143,7 +143,7 @@ class PoolLoop:
         # steps and rows sent, and the time the shard calls took out of the busy time (from a
         # busy period's first step to its last step's end): in the heartbeat, for glm bench
         self.counters = dict.fromkeys(("decode_steps", "decode_rows", "prefill_steps", "prefill_rows",
-                                       "shard_ms", "busy_ms"), 0)
+                                       "preempted", "shard_ms", "busy_ms"), 0)
         self._last_step_end: float | None = None
         self.after_step = after_step
         self.cancel_marks: collections.deque[CancelMark] = collections.deque(maxlen=1024)   # the latest ones
@@ -407,7 +407,13 @@ class PoolLoop:
 
     async def _step(self, client: ShardClient) -> None:
         core = self.core
+        preempted = core.preempted
         plan = core.plan(time.time())
+        if core.preempted > preempted:
+            n = core.preempted - preempted
+            log.info("pool %s: KV pool full: %d row(s) preempted, to be recomputed", self.options.pool_id, n)
+            self.counters["preempted"] += n
+            self.metrics.preempted.inc(n)
         await self._publish(plan)
         if plan.filter:
             reply = await self._timed(client.filter_batch(plan.filter.batch_id, list(plan.filter.keep)))

@@ -78,6 +78,8 @@ class SchedulerMetrics:
                                 "KV slots of the pool (Warmup's max_batch_total_tokens).")
         self.resumed = make(Counter, "glm_scheduler_resumed_requests_total",
                             "Requests claimed from a dead pool and resumed.")
+        self.preempted = make(Counter, "glm_scheduler_preempted_rows_total",
+                              "Rows preempted because the paged KV pool was full (recomputed later).")
         self._failures = Counter("glm_scheduler_request_failures_total", "Requests ended with an error, by reason.",
                                  names + ["reason"], registry=registry)
         self._labels = labels

@@ -28,7 +28,7 @@ from model.cuda_graphs import DecodeGraphs, arena_bytes, batch_buckets
 from model.engine import Engine, StepOutput
 from model.glm import GLMModel
 from model.kv_footprint import padded_kv_slots
-from model.paged_kv import DEFAULT_BLOCK_SIZE, BlockPool, PoolExhausted
+from model.paged_kv import DEFAULT_BLOCK_SIZE, BlockPool
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.tracing import LayerSampler
 from services.proto_gen.glm.v1 import shard_pb2 as pb
