@@ -2,9 +2,10 @@
 workers around the pure core (``policy.Scheduler``, used through its public methods).
 
 Per step: the held requests' cancel keys (one MGET) and admission (XREADGROUP only
-as far as the budget reaches, a short BLOCK when idle), in one round trip; FilterBatch;
-Prefill;
-Decode of the running + new batches. The step's events (and the previous step's)
+as far as the budget reaches, a short BLOCK when idle), in one round trip; then the
+step's shard calls (``services.scheduler.steps``: FilterBatch; over paged workers one
+Decode that also admits the new phases, over dense ones a Prefill then a Decode of the
+running + new batches). The step's events (and the previous step's)
 wait in the outbox; one flusher task publishes them, in one script call, while
 the next Decode runs (``outbox.Flusher``), so the workers do not wait on Redis;
 when there is no next Decode they are published at once. The cancel keys are read
@@ -50,11 +51,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-import grpc
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
@@ -66,11 +65,11 @@ from services.scheduler.outbox import Backoff, Flusher, Outbox
 from services.scheduler.policy import Limits, Scheduler, StepOutput
 from services.scheduler.queue import REDIS_ERRORS, Entry, PoolQueue, lost_group, transient
 from services.scheduler.request import Cancellation
-from services.scheduler.shard_pb import PoolFailure, batch_pb, cached_pb, failed_rows, generations, view_of
+from services.scheduler.shard_pb import PoolFailure
+from services.scheduler.steps import ShardSteps
 from services.worker.client import ShardCallError, ShardClient
 
 log = logging.getLogger("glm.scheduler")
-REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ class LoopOptions:
         return self.claim_idle_ms / 2000.0
 
 
-class PoolLoop:
+class PoolLoop(ShardSteps):
     """One pool's scheduler process: serves the model's queue on its workers until stopped.
 
     ``after_step``, when given, is awaited after every step with the number of steps
@@ -394,122 +393,6 @@ class PoolLoop:
         self.raw[req.id] = entry.raw
         out = self.core.add(req, time.time(), tag=entry.entry_id, events=events, reject=reject)
         await self._publish(out)
-
-    # -- one step ---------------------------------------------------------------------------
-    def _step_span(self, name: str, request_ids, attributes: dict):
-        """A step span linked to the request spans it serves; the child of the
-        request span when it serves exactly one, else the root of its own trace."""
-        spans = [self.spans[r] for r in request_ids if r in self.spans]
-        parent = trace.set_span_in_context(spans[0]) if len(spans) == 1 else otel_context.Context()
-        return self.tracer.start_as_current_span(
-            name, context=parent, links=[trace.Link(s.get_span_context()) for s in spans],
-            attributes=attributes)
-
-    async def _step(self, client: ShardClient) -> None:
-        core = self.core
-        preempted = core.preempted
-        plan = core.plan(time.time())
-        if core.preempted > preempted:
-            n = core.preempted - preempted
-            log.info("pool %s: KV pool full: %d row(s) preempted, to be recomputed", self.options.pool_id, n)
-            self.counters["preempted"] += n
-            self.metrics.preempted.inc(n)
-        await self._publish(plan)
-        if plan.filter:
-            reply = await self._timed(client.filter_batch(plan.filter.batch_id, list(plan.filter.keep)))
-            core.filtered(view_of(reply))
-        if core.paged:
-            await self._mixed_step(client, plan.prefill)
-        else:
-            await self._split_step(client, plan.prefill)
-        self.steps += 1
-        if self.after_step is not None:
-            await self.after_step(self.steps)
-
-    async def _mixed_step(self, client: ShardClient, op) -> None:
-        """Paged workers: the running rows and the phases admitted now in one Decode (one
-        forward): a prefill never pauses the running batch."""
-        core = self.core
-        batches = core.decode_batches()
-        if not batches and op is None:
-            self.flusher.behind()
-            return
-        ids = core.request_ids_of(batches) + (list(op.request_ids) if op else [])
-        rows = sum(v.size for v in batches)
-        admitted = len(op.requests) if op else 0
-        with self._step_span("scheduler.decode" if batches else "scheduler.prefill", ids, {
-                "glm.batch_id": batches[0].id if batches else op.batch_id, "glm.batch_size": rows + admitted,
-                "glm.admitted": admitted, "glm.tokens": rows + (op.tokens if op else 0)}):
-            if batches:
-                call = client.decode([cached_pb(v) for v in batches], admit=batch_pb(op) if op else None)
-            else:                          # nothing running: the admitted phases' prefill
-                call = client.prefill(batch_pb(op))
-            call = asyncio.ensure_future(call)
-            self.flusher.behind()          # the events so far go out while the workers compute
-            try:
-                reply = await self._timed(call)
-            except ShardCallError as exc:
-                if op is None or exc.code not in REQUEST_ERRORS or exc.method not in ("Decode", "Prefill"):
-                    raise
-                log.warning("pool %s: admission refused: %s", self.options.pool_id, exc)
-                await self._publish(core.prefill_refused(op, exc.code.name, exc.details, exc.refused_request_id))
-                return
-        if op is not None:
-            self.counters["prefill_steps"] += 1          # steps that admitted (alone or with running rows)
-            self.counters["prefill_rows"] += len(op.requests)
-            self.metrics.prompt.inc(sum(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests))
-        if batches:
-            self.counters["decode_steps"] += 1
-            self.counters["decode_rows"] += rows
-            self.metrics.decode_steps.inc()
-            self.metrics.decode_rows.inc(rows)
-        self.metrics.generated.inc(len(reply.generations))
-        await self._publish(core.decoded(generations(reply), view_of(reply), failed_rows(reply), admitted=op))
-
-    async def _split_step(self, client: ShardClient, op) -> None:
-        """Dense workers: a Prefill of the admitted phases, then a Decode of every batch."""
-        core = self.core
-        if op:
-            with self._step_span("scheduler.prefill", op.request_ids, {
-                    "glm.batch_id": op.batch_id, "glm.batch_size": len(op.requests), "glm.tokens": op.tokens}):
-                try:
-                    reply = await self._timed(client.prefill(batch_pb(op)))
-                except ShardCallError as exc:
-                    if exc.code not in REQUEST_ERRORS or exc.method != "Prefill":
-                        raise
-                    log.warning("pool %s: prefill refused: %s", self.options.pool_id, exc)
-                    await self._publish(core.prefill_refused(op, exc.code.name, exc.details,
-                                                             exc.refused_request_id))
-                    reply = None
-            self.counters["prefill_steps"] += 1
-            self.counters["prefill_rows"] += len(op.requests)
-            if reply is not None:
-                self.metrics.prompt.inc(sum(len(r.input_ids) + 1 + len(r.generated_ids) for r in op.requests))
-                self.metrics.generated.inc(len(reply.generations))
-                await self._publish(core.prefilled(op, generations(reply), view_of(reply), failed_rows(reply)))
-        batches = core.decode_batches()
-        if batches:
-            with self._step_span("scheduler.decode", core.request_ids_of(batches), {
-                    "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
-                call = asyncio.ensure_future(client.decode([cached_pb(v) for v in batches]))
-                self.flusher.behind()      # the events so far go out while the workers decode
-                reply = await self._timed(call)
-            self.counters["decode_steps"] += 1
-            self.counters["decode_rows"] += sum(v.size for v in batches)
-            self.metrics.decode_steps.inc()
-            self.metrics.decode_rows.inc(sum(v.size for v in batches))
-            self.metrics.generated.inc(len(reply.generations))
-            await self._publish(core.decoded(generations(reply), view_of(reply), failed_rows(reply)))
-        if not batches:
-            self.flusher.behind()           # no Decode to publish behind
-
-    async def _timed(self, call):
-        """``await call``, its time counted as the workers' (``counters["shard_ms"]``)."""
-        started = time.perf_counter()
-        try:
-            return await call
-        finally:
-            self.counters["shard_ms"] += (time.perf_counter() - started) * 1000.0
 
     async def _publish(self, out: StepOutput) -> None:
         """Queue the output's events and ends in the outbox (dropping those of requests
