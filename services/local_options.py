@@ -16,7 +16,7 @@ from services.common import redis_keys as keys
 from services.common.options import Options, compose, non_negative_int, option, positive_int
 from services.gateway.options import MAX_CONCURRENT_CALLS, GatewayOptions
 from services.scheduler.options import SchedulerOptions
-from services.scheduler.policy import MODES
+from services.scheduler.ops import MODES
 from services.worker.options import PoolOptions, RankOptions
 
 LOOPBACK = "127.0.0.1"

@@ -15,7 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.messages import EVENT_TOKENS
 from services.common.metrics import LATENCY_BUCKETS
-from services.scheduler.policy import Snapshot
+from services.scheduler.ops import Snapshot
 from services.scheduler.request import Outcome
 
 MALFORMED = "malformed"          # a queue entry that is not a request (dead-lettered)

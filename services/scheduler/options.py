@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from services.common import redis_keys as keys
 from services.common.options import Options, non_negative_int, option, positive_int
 from services.scheduler.loop import LoopOptions
-from services.scheduler.policy import MODES, Limits
+from services.scheduler.ops import MODES, Limits
 from services.worker.client import read_token
 
 MAX_PORT = 65535

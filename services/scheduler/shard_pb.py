@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from services.common.messages import FinishReason
 from services.proto_gen.glm.v1 import shard_pb2 as pb
-from services.scheduler.policy import BatchView, PrefillOp
+from services.scheduler.ops import BatchView, PrefillOp
 from services.scheduler.request import Gen
 
 _REASONS = {pb.FINISH_REASON_STOP: FinishReason.STOP, pb.FINISH_REASON_LENGTH: FinishReason.LENGTH}

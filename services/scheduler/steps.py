@@ -23,7 +23,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from services.scheduler.policy import PrefillOp
+from services.scheduler.ops import PrefillOp
 from services.scheduler.shard_pb import batch_pb, cached_pb, failed_rows, generations, view_of
 from services.worker.client import ShardCallError, ShardClient
 
