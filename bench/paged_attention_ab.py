@@ -12,13 +12,12 @@ of 16 (the demo model's attention).
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from kernels import cpu_paged
 from model.glm import decode_attention
 from model.paged_kv import BlockPool, PagedCache, PagedStep
+from services.bench.step import _timed
 from services.common.malloc import tune_malloc
 
 HEADS, DIM, BLOCK = 8, 32, 16
@@ -26,14 +25,8 @@ SHAPES = ((32, 64), (32, 220), (16, 1024), (8, 1000))      # rows x cached token
 
 
 def timed(fn, calls: int = 30) -> tuple[float, float]:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
+    """Min and median ms of ``calls`` calls after 5 untimed ones."""
+    times = sorted(_timed(fn, calls, 5))
     return times[0] * 1e3, times[len(times) // 2] * 1e3
 
 

@@ -142,19 +142,13 @@ class PagedCache:
         return max(self.lengths, default=0)
 
     @property
-    def tokens(self) -> int:
-        """Tokens cached over every row."""
-        return sum(self.lengths)
-
-    @property
     def blocks(self) -> int:
         """Block references held (a shared block counts once per row)."""
         return sum(len(t) for t in self.tables)
 
     def nbytes(self) -> int:
-        p = self.pool
-        per_block = 2 * p.num_layers * p.heads_local * p.block_size * p.head_dim * p.keys.element_size()
-        return self.blocks * per_block
+        """Bytes of keys and values of the blocks held (a shared block once per row)."""
+        return self.blocks * (self.pool.nbytes() // self.pool.num_blocks)
 
     def reserve(self, extra: int) -> None:
         """Nothing: blocks are taken as tokens are written."""

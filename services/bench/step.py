@@ -160,7 +160,7 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
     model, t = engine.model, engine.model.transformer
     calls = 2 * (bench.steps + bench.warmup) + 2
     batch = Batch(0, _decode_rows(batch_size, bench.context_tokens, calls))
-    if engine.pool is not None:
+    if bench.kv_cache == "paged":                           # a pool for this batch size only
         engine.pool = _pool(model, batch_size, bench.context_tokens + calls + 1)
     state = {"batch": engine.prefill(batch).batch}              # fills the cache, picks the first token
     batch = state["batch"]
@@ -243,7 +243,7 @@ def torch_tensor(values):
 def bench_prefill(engine, bench: StepBench) -> dict:
     """Prefills of ``prompt_tokens`` at batch 1, after (with ``warmup``) one short prefill that
     pays the first-call costs without the long call's minutes at full width."""
-    if engine.pool is not None:
+    if bench.kv_cache == "paged":
         engine.pool = _pool(engine.model, 1, bench.prompt_tokens)
     if bench.warmup:
         _prefill_forward(engine, _decode_rows(1, min(16, bench.prompt_tokens - 1), 1))
@@ -266,9 +266,7 @@ def bench_rank(ctx, bench: StepBench) -> dict:
     before = rss_bytes()
     model = _build(ctx, bench)
     after = rss_bytes()
-    engine = Engine(model)
-    if bench.kv_cache == "paged":
-        engine.pool = _pool(model, 1, 1)                     # each measurement sizes its own
+    engine = Engine(model)                                   # each measurement gives it its pool (paged)
     decode = [bench_decode(engine, bench, b) for b in bench.batches]
     prefill = bench_prefill(engine, bench)
     c = model.config
