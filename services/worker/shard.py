@@ -248,9 +248,9 @@ class Shard:
                 f"KV pool: the step needs {need} blocks of {self.pool.block_size} tokens, "
                 f"{self.pool.free_blocks} of {self.pool.num_blocks} are free")
 
-    def _admitted(self, msg: pb.Batch, listed: set[int]) -> ShardBatch:
+    def _admitted(self, msg: pb.Batch) -> ShardBatch:
         """A new batch to prefill, validated against the cached ones."""
-        if msg.id in self.batches and msg.id not in listed:
+        if msg.id in self.batches:
             raise InvalidArgument(f"batch {msg.id} is already cached")
         batch = ShardBatch.from_pb(msg, self.config)
         cached = {rid: b.id for b in self.batches.values() for rid in b.request_ids}
@@ -263,7 +263,7 @@ class Shard:
         start = time.perf_counter_ns()
         if self.capacity is None:
             raise FailedPrecondition("prefill before warmup: call Warmup first")
-        batch = self._admitted(req.batch, set())
+        batch = self._admitted(req.batch)
         self._check_room(batch)
         self._check_blocks([], batch)
         with self.tracer.start_as_current_span("worker.prefill", context=parent, attributes={
@@ -293,7 +293,7 @@ class Shard:
         if req.HasField("admit"):
             if self.capacity is None:
                 raise FailedPrecondition("decode with admitted requests before warmup: call Warmup first")
-            admit = self._admitted(req.admit, set())
+            admit = self._admitted(req.admit)
             self._check_room(admit)
         self._check_blocks([self.batches[i] for i in ids], admit)
         batches = [self.batches.pop(i) for i in ids]          # dropped for good if the step fails
