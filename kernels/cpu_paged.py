@@ -90,7 +90,7 @@ static void *run(void *arg) {
             if (j->bf16) axpy_bf16(acc, scores[t], j->v, at, dim); else axpy_f32(acc, scores[t], j->v, at, dim);
         }
         float *out = j->out + item * dim;
-        const float inv = 1.0f / sum;
+        const float inv = len > 0 ? 1.0f / sum : 0.0f;       /* a row of length 0 gives zeros */
         for (int i = 0; i < dim; i++) out[i] = acc[i] * inv;
     }
     free(scores); free(acc);
@@ -198,7 +198,7 @@ def paged_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tabl
     """Attention of one query per row: ``q [rows, heads, dim]`` fp32, already scaled by
     ``1/sqrt(dim)``; ``keys``/``values`` one layer of a pool ``[heads, slots, dim]`` (fp32 or
     bf16, contiguous); ``tables [rows, max_blocks]`` and ``lens [rows]`` int64. The fp32 result
-    ``[rows, heads, dim]``."""
+    ``[rows, heads, dim]`` (zeros for a row of length 0)."""
     lib = kernel()
     if lib is None:
         raise RuntimeError("the paged decode kernel is not available on this machine")

@@ -36,12 +36,12 @@ _streams: dict[tuple[int, int], object] = {}  # (device index, stream ptr) -> cu
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _cupy():
+def import_cupy():
     try:
         import cupy
     except ImportError as e:
         raise RuntimeError(
-            "the CUDA quantized kernels need cupy and NVRTC: "
+            "the CUDA kernels need cupy and NVRTC: "
             "install cupy-cuda12x (pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12)"
         ) from e
     return cupy
@@ -81,7 +81,7 @@ class Variant:
 
 def compile_module(device: torch.device, variant: Variant):
     """The cupy.RawModule for `variant` on `device`, compiled once per (device, arch)."""
-    cupy = _cupy()
+    cupy = import_cupy()
     index = torch.device(device).index or 0
     arch = "%d%d" % torch.cuda.get_device_capability(index)
     key = (index, arch, variant)
@@ -97,9 +97,9 @@ def compile_module(device: torch.device, variant: Variant):
     return module
 
 
-def _cupy_stream(index: int):
+def cupy_stream(index: int):
     """torch's current stream on device `index`, as a cupy stream (cached)."""
-    cupy = _cupy()
+    cupy = import_cupy()
     ptr = torch.cuda.current_stream(index).cuda_stream
     stream = _streams.get((index, ptr))
     if stream is None:
@@ -119,7 +119,7 @@ def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Te
     return buf[:numel]
 
 
-def _ptr(t: torch.Tensor) -> np.uint64:
+def device_ptr(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())
 
 
@@ -187,8 +187,9 @@ class CudaQuantLinear:
         threads = min(self.gemv_threads, max(32, -(-chunks // 32) * 32))
         grid = -(-n // self.variant.rows_per_block)
         fn = self._module.get_function(self.variant.gemv_name(m))
-        self._launch(fn, grid, threads, (_ptr(x2), _ptr(self.qw.values), _ptr(self.qw.scale),
-                                         _ptr(y), np.int32(n), np.int32(self.in_features),
+        self._launch(fn, grid, threads, (device_ptr(x2), device_ptr(self.qw.values),
+                                         device_ptr(self.qw.scale), device_ptr(y),
+                                         np.int32(n), np.int32(self.in_features),
                                          np.int32(self.qw.group_size or 0)))
         return y
 
@@ -201,15 +202,15 @@ class CudaQuantLinear:
         total = n * k * self.qw.bits // 128
         grid = min(-(-total // DEQUANT_THREADS), 1 << 20)
         fn = self._module.get_function(self.variant.dequant_name())
-        self._launch(fn, grid, DEQUANT_THREADS, (_ptr(self.qw.values), _ptr(self.qw.scale),
-                                                 _ptr(out), np.int32(n), np.int32(k),
+        self._launch(fn, grid, DEQUANT_THREADS, (device_ptr(self.qw.values), device_ptr(self.qw.scale),
+                                                 device_ptr(out), np.int32(n), np.int32(k),
                                                  np.int32(self.qw.group_size or 0)))
         return out
 
     def _launch(self, fn, grid: int, block: int, args: tuple) -> None:
-        cupy = _cupy()
+        cupy = import_cupy()
         index = self.device.index or 0
-        with cupy.cuda.Device(index), _cupy_stream(index):
+        with cupy.cuda.Device(index), cupy_stream(index):
             fn((grid,), (block,), args)
 
 

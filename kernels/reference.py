@@ -14,6 +14,9 @@ q is clamped to the representable range (the official code only leaves it when t
 subnormal, and then wraps around in the int8 cast).
 
 Beyond the paper: `group_size` gives one scale per `group_size` input columns (same absmax math).
+
+At the end, `paged_decode`: the result the paged decode attention kernels (kernels.cpu_paged,
+kernels.cuda_paged) compute, written the plain way (each row's tokens gathered one by one).
 """
 
 from dataclasses import dataclass
@@ -119,3 +122,22 @@ def quantized_matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     x2 = x.reshape(-1, qw.in_features)  # [m, in]
     y = x2 @ dequantize(qw, x.dtype).t()  # [m, out]
     return y.reshape(*x.shape[:-1], qw.out_features)
+
+
+def paged_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """fp32 ``[rows, heads, dim]``: each row's query ``q [rows, heads, dim]`` (already scaled by
+    ``1/sqrt(dim)``) over its first ``lens[row]`` tokens, token ``t`` in slot
+    ``tables[row, t // block_size] * block_size + t % block_size`` of one pool layer
+    ``keys``/``values [heads, slots, dim]``; an fp32 softmax; a row of length 0 gives zeros."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    table_rows = tables.tolist()
+    for r, n in enumerate(lens.tolist()):
+        if n == 0:
+            continue
+        slots = torch.tensor([table_rows[r][t // block_size] * block_size + t % block_size for t in range(n)],
+                             device=keys.device)
+        k, v = keys[:, slots].float(), values[:, slots].float()              # [heads, n, dim]
+        p = torch.softmax(torch.einsum("hd,hnd->hn", q[r].float(), k), dim=-1)
+        out[r] = torch.einsum("hn,hnd->hd", p, v)
+    return out

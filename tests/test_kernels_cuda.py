@@ -1,5 +1,6 @@
-"""CUDA quantized kernels: the .cu sources compile with nvcc for sm_80/sm_90 (runs on
-CPU machines with nvcc), and on a GPU the kernels equal kernels.reference.
+"""CUDA kernels: the .cu sources (quantized linears, paged decode attention) compile with
+nvcc for sm_80/sm_90 (runs on CPU machines with nvcc), and on a GPU the quantized kernels
+equal kernels.reference and the paged decode kernel equals the torch path of model.paged_kv.
 
 GPU tests are marked `gpu` and skipped without torch.cuda; bench/gpu_check.py runs
 the same parity checks plus bandwidth figures in one go on a lent GPU machine.
@@ -81,10 +82,15 @@ def _nvcc(src: Path, arch: str, out: Path, *defines: str) -> subprocess.Complete
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-def expected_kernel_names() -> set[str]:
-    """Every entry point kernels.cuda can ask for at the default rows per block."""
+def expected_kernel_names(src: Path) -> set[str]:
+    """Every entry point the host code can ask for in ``src`` (kernels.cuda: at the default
+    rows per block; kernels.cuda_paged: every pool dtype)."""
     from kernels.cuda import GEMV_MAX_ROWS, Variant
 
+    if src.name == "paged_attention.cu":
+        from kernels.cuda_paged import _NAMES
+
+        return {f"paged_decode_{name}" for name in _NAMES.values()}
     names = set()
     for dtype in (torch.float16, torch.bfloat16):
         for bits in (8, 4):
@@ -105,7 +111,7 @@ def compiled(tmp_path_factory):
 
 
 def test_cuda_sources_exist():
-    assert [p.name for p in SOURCES] == ["quant_gemv.cu"]
+    assert [p.name for p in SOURCES] == ["paged_attention.cu", "quant_gemv.cu"]
 
 
 def test_cuda_module_is_lazy_and_rejects_cpu():
@@ -126,7 +132,7 @@ def test_nvcc_compiles(compiled, src, arch):
     assert proc.returncode == 0, proc.stderr
     assert cubin.stat().st_size > 0
     kernels = set(re.findall(r"Compiling entry function '(\w+)'", proc.stderr))
-    assert kernels == expected_kernel_names()  # the names kernels/cuda.py launches
+    assert kernels == expected_kernel_names(src)  # the names kernels/cuda*.py launch
     spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
     assert spills and all(s == "0" for s in spills), "a kernel spills registers"
 
@@ -146,20 +152,39 @@ def test_nvcc_compiles_single_family(tmp_path):
     assert defines == variant.defines()
 
 
-def test_nvrtc_compiles_without_headers():
-    """What the runtime does, minus the GPU: NVRTC with no include paths (needs cupy)."""
+@needs_nvcc
+@pytest.mark.parametrize("name", ["f32", "f16", "bf16"])
+def test_nvcc_compiles_one_paged_dtype(tmp_path, name):
+    """The -DPA_ONLY form kernels.cuda_paged passes to NVRTC."""
+    proc = _nvcc(CUDA_DIR / "paged_attention.cu", "sm_90", tmp_path / "one.cubin", "-DPA_ONLY", f"-DPA_TNAME={name}")
+    assert proc.returncode == 0, proc.stderr
+    assert set(re.findall(r"Compiling entry function '(\w+)'", proc.stderr)) == {f"paged_decode_{name}"}
+
+
+def _nvrtc():
     try:
         from cupy_backends.cuda.libs import nvrtc
         nvrtc.getVersion()
     except Exception as e:  # cupy or libnvrtc missing
         pytest.skip(f"cupy NVRTC unavailable: {e}")
-    from kernels.cuda import Variant
+    return nvrtc
 
-    src = (CUDA_DIR / "quant_gemv.cu").read_text()
-    variant = Variant(torch.float16, 4, True)
-    prog = nvrtc.createProgram(src, "quant_gemv.cu", [], [])
+
+@pytest.mark.parametrize("src, options", [
+    ("quant_gemv.cu", ("-DQG_ONLY", "-DQG_TNAME=f16", "-DQG_TAG=qg::F16", "-DQG_BITS=4", "-DQG_SCHEME=grp",
+                       "-DQG_GROUPED=1", "-DQG_ROWS=4")),
+    ("paged_attention.cu", ("-DPA_ONLY", "-DPA_TNAME=bf16")),
+])
+def test_nvrtc_compiles_without_headers(src, options):
+    """What the runtime does, minus the GPU: NVRTC with no include paths (needs cupy)."""
+    nvrtc = _nvrtc()
+    if src == "quant_gemv.cu":
+        from kernels.cuda import Variant
+
+        assert options == Variant(torch.float16, 4, True).defines()
+    prog = nvrtc.createProgram((CUDA_DIR / src).read_text(), src, [], [])
     try:
-        nvrtc.compileProgram(prog, ["--std=c++17", "-arch=sm_80", *variant.defines()])
+        nvrtc.compileProgram(prog, ["--std=c++17", "-arch=sm_80", *options])
     except nvrtc.NVRTCError:
         pytest.fail(nvrtc.getProgramLog(prog))
     assert len(nvrtc.getCUBIN(prog)) > 0
@@ -219,3 +244,67 @@ def test_cuda_unaligned_shapes_fall_back_to_torch():
     for m in (1, 17):
         x = torch.randn(m, 40, generator=gen).to("cuda", torch.bfloat16)
         assert_close_fp32_acc(op(x), quantized_matmul(x, op.qw))
+
+
+# ---- paged decode attention (kernels.cuda_paged) ----------------------------------
+
+def scattered_pool(heads: int, dim: int, lens: list[int], block_size: int, dtype, device, gen):
+    """A pool layer ``[heads, slots, dim]`` with random keys/values and each row's blocks taken
+    in a shuffled order; (keys, values, tables [rows, most], lens)."""
+    from model.kv_footprint import blocks_for
+
+    need = [blocks_for(n, block_size) for n in lens]
+    total = sum(need) + 3
+    order = torch.randperm(total, generator=gen).tolist()
+    keys = torch.randn(heads, total * block_size, dim, generator=gen).to(device, dtype)
+    values = torch.randn(heads, total * block_size, dim, generator=gen).to(device, dtype)
+    most, tables, at = max(max(need), 1), [], 0
+    for n in need:
+        table = order[at:at + n] or [order[-1]]
+        at += n
+        tables.append(table + [table[-1]] * (most - len(table)))
+    return (keys, values, torch.tensor(tables, dtype=torch.long, device=device),
+            torch.tensor(lens, dtype=torch.long, device=device))
+
+
+def test_paged_decode_is_lazy_and_off_without_a_gpu():
+    import kernels.cuda_paged as kp
+
+    assert kp.SOURCE.is_file()
+    assert not kp.supports(torch.device("cpu"), torch.float16, 128)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("dim", [32, 128])
+def test_paged_decode_kernel_matches_the_reference(dtype, dim):
+    from kernels import cuda_paged, reference
+
+    assert cuda_paged.supports(torch.device("cuda"), dtype, dim)
+    gen = torch.Generator().manual_seed(dim)
+    lens = [1, 15, 16, 17, 300, 0, 2048]                   # one block, a block boundary, padding, GLM's longest
+    keys, values, tables, lens_t = scattered_pool(12, dim, lens, 16, dtype, "cuda", gen)
+    q = (torch.randn(len(lens), 12, dim, generator=gen) / dim ** 0.5).to("cuda")
+    got = cuda_paged.paged_decode(q, keys, values, tables, lens_t, 16)
+    assert got.dtype == dtype and got.shape == q.shape
+    ref = reference.paged_decode(q, keys, values, tables, lens_t, 16)
+    tol = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), ref, rtol=0, atol=tol)
+    assert torch.count_nonzero(got[5]) == 0                # a length-0 row gives zeros
+
+
+def test_the_reference_is_what_the_cpu_kernel_computes():
+    """The GPU test's pool builder and reference, pinned on a CPU to kernels.cpu_paged."""
+    from kernels import cpu_paged, reference
+
+    if not cpu_paged.supports(torch.float32):
+        pytest.skip("no C compiler for kernels.cpu_paged on this machine")
+    gen = torch.Generator().manual_seed(3)
+    lens = [1, 15, 16, 17, 300, 0]
+    keys, values, tables, lens_t = scattered_pool(4, 32, lens, 16, torch.float32, "cpu", gen)
+    q = torch.randn(len(lens), 4, 32, generator=gen) / 32 ** 0.5
+    ref = reference.paged_decode(q, keys, values, tables, lens_t, 16)
+    got = cpu_paged.paged_decode(q, keys, values, tables, lens_t, 16)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert torch.count_nonzero(ref[5]) == 0 and torch.count_nonzero(got[5]) == 0
