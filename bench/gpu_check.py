@@ -5,13 +5,16 @@
 
 1. Kernels: the quantized linears (``kernels.prepare``: the CUDA kernels on cuda) against
    ``kernels.reference`` at the preset's shard shapes (GLM-130B: hidden 12288, inner 32768)
-   for TP 1/4/8, INT8 and INT4, batch 1/8/32/64; random data, fresh every run.
+   for TP 1/4/8, INT8 and INT4, batch 1/8/32/64; and the paged decode attention
+   (``kernels.cuda_paged``) against ``kernels.reference.paged_decode`` at the shard's heads
+   for rows of 1 to 2048 tokens; random data, fresh every run.
 2. Bandwidth: a large device-to-device copy ((read + write) bytes / time), and the decode
    GEMV (M = 1 and 8) at the same shapes: packed bytes / time, and the fraction of the copy.
 3. Model: the preset (70 layers for glm-130b; ``--layers`` shortens it) with random INT4
    weights built on the device (``model.dummy`` when present, else the builder below; no
-   host copy of the weights), TP 1. Decode at batch 1/8/32/64 with and without CUDA graphs
-   (``model.cuda_graphs``), and a 512-token prefill; ms per step against the floor
+   host copy of the weights), TP 1, its KV in a paged pool (``model.paged_kv``) as the worker
+   holds it. Decode at batch 1/8/32/64, eager and through CUDA graphs (``model.cuda_graphs``),
+   and a 512-token prefill; ms per step against the floor
    ``(weight + KV bytes) / copy bandwidth`` and the published FasterTransformer INT4 figures.
 
 On a CPU every path runs (the CPU backend of ``kernels.prepare`` in the kernel checks, the
@@ -38,8 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from kernels.reference import QuantizedWeight, quantized_matmul  # noqa: E402
 from model.config import GMASK_ID, GLMConfig  # noqa: E402
-from model.cuda_graphs import DecodeGraphs  # noqa: E402
+from kernels import cpu_paged, cuda_paged, reference  # noqa: E402
+from model.cuda_graphs import PagedDecodeGraphs  # noqa: E402
 from model.engine import Batch, Engine, RequestState  # noqa: E402
+from model.kv_footprint import blocks_for  # noqa: E402
+from model.paged_kv import BlockPool, PagedStep  # noqa: E402
 from model.glm import GLMModel  # noqa: E402
 from model.prompt import Blank  # noqa: E402
 from model.quantization import SCALE_SUFFIX, QuantSpec, is_quantized_weight, is_scale  # noqa: E402
@@ -47,6 +53,7 @@ from model.sampling import SamplingParams  # noqa: E402
 
 # FasterTransformer's GLM-130B INT4 decode, ms per token (the official GLM-130B repository's FasterTransformer guide)
 OFFICIAL = {"FasterTransformer INT4, 4x RTX 3090": (64, 73), "FasterTransformer INT4, 8x A100": (34, 42)}
+BLOCK_SIZE = 16   # the worker's default --kv-block-size
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -145,6 +152,47 @@ def kernel_checks(config: GLMConfig, device: torch.device, dtype: torch.dtype, t
                     rows.append(row)
                 del op, qw
                 free_memory(device)
+    return rows
+
+
+def paged_checks(config: GLMConfig, device: torch.device, dtype: torch.dtype, tps) -> list[dict]:
+    """The paged decode attention kernel (``kernels.cuda_paged``; on a CPU ``kernels.cpu_paged``)
+    against ``kernels.reference.paged_decode`` at the preset's shard heads, for rows of 1 to
+    ``max_sequence_length`` tokens (and a padding row) whose blocks lie scattered in the pool."""
+    cuda = device.type == "cuda"
+    if not cuda:
+        dtype = torch.float32
+        if not cpu_paged.supports(dtype):
+            print("   (cpu: no C compiler, the paged kernel check is skipped)")
+            return []
+    gen = torch.Generator().manual_seed(int(time.time()))
+    bs, dim = 16, config.head_dim
+    lens = [1, 17, 300, 1000, 0, config.max_sequence_length]
+    rows = []
+    for tp in [tp for tp in tps if config.num_attention_heads % tp == 0] or [1]:
+        heads = config.num_attention_heads // tp
+        need = [blocks_for(n, bs) for n in lens]
+        total = sum(need) + 1
+        order = torch.randperm(total, generator=gen).tolist()
+        tables, at = [], 0
+        for n in need:
+            table = order[at:at + n] or [order[-1]]
+            at += n
+            tables.append(table + [table[-1]] * (max(need) - len(table)))
+        keys = torch.randn(heads, total * bs, dim, generator=gen).to(device, dtype)
+        values = torch.randn(heads, total * bs, dim, generator=gen).to(device, dtype)
+        q = (torch.randn(len(lens), heads, dim, generator=gen) / math.sqrt(dim)).to(device)
+        tables_t = torch.tensor(tables, dtype=torch.long, device=device)
+        lens_t = torch.tensor(lens, dtype=torch.long, device=device)
+        kernel = cuda_paged if cuda else cpu_paged
+        got = kernel.paged_decode(q, keys, values, tables_t, lens_t, bs).float()
+        ref = reference.paged_decode(q, keys, values, tables_t, lens_t, bs)
+        err = float((got - ref).abs().max())
+        tol = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+        rows.append(dict(tp=tp, heads=heads, dim=dim, lens=lens, dtype=str(dtype), max_abs_err=err,
+                         ok=bool(math.isfinite(err) and err <= tol)))
+        del keys, values
+        free_memory(device)
     return rows
 
 
@@ -252,17 +300,24 @@ def new_batch(rows: int, context: int, new_tokens: int, batch_id: int = 0) -> Ba
 
 
 def decode_run(engine: Engine, clock: Clock, rows: int, context: int, steps: int) -> tuple[float, torch.Tensor, int]:
-    """Prefill ``rows`` rows, then time ``steps`` decode forwards: (seconds per step, the first
-    step's logits on the host, the KV slots read by the last step)."""
-    batch = new_batch(rows, context, steps + 4)
-    engine.prefill_logits(batch)
+    """Prefill ``rows`` rows into the engine's pool (one packed forward), then time ``steps``
+    decode forwards, through ``engine.graphs`` when set, else the eager paged step: (seconds
+    per step, the first step's logits on the host, the KV tokens the last step read)."""
+    batch = engine.prefill(new_batch(rows, context, steps + 4)).batch
+    cache = batch.cache
     tokens = torch.full((rows,), 20100, dtype=torch.long, device=clock.device)
-    positions = batch.decode_positions(clock.device)
-    first = engine.decode_logits(batch.cache, tokens, positions)[:, :4096].float().cpu()
-    seconds = clock.time(lambda: engine.decode_logits(batch.cache, tokens, positions), repeat=steps, warmup=1)
-    slots = batch.cache.length
-    del batch
-    return seconds, first, slots
+    positions = batch.decode_positions(clock.device).view(-1)
+
+    def step() -> torch.Tensor:
+        if engine.graphs is not None and (logits := engine.graphs.decode(cache, tokens, positions)) is not None:
+            return logits
+        return engine.model.step_logits(tokens, positions, PagedStep.build(cache, rows, []))
+
+    first = step()[:, :4096].float().cpu()
+    seconds = clock.time(step, repeat=steps, warmup=1)
+    used = max(cache.lengths)
+    batch.release()
+    return seconds, first, used
 
 
 def model_runs(args, config: GLMConfig, clock: Clock, dtype: torch.dtype, copy_bw: float) -> dict:
@@ -276,18 +331,26 @@ def model_runs(args, config: GLMConfig, clock: Clock, dtype: torch.dtype, copy_b
                build_s=time.perf_counter() - t0, decode=[], prefill=None)
     print(f"   built {config.num_layers} layers, {wbytes / 1e9:.1f} GB of weights in {out['build_s']:.0f}s")
     batches = args.batches
-    slots = args.context + args.steps + 8
+    blocks = max(max(batches) * blocks_for(args.context + args.steps + 8, BLOCK_SIZE), blocks_for(args.prefill, BLOCK_SIZE))
+    pool = BlockPool(config.num_layers, blocks, BLOCK_SIZE, config.num_attention_heads, config.head_dim,
+                     dtype=dtype, device=device, scratch=True)
+    out["kv_pool_gb"] = pool.nbytes() / 1e9
+    kernel = (cuda_paged.supports(device, dtype, config.head_dim) if device.type == "cuda"
+              else cpu_paged.supports(dtype))
+    out["paged_kernel"] = kernel
+    print(f"   paged KV pool: {blocks} blocks of {BLOCK_SIZE} tokens, {pool.nbytes() / 1e9:.1f} GB;"
+          f" decode attention through {'the paged kernel' if kernel else 'the torch path'}")
     for mode in ("eager", "graphs"):
-        engine = Engine(model)
+        engine = Engine(model, pool=pool)
         if mode == "graphs":
-            graphs = DecodeGraphs(model, max_batch=max(batches), slots=slots, buckets=tuple(batches))
+            graphs = PagedDecodeGraphs(model, pool, max_batch=max(batches), buckets=tuple(batches))
             t1 = time.perf_counter()
             captured = graphs.capture()
             if device.type == "cuda":
                 print(f"   captured CUDA graphs for batches {captured} in {time.perf_counter() - t1:.1f}s")
             else:
                 print("   (cpu: no capture; the same static-shape decode runs eagerly)")
-            engine.graphs, engine.new_cache = graphs, graphs.new_cache
+            engine.graphs = graphs
         for rows in batches:
             seconds, first, used = decode_run(engine, clock, rows, args.context, args.steps)
             floor = (wbytes + rows * used * kv_per_slot) / copy_bw
@@ -306,13 +369,19 @@ def model_runs(args, config: GLMConfig, clock: Clock, dtype: torch.dtype, copy_b
                 graphs.stats.replayed = graphs.stats.static = 0
             print(f"   decode b={rows:<3} {mode:<6} {seconds * 1e3:9.2f} ms/step  {rows / seconds:9.1f} tok/s"
                   f"  floor {floor * 1e3:7.2f} ms  ({floor / seconds:5.1%} of it)")
+        assert pool.used_blocks == 0, "a decode run kept blocks"
         del engine
         if mode == "graphs":
             del graphs
         free_memory(device)
-    engine = Engine(model)
-    batch = new_batch(1, args.prefill - 1, 1)              # context + sop = --prefill tokens
-    seconds = clock.time(lambda: engine.prefill_logits(batch), repeat=max(1, args.steps // 4), warmup=1)
+    engine = Engine(model, pool=pool)
+
+    def prefill() -> None:                                 # context + sop = --prefill tokens, one packed forward
+        done = engine.prefill(new_batch(1, args.prefill - 1, 2))
+        if done.batch is not None:
+            done.batch.release()
+
+    seconds = clock.time(prefill, repeat=max(1, args.steps // 4), warmup=1)
     flops = 2 * args.prefill * weight_params(model)                      # attention's own FLOPs left out
     out["prefill"] = dict(tokens=args.prefill, ms=seconds * 1e3, ms_per_token=seconds * 1e3 / args.prefill,
                           tflops_approx=flops / seconds / 1e12)
@@ -320,7 +389,7 @@ def model_runs(args, config: GLMConfig, clock: Clock, dtype: torch.dtype, copy_b
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         print(f"   peak device memory {out['peak_memory_gb']:.1f} GB")
-    del engine, batch, model
+    del engine, model, pool
     free_memory(device)
     return out
 
@@ -396,6 +465,13 @@ def main(argv=None) -> int:
             failures += len(bad)
             print(f"== kernels vs kernels.reference: {len(rows) - len(bad)}/{len(rows)} passed"
                   f" ({time.perf_counter() - t0:.0f}s)")
+            for r in bad:
+                print("   FAIL", r)
+            rows = report["paged"] = paged_checks(config, device, dtype, tps)
+            bad = [r for r in rows if not r["ok"]]
+            failures += len(bad)
+            print(f"== paged decode attention vs kernels.reference: {len(rows) - len(bad)}/{len(rows)} passed"
+                  + "".join(f"; tp{r['tp']} {r['heads']}x{r['dim']} max |err| {r['max_abs_err']:.2e}" for r in rows))
             for r in bad:
                 print("   FAIL", r)
         copy_bw = copy_bandwidth(clock, (1 << 30) if device.type == "cuda" else (64 << 20))

@@ -25,8 +25,9 @@ its prefill and continues exactly.
 
 Two caches. With a ``pool`` (``model.paged_kv.BlockPool``, the workers' case) every step is
 one packed forward, ``mixed``: the running rows feed their pending tokens and the admitted
-rows their prompts in the same forward, and rows hold blocks of the pool. Without one (``glm
-generate``, beam search, CUDA graphs) the dense cache of ``model.kv_cache``: a left-padded
+rows their prompts in the same forward, and rows hold blocks of the pool; a step that only
+decodes replays a CUDA graph when ``graphs`` (``model.cuda_graphs``) is set. Without a pool (``glm
+generate``, beam search) the dense cache of ``model.kv_cache``: a left-padded
 prefill per new batch; the engine needs only what ``model.kv_cache.DecodeCache`` lists of it
 and gets it from a factory ``(rows, capacity) -> cache`` (``GLMModel.new_cache`` by default),
 so another dense cache can plug in without touching the decoding rules.
@@ -285,7 +286,7 @@ class Engine:
         self.ctx = model.ctx
         self.device = model.device
         self.new_cache: CacheFactory = new_cache or model.new_cache
-        self.graphs = None   # a model.cuda_graphs.DecodeGraphs: decode steps at bucketed static shapes
+        self.graphs = None   # a model.cuda_graphs.PagedDecodeGraphs over ``pool``: decode at bucketed shapes
         self.pool = pool     # set: batches live in this block pool, every step is one packed forward
 
     # -- forward primitives (beam search uses them too) -------------------------------------
@@ -302,10 +303,7 @@ class Engine:
 
     def decode_logits(self, cache: DecodeCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed one token per row: ``tokens [b]`` at ``positions [b, 1]``; logits ``[b, V]``
-        in the compute dtype (through ``graphs`` when set and the step fits its shapes, else
-        eagerly)."""
-        if self.graphs is not None and (logits := self.graphs.decode(cache, tokens, positions)) is not None:
-            return logits
+        in the compute dtype."""
         b = tokens.shape[0]
         ones = torch.ones((b, 1), dtype=torch.bool, device=self.device)
         mask = cache.extend(ones, ~ones)                                     # [b, 1, 1, t]
@@ -358,7 +356,6 @@ class Engine:
         fresh = PagedCache(self.pool)
         fresh.add_rows(len(new))
         cache = PagedCache.concatenate([running.cache, fresh] if running is not None else [fresh])
-        step = PagedStep.build(cache, decode_rows, [(len(r.prefill_ids), r.blank.context_length) for r in new])
         ids, pos = [], []
         if running is not None:
             ids.append(running.pending.to(self.device))
@@ -373,7 +370,14 @@ class Engine:
         batch = type(first)(first.id, (running.requests if running is not None else []) + new, cache,
                             Sampler.concatenate(samplers))
         try:
-            return self.step(batch, self.model.step_logits(torch.cat(ids), torch.cat(pos), step))
+            logits = None
+            if not new and self.graphs is not None:
+                logits = self.graphs.decode(cache, ids[0], pos[0])         # None: run eagerly
+            if logits is None:
+                step = PagedStep.build(cache, decode_rows, [(len(r.prefill_ids), r.blank.context_length)
+                                                            for r in new])
+                logits = self.model.step_logits(torch.cat(ids), torch.cat(pos), step)
+            return self.step(batch, logits)
         except BaseException:
             cache.release()                      # the rows are dropped: their blocks go back
             raise

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kernels import cpu_paged
+from kernels import cpu_paged, cuda_paged
 from model.kv_footprint import blocks_for
 
 DEFAULT_BLOCK_SIZE = 16
@@ -49,17 +49,23 @@ class BlockPool:
     """One rank's KV memory in fixed-size blocks, with reference counts."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, heads_local: int, head_dim: int,
-                 *, dtype: torch.dtype, device=None) -> None:
+                 *, dtype: torch.dtype, device=None, scratch: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a pool needs >= 1 block of >= 1 slot, got {num_blocks} x {block_size}")
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.heads_local, self.head_dim = heads_local, head_dim
-        shape = (num_layers, heads_local, num_blocks * block_size, head_dim)
+        # ``scratch``: one more block, never allocated, where the padding rows of a static-shape
+        # step (model.cuda_graphs) write; it is zeroed, and only ever holds finite values.
+        self.scratch_block = num_blocks if scratch else None
+        self.total_blocks = num_blocks + int(scratch)
+        shape = (num_layers, heads_local, self.total_blocks * block_size, head_dim)
         # Untouched pages of a CPU pool are not resident: memory grows with the blocks in use.
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.refs = [0] * num_blocks
         self._free = list(range(num_blocks))       # a heap: the lowest free block goes first
+        if scratch:
+            self._zero([num_blocks])
 
     @property
     def device(self) -> torch.device:
@@ -76,6 +82,11 @@ class BlockPool:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of keys and values of one block (every layer)."""
+        return self.nbytes() // self.total_blocks
+
     def allocate(self, n: int) -> list[int]:
         """``n`` fresh blocks (reference count 1), lowest first; ``PoolExhausted`` when fewer are free."""
         if n > len(self._free):
@@ -84,14 +95,17 @@ class BlockPool:
         for b in out:
             self.refs[b] = 1
         if out:            # attention reads whole blocks (masked past a row's length): finite values only
-            index = torch.tensor(out, device=self.device)
-            for t in (self.keys, self.values):
-                self.blocks_view(t).index_fill_(2, index, 0)
+            self._zero(out)
         return out
+
+    def _zero(self, blocks: list[int]) -> None:
+        index = torch.tensor(blocks, device=self.device)
+        for t in (self.keys, self.values):
+            self.blocks_view(t).index_fill_(2, index, 0)
 
     def blocks_view(self, t: torch.Tensor) -> torch.Tensor:
         """``keys``/``values`` (or one layer of them) seen as ``[..., np, blocks, block_size, hn]``."""
-        return t.view(*t.shape[:-2], self.num_blocks, self.block_size, self.head_dim)
+        return t.view(*t.shape[:-2], self.total_blocks, self.block_size, self.head_dim)
 
     def share(self, blocks: Sequence[int]) -> None:
         """One more reference to each of ``blocks``."""
@@ -148,7 +162,7 @@ class PagedCache:
 
     def nbytes(self) -> int:
         """Bytes of keys and values of the blocks held (a shared block once per row)."""
-        return self.blocks * (self.pool.nbytes() // self.pool.num_blocks)
+        return self.blocks * self.pool.block_bytes
 
     def reserve(self, extra: int) -> None:
         """Nothing: blocks are taken as tokens are written."""
@@ -250,7 +264,7 @@ class PagedStep:
     decode_lengths: list[int]              # cached tokens of each decode row after this step's write
     prefill: list[tuple[int, int, int]]    # (packed offset, tokens, context tokens) of each admitted row
     last: torch.Tensor                     # [rows] packed index of each row's last token
-    kernel: bool = False                   # decode rows attend through kernels.cpu_paged
+    kernel: bool = False                   # decode rows attend through kernels.cpu_paged / cuda_paged
     _tables: tuple[torch.Tensor, torch.Tensor] | None = None
     _chunks: list | None = None
 
@@ -264,7 +278,7 @@ class PagedStep:
         pool = cache.pool
         slots = cache.append([1] * decode_rows + [n for n, _ in prefill]).to(pool.device)
         lengths = cache.lengths[:decode_rows]
-        kernel = pool.device.type == "cpu" and decode_rows > 0 and cpu_paged.supports(pool.keys.dtype)
+        kernel = decode_rows > 0 and decode_kernel(pool)
         spans, offset, last = [], decode_rows, list(range(decode_rows))
         for n, context in prefill:
             spans.append((offset, n, context))
@@ -324,10 +338,10 @@ class PagedStep:
         return out
 
     def _decode(self, layer: int, q: torch.Tensor, coeff: float, out: torch.Tensor) -> None:
-        """One query per decode row over its cached tokens: on a CPU through
-        ``kernels.cpu_paged`` (keys and values read where they lie); otherwise chunk by chunk of
-        rows of similar length, the chunk's blocks gathered from the pool (whole blocks, fp32,
-        while they are in cache), then the official arithmetic as in
+        """One query per decode row over its cached tokens: through ``kernels.cpu_paged`` or
+        ``kernels.cuda_paged`` where one serves the pool (keys and values read where they lie);
+        otherwise chunk by chunk of rows of similar length, the chunk's blocks gathered from the
+        pool (whole blocks, fp32, while they are in cache), then the official arithmetic as in
         ``model.glm.decode_attention``."""
         d = self.pool.head_dim
         fill = -10000.0 * coeff
@@ -335,8 +349,9 @@ class PagedStep:
         rows = len(self.decode_lengths)
         if self.kernel:
             tables, lens = self.decode_tables()
-            res = cpu_paged.paged_decode(q[:rows].float() * scale, self.pool.keys[layer],
-                                         self.pool.values[layer], tables, lens, self.pool.block_size)
+            kernel = cpu_paged if self.pool.device.type == "cpu" else cuda_paged
+            res = kernel.paged_decode(q[:rows].float() * scale, self.pool.keys[layer],
+                                      self.pool.values[layer], tables, lens, self.pool.block_size)
             out[:rows] = res.view(rows, -1)
             return
         keys = self.pool.blocks_view(self.pool.keys[layer])                           # [np, blocks, bs, hn]
@@ -352,6 +367,14 @@ class PagedStep:
             probs = torch.softmax(scores, dim=-1)
             res = torch.bmm(probs, vv).view(heads, r, d).transpose(0, 1).reshape(r, heads * d)
             out.index_copy_(0, rows, res.to(out.dtype))
+
+
+def decode_kernel(pool: BlockPool) -> bool:
+    """A kernel that reads ``pool`` in place serves decode attention on its device
+    (``kernels.cpu_paged`` on a CPU, ``kernels.cuda_paged`` on a GPU)."""
+    if pool.device.type == "cpu":
+        return cpu_paged.supports(pool.keys.dtype)
+    return cuda_paged.supports(pool.device, pool.keys.dtype, pool.head_dim)
 
 
 def prefill_mask(s: int, context: int, device=None) -> torch.Tensor:

@@ -1,16 +1,18 @@
-"""Static-shape decode (``model.cuda_graphs``): over padded buckets, a fixed attention width
-and a device slot index, it gives the normal decode's logits (fp32, within 1e-5 of the
-logits' scale: the wider attention only changes the summation order) and tokens for
-mixed lengths, both mask kinds, several steps, rows leaving and batches joining; it falls
-back to the eager path where its shapes do not fit; capture happens only on CUDA."""
+"""Static-shape paged decode (``model.cuda_graphs``): over padded buckets, fixed-width block
+tables and device lengths, it gives the eager paged step's logits (fp32, within 1e-5 of the
+logits' scale: the fixed width only changes the summation order) and tokens for mixed
+lengths, both mask kinds, rows leaving and a batch joining; padding rows touch nothing but
+the scratch block; it falls back to the eager step where its shapes do not fit; capture
+happens only on CUDA; the worker builds it over its pool at Warmup."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.cuda_graphs import DecodeGraphs, batch_buckets
+from model.cuda_graphs import PagedDecodeGraphs, batch_buckets
 from model.engine import Batch, Engine, RequestState
+from model.paged_kv import BlockPool
 from model.prompt import Blank
 from model.runner import load_model
 from model.sampling import SamplingParams
@@ -28,6 +30,12 @@ def model(checkpoint):
     return load_model(checkpoint("glm-tiny", tp=1, seed=3))
 
 
+def pool_of(model, blocks=48, block_size=4, scratch=True):
+    c = model.config
+    return BlockPool(c.num_layers, blocks, block_size, c.num_attention_heads, c.head_dim,
+                     dtype=model.dtype, device=model.device, scratch=scratch)
+
+
 def new_batch(batch_id: int, rows, first_id: int = 0) -> Batch:
     reqs = [RequestState(first_id + i, Blank.first(PROMPTS[name]), SamplingParams(greedy=True), allowed=n)
             for i, (name, n) in enumerate(rows)]
@@ -35,24 +43,24 @@ def new_batch(batch_id: int, rows, first_id: int = 0) -> Batch:
 
 
 class Recorder:
-    """An engine whose decode logits are recorded, step by step."""
+    """A paged engine (with ``graphs`` when given) whose step logits are recorded."""
 
-    def __init__(self, model, graphs: DecodeGraphs | None = None, *, prefill_in_arena: bool = False) -> None:
-        self.engine = Engine(model, new_cache=graphs.new_cache if prefill_in_arena else None)
+    def __init__(self, model, graphs: PagedDecodeGraphs | None = None) -> None:
+        self.pool = graphs.pool if graphs is not None else pool_of(model)
+        self.engine = Engine(model, pool=self.pool)
         self.engine.graphs = graphs
         self.logits: list[torch.Tensor] = []
-        plain = self.engine.decode_logits
+        plain = self.engine.step
 
-        def decode_logits(cache, tokens, positions):
-            out = plain(cache, tokens, positions)
-            self.logits.append(out.clone())
-            return out
+        def step(batch, logits):
+            self.logits.append(logits.float().clone())
+            return plain(batch, logits)
 
-        self.engine.decode_logits = decode_logits
+        self.engine.step = step
 
     def run(self, *, join_at: int | None = None) -> list[list[int]]:
-        """Decode ``ROWS`` to the end (a second batch joins at step ``join_at``); every
-        request's tokens, by request id."""
+        """Decode ``ROWS`` to the end (a second batch joins at step ``join_at``, admitted in
+        a step of its own); every request's tokens, by request id."""
         first = self.engine.prefill(new_batch(1, ROWS))
         batch, done, step = first.batch, {t.request.id: t.request for t in first.tokens}, 0
         while batch is not None:
@@ -62,11 +70,12 @@ class Recorder:
                 done.update({t.request.id: t.request for t in joined.tokens})
                 batch = Batch.concatenate([batch, joined.batch])
             batch = self.engine.decode(batch).batch
+        assert self.pool.used_blocks == 0                      # every row gave its blocks back
         return [done[i].generated for i in sorted(done)]
 
 
-def check_same(model, graphs: DecodeGraphs, prefill_in_arena: bool = False, **run) -> None:
-    eager, static = Recorder(model), Recorder(model, graphs, prefill_in_arena=prefill_in_arena)
+def check_same(model, graphs: PagedDecodeGraphs, **run) -> None:
+    eager, static = Recorder(model), Recorder(model, graphs)
     assert static.run(**run) == eager.run(**run)
     assert len(static.logits) == len(eager.logits) > 3
     for got, want in zip(static.logits, eager.logits):
@@ -83,54 +92,53 @@ def test_buckets():
         batch_buckets(0)
 
 
-def test_static_decode_equals_the_normal_decode(model):
-    graphs = DecodeGraphs(model, max_batch=8, slots=64)
+def test_static_decode_equals_the_eager_paged_step(model):
+    graphs = PagedDecodeGraphs(model, pool_of(model), max_batch=8)
     assert graphs.buckets == (1, 2, 4, 8) and not graphs.use_graphs
-    check_same(model, graphs)
-    # 5 rows pad to bucket 8, then 4, 2, 1 as rows leave: every step static, never captured
+    assert graphs.width == -(-model.config.max_sequence_length // 4)
+    check_same(model, graphs, join_at=2)
+    # 5 rows pad to bucket 8, 7 after the join, then fewer as rows leave: every decode step static
     assert graphs.stats.eager == 0 and graphs.stats.static > 3 and graphs.stats.replayed == 0
-    assert graphs.stats.adopted == 5           # a copy into the arena at the first step and per change of rows
     assert graphs.captured == ()
 
 
-def test_a_batch_prefilled_into_the_arena_is_not_copied(model):
-    graphs = DecodeGraphs(model, max_batch=8, slots=64)
-    check_same(model, graphs, prefill_in_arena=True)
-    assert graphs.stats.eager == 0 and graphs.stats.adopted == 4       # only when rows leave
+def test_padding_rows_write_only_the_scratch_block(model):
+    """A step of 3 rows in bucket 4: the fourth row's keys land in the scratch block, and no
+    block outside the rows' tables changes."""
+    pool = pool_of(model)
+    graphs = PagedDecodeGraphs(model, pool, max_batch=4)
+    engine = Engine(model, pool=pool)
+    engine.graphs = graphs
+    batch = engine.prefill(new_batch(1, ROWS[:3])).batch
+    held = {b for table in batch.cache.tables for b in table}
 
+    def bits():                # compared bitwise: a block never allocated holds any bits, NaN among them
+        return pool.blocks_view(pool.keys).view(torch.int32)
 
-def test_a_joining_batch_moves_into_the_arena(model):
-    graphs = DecodeGraphs(model, max_batch=8, slots=64)
-    check_same(model, graphs, prefill_in_arena=True, join_at=2)   # joins while the arena is busy
-    assert graphs.stats.eager == 0 and graphs.stats.adopted >= 3
-
-
-def test_two_batches_decoded_in_turn_keep_their_own_keys(model):
-    """The arena holds one batch; the one it held before gets its own copy, unchanged."""
-    graphs = DecodeGraphs(model, max_batch=8, slots=64)
-    eager, static = Engine(model), Engine(model)
-    static.graphs = graphs
-    pairs = []
-    for engine in (eager, static):
-        a = engine.prefill(new_batch(1, [("mask", 6), ("gmask", 6)])).batch
-        b = engine.prefill(new_batch(2, [("long_gmask", 6)], first_id=5)).batch
-        for _ in range(4):
-            a, b = engine.decode(a).batch, engine.decode(b).batch
-        pairs.append([r.generated for r in a.requests + b.requests])
-    assert pairs[0] == pairs[1]
-    assert graphs.stats.adopted >= 8 and graphs.stats.eager == 0
+    keys = bits().clone()
+    scratch_before = keys[:, :, pool.scratch_block].clone()
+    batch = engine.decode(batch).batch
+    after = bits()
+    assert graphs.stats.static == 1
+    changed = {b for b in range(pool.num_blocks) if not torch.equal(after[:, :, b], keys[:, :, b])}
+    held |= {b for table in batch.cache.tables for b in table}
+    assert changed and changed <= held
+    assert not torch.equal(after[:, :, pool.scratch_block], scratch_before)
+    assert torch.isfinite(pool.blocks_view(pool.keys)[:, :, pool.scratch_block]).all()
+    batch.release()
+    assert pool.used_blocks == 0
 
 
 def test_shapes_that_do_not_fit_run_eagerly(model):
-    """Above the largest bucket, or past the arena's slots: the normal path, same result."""
-    check_same(model, small := DecodeGraphs(model, max_batch=2, slots=64))
+    """Above the largest bucket, or past the table width: the eager step, same result."""
+    check_same(model, small := PagedDecodeGraphs(model, pool_of(model), max_batch=2))
     assert small.stats.static > 0 and small.stats.eager > 0              # 5 rows > bucket 2
-    check_same(model, short := DecodeGraphs(model, max_batch=8, slots=18))
-    assert short.stats.static > 0 and short.stats.eager > 0              # the 16-token row outgrows 18 slots
+    check_same(model, short := PagedDecodeGraphs(model, pool_of(model), max_batch=8, width=4))
+    assert short.stats.static > 0 and short.stats.eager > 0              # the 16-token row outgrows 4 blocks of 4
 
 
 def test_layer_timing_runs_eagerly(model):
-    graphs = DecodeGraphs(model, max_batch=8, slots=64)
+    graphs = PagedDecodeGraphs(model, pool_of(model), max_batch=8)
     model.layer_observer = lambda layer, seconds: None
     try:
         check_same(model, graphs)
@@ -139,49 +147,51 @@ def test_layer_timing_runs_eagerly(model):
     assert graphs.stats.static == 0 and graphs.stats.eager > 0
 
 
-def test_capture_only_on_cuda(model):
+def test_capture_only_on_cuda_and_a_scratch_block_is_needed(model):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        DecodeGraphs(model, max_batch=4, slots=32, capture=True)
-    graphs = DecodeGraphs(model, max_batch=4, slots=32)                 # auto: off on a CPU
+        PagedDecodeGraphs(model, pool_of(model), max_batch=4, capture=True)
+    graphs = PagedDecodeGraphs(model, pool_of(model), max_batch=4)       # auto: off on a CPU
     assert graphs.capture() == () and graphs.graphs == {}
-    with pytest.raises(ValueError, match="slots"):
-        DecodeGraphs(model, max_batch=4, slots=1)
+    with pytest.raises(ValueError, match="scratch block"):
+        PagedDecodeGraphs(model, pool_of(model, scratch=False), max_batch=4)
 
 
-def serve_mixed_batch(shard: Shard) -> Tokens:
-    shard.warmup(pb.WarmupRequest(max_batch_size=8, max_input_tokens=20, max_total_tokens=40))
+def serve_mixed_batch(shard: Shard) -> tuple[Tokens, pb.WarmupResponse]:
+    warm = shard.warmup(pb.WarmupRequest(max_batch_size=8, max_input_tokens=20, max_total_tokens=40))
     tokens = Tokens()
     cached = tokens.add(shard.prefill(pb.PrefillRequest(batch=mixed_batch(1))))
     while cached is not None:
         cached = tokens.add(shard.decode(pb.DecodeRequest(batches=[cached])))
-    return tokens
+    return tokens, warm
 
 
-def test_the_worker_builds_its_graphs_at_warmup(model):
-    """``Shard(decode_graphs=True)``: Warmup builds the static path (captured only on CUDA)
-    and its arena comes out of the KV memory; the served tokens are the eager worker's."""
-    eager = serve_mixed_batch(plain := Shard(model, model_name="tiny", kv_memory_gib=0.01))
-    static = serve_mixed_batch(graphed := Shard(model, model_name="tiny", kv_memory_gib=0.01, decode_graphs=True))
+def test_the_worker_builds_its_graphs_over_the_pool_at_warmup(model):
+    """``Shard(decode_graphs=True)``: Warmup sizes the pool (one block less: the scratch) and
+    builds the static decode over it (captured only on CUDA); the served tokens are the
+    eager worker's."""
+    eager, plain_warm = serve_mixed_batch(plain := Shard(model, model_name="tiny", kv_memory_gib=0.01))
+    static, warm = serve_mixed_batch(graphed := Shard(model, model_name="tiny", kv_memory_gib=0.01,
+                                                      decode_graphs=True))
     assert static.ids == eager.ids and static.finish == eager.finish
     for rid, logprobs in eager.logprobs.items():
-        # fp32 rounding only: the static path attends over the arena's fixed width, whose
-        # masked slots add exact zeros to sums taken in another order (about 5e-6 here)
         assert static.logprobs[rid] == pytest.approx(logprobs, rel=1e-5, abs=2e-5)
     graphs = graphed.engine.graphs
     assert plain.engine.graphs is None and graphs is not None and graphs.captured == ()
-    assert graphs.buckets == (1, 2, 4, 8) and graphs.arena.slots == 40 and graphs.stats.static > 3
-    assert graphed.capacity * graphed.kv_bytes_per_token <= 0.01 * 2**30 - graphs.nbytes()
+    assert graphs.pool is graphed.pool and graphs.buckets == (1, 2, 4, 8) and graphs.stats.static > 3
+    assert warm.kv_blocks == plain_warm.kv_blocks - 1 > 0 and warm.kv_block_size == plain_warm.kv_block_size
+    assert warm.max_batch_total_tokens == warm.kv_blocks * warm.kv_block_size
+    assert graphed.pool.scratch_block == warm.kv_blocks and graphed.pool.used_blocks == 0
 
 
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_graph_replay_equals_eager_decode(checkpoint, dtype):
+def test_cuda_graph_replay_equals_the_eager_paged_step(checkpoint, dtype):
     from model.quantization import QuantSpec
 
     quant = QuantSpec(4) if dtype == torch.float16 else None
     model = load_model(checkpoint("glm-tiny", tp=1, seed=3), dtype=dtype, device="cuda", quant=quant)
-    graphs = DecodeGraphs(model, max_batch=8, slots=64)
+    graphs = PagedDecodeGraphs(model, pool_of(model), max_batch=8)
     assert graphs.capture() == (1, 2, 4, 8)
     eager, static = Recorder(model), Recorder(model, graphs)
     assert static.run(join_at=2) == eager.run(join_at=2)

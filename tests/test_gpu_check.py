@@ -28,6 +28,7 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert summary == json.loads(out.read_text()) and summary["failures"] == 0
     assert len(summary["kernels"]) == 4 * 2 * 2 and all(r["ok"] for r in summary["kernels"])
     assert any("host_rel_err" in r for r in summary["kernels"])
+    assert len(summary["paged"]) == 1 and summary["paged"][0]["ok"]          # kernels.cpu_paged vs the reference
     assert summary["copy_gbps"] > 0 and all(r["gbps"] > 0 for r in summary["gemv"])
     decode = summary["model"]["decode"]
     assert [r["batch"] for r in decode] == [1, 8]
@@ -35,3 +36,4 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
         assert r["eager_ms"] > 0 and r["graphs_ms"] > 0 and r["floor_ms"] > 0
         assert r["graphs_ok"] and r["static_steps"] > 0        # the static path ran, and agreed
     assert summary["model"]["prefill"]["tokens"] == 64 and summary["model"]["layers"] == 2
+    assert summary["model"]["paged_kernel"] and summary["model"]["kv_pool_gb"] > 0

@@ -18,7 +18,7 @@ rank of ``tp`` (real processes over gloo, ``model.distributed.run_local_ranks``)
 Rows decode greedily with ``min_new_tokens`` banning the end tokens, as ``glm bench serve``'s
 load does, so no row leaves the batch. ``kv_cache`` chooses the cache: ``paged`` (the workers'
 block pool, ``model.paged_kv``: the forward is one packed ``GLMModel.step_logits``) or ``dense``
-(the left-padded ``model.kv_cache.KVCache`` of ``glm generate`` and CUDA graphs). On TP > 1 the ranks build their shards one after the
+(the left-padded ``model.kv_cache.KVCache`` of ``glm generate`` and beam search). On TP > 1 the ranks build their shards one after the
 other (only one build's transient at a time) and run the same calls in lockstep; rank 0's
 timings are reported, with every rank's memory. Importing this module loads no torch.
 """
@@ -53,6 +53,7 @@ class StepBench:
     bandwidth_gib: float = 1.0
     threads: int | None = None        # torch threads per rank (default: CPUs / tp)
     kv_cache: str = "paged"           # paged (the workers' block pool) | dense
+    kv_block_size: int = 16           # tokens per block of the paged pool
 
     def __post_init__(self) -> None:
         check_model_source(self.load_format, self.checkpoint, self.preset, self.num_layers)
@@ -60,7 +61,7 @@ class StepBench:
             raise ValueError("glm bench step needs a model: --checkpoint DIR, or --load-format dummy --preset NAME")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        for name in ("tp", "prompt_tokens", "context_tokens", "steps"):
+        for name in ("tp", "prompt_tokens", "context_tokens", "steps", "kv_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.bandwidth_gib <= 0:
@@ -161,7 +162,7 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
     calls = 2 * (bench.steps + bench.warmup) + 2
     batch = Batch(0, _decode_rows(batch_size, bench.context_tokens, calls))
     if bench.kv_cache == "paged":                           # a pool for this batch size only
-        engine.pool = _pool(model, batch_size, bench.context_tokens + calls + 1)
+        engine.pool = _pool(model, batch_size, bench.context_tokens + calls + 1, bench.kv_block_size)
     state = {"batch": engine.prefill(batch).batch}              # fills the cache, picks the first token
     batch = state["batch"]
     length_before = batch.cache.length
@@ -204,13 +205,13 @@ def bench_decode(engine, bench: StepBench, batch_size: int) -> dict:
     return {"batch": batch_size, "kv_length": kv_length, **times}
 
 
-def _pool(model, rows: int, tokens: int):
+def _pool(model, rows: int, tokens: int, block_size: int):
     """A block pool holding ``rows`` rows of ``tokens`` tokens each."""
     from model.kv_footprint import blocks_for
-    from model.paged_kv import DEFAULT_BLOCK_SIZE, BlockPool
+    from model.paged_kv import BlockPool
 
     c = model.config
-    return BlockPool(c.num_layers, rows * blocks_for(tokens, DEFAULT_BLOCK_SIZE), DEFAULT_BLOCK_SIZE,
+    return BlockPool(c.num_layers, rows * blocks_for(tokens, block_size), block_size,
                      c.num_attention_heads // model.ctx.world_size, c.head_dim, dtype=model.dtype,
                      device=model.device)
 
@@ -244,7 +245,7 @@ def bench_prefill(engine, bench: StepBench) -> dict:
     """Prefills of ``prompt_tokens`` at batch 1, after (with ``warmup``) one short prefill that
     pays the first-call costs without the long call's minutes at full width."""
     if bench.kv_cache == "paged":
-        engine.pool = _pool(engine.model, 1, bench.prompt_tokens)
+        engine.pool = _pool(engine.model, 1, bench.prompt_tokens, bench.kv_block_size)
     if bench.warmup:
         _prefill_forward(engine, _decode_rows(1, min(16, bench.prompt_tokens - 1), 1))
     rows = _decode_rows(1, bench.prompt_tokens - 1, 1)          # context + sop = prompt_tokens

@@ -278,7 +278,8 @@ def step(args) -> int:
                       num_layers=args.num_layers, dtype=args.dtype, quant=None if args.quant == "none" else args.quant,
                       tp=args.tp, batches=tuple(args.batch), prompt_tokens=args.prompt_tokens,
                       context_tokens=args.context_tokens, steps=args.steps, warmup=args.warmup,
-                      bandwidth_gib=args.bandwidth_gib, threads=args.threads, kv_cache=args.kv_cache)
+                      bandwidth_gib=args.bandwidth_gib, threads=args.threads, kv_cache=args.kv_cache,
+                      kv_block_size=args.kv_block_size)
     report = run_step(bench)
     if args.json:
         print(json.dumps({"machine": machine(cpu_flags=True), **report}, indent=2))

@@ -257,7 +257,8 @@ def _add_bench_step(subs) -> None:
                    help="prompt of every decoding row (its KV cache)")
     s.add_argument("--kv-cache", choices=["paged", "dense"], default="paged",
                    help="paged: the workers' block pool, one packed forward per step; dense: the left-padded "
-                        "cache of glm generate and CUDA graphs")
+                        "cache of glm generate and beam search")
+    s.add_argument("--kv-block-size", type=positive_int, default=16, help="tokens per block of the paged pool")
     s.add_argument("--steps", type=positive_int, default=10, help="timed calls per figure")
     s.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls before them")
     s.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the read-bandwidth probe")

@@ -16,6 +16,7 @@ rank stays healthy and the other rows go on.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 
 import torch
@@ -24,19 +25,20 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from model.config import GMASK_ID
-from model.cuda_graphs import DecodeGraphs, arena_bytes, batch_buckets
+from model.cuda_graphs import PagedDecodeGraphs
 from model.engine import Engine, StepOutput
 from model.glm import GLMModel
 from model.kv_footprint import padded_kv_slots
-from model.paged_kv import DEFAULT_BLOCK_SIZE, BlockPool
+from model.paged_kv import DEFAULT_BLOCK_SIZE, BlockPool, decode_kernel
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.tracing import LayerSampler
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 from services.worker.batch import ShardBatch, failures_pb, generations_pb
 from services.worker.kv_budget import kv_bytes_per_token, kv_memory_bytes
 
+log = logging.getLogger("glm.worker")
+
 WARMUP_TOKEN = 20100  # any text id
-GRAPH_KV_SHARE = 0.5  # at most this share of the KV memory goes to the decode graphs' arena
 
 
 class OutOfMemory(ResourceExhausted):
@@ -58,7 +60,7 @@ class Shard:
                  layer_trace_ratio: float = 0.0, decode_graphs: bool = False,
                  kv_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         self.model, self.ctx, self.config = model, model.ctx, model.config
-        self.decode_graphs = decode_graphs  # Warmup builds model.cuda_graphs.DecodeGraphs (captured on CUDA)
+        self.decode_graphs = decode_graphs  # Warmup builds model.cuda_graphs.PagedDecodeGraphs (captured on CUDA)
         self.engine = Engine(model)
         self.device = model.device
         self.model_name, self.quantization = model_name, quantization
@@ -164,16 +166,13 @@ class Shard:
             del batch, result
             memory = kv_memory_bytes(self.device, kv_memory_gib=self.kv_memory_gib,
                                      local_ranks=self.ctx.world_size)
-            if self.decode_graphs:
-                memory = self._build_graphs(n, total, memory, span)
-            unit = self.kv_bytes_per_token * (1 if self.decode_graphs else self.kv_block_size)
-            capacity = torch.tensor([memory // unit], dtype=torch.long, device=self.device)
+            blocks = memory // (self.kv_bytes_per_token * self.kv_block_size) - int(self.decode_graphs)
+            capacity = torch.tensor([blocks], dtype=torch.long, device=self.device)   # - the graphs' scratch
             if self.ctx.distributed:                                      # every rank: the smallest
                 dist.all_reduce(capacity, op=dist.ReduceOp.MIN, group=self.ctx.group)
-            if self.decode_graphs:
-                self.capacity = int(capacity)
-            else:
-                self._build_pool(int(capacity))
+            self._build_pool(int(capacity))
+            if self.decode_graphs and self.pool is not None:
+                self._build_graphs(n, span)
             span.set_attribute("glm.kv_capacity_tokens", self.capacity)
         if self.capacity < total:
             raise ResourceExhausted(
@@ -184,44 +183,36 @@ class Shard:
                                  kv_block_size=pool.block_size if pool else 0, kv_blocks=pool.num_blocks if pool else 0)
 
     def _drop_pool(self) -> None:
-        """A second Warmup replaces the pool: the cached batches are dropped with it."""
+        """A second Warmup replaces the pool (and the decode graphs over it): the cached
+        batches are dropped with it."""
         for batch in self.batches.values():
             batch.release()
         self.batches.clear()
-        self.engine.pool = self.pool = None
+        self.engine.pool = self.pool = self.engine.graphs = None
 
     def _build_pool(self, blocks: int) -> None:
-        """The paged KV pool of ``blocks`` blocks (every rank the same count)."""
+        """The paged KV pool of ``blocks`` blocks (every rank the same count), plus the
+        scratch block of the decode graphs when they are on."""
         if blocks < 1:
             self.capacity = 0
             return
         c = self.config
         self.pool = BlockPool(c.num_layers, blocks, self.kv_block_size, c.num_attention_heads // self.ctx.world_size,
-                              c.head_dim, dtype=self.model.dtype, device=self.device)
+                              c.head_dim, dtype=self.model.dtype, device=self.device, scratch=self.decode_graphs)
         self.engine.pool = self.pool
         self.capacity = blocks * self.kv_block_size
 
-    def _build_graphs(self, max_batch: int, max_total: int, memory: int, span: trace.Span) -> int:
-        """Build the decode graphs for batches up to ``max_batch`` over an arena of at most
-        ``GRAPH_KV_SHARE`` of the KV memory (the same slots on every rank); the KV memory left."""
-        self.engine.graphs, self.engine.new_cache = None, self.model.new_cache   # a second Warmup replaces them
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        rows = batch_buckets(max_batch)[-1]
-        fit = int(memory * GRAPH_KV_SHARE) // arena_bytes(self.model, rows, 1)
-        slots = torch.tensor([min(max_total, fit)], dtype=torch.long, device=self.device)
-        if self.ctx.distributed:
-            dist.all_reduce(slots, op=dist.ReduceOp.MIN, group=self.ctx.group)
-        slots = int(slots)
-        span.set_attribute("glm.decode_graph_slots", slots)
-        if slots < 2:                                                     # no room: decode eagerly
-            return memory
-        graphs = DecodeGraphs(self.model, max_batch=max_batch, slots=slots)
+    def _build_graphs(self, max_batch: int, span: trace.Span) -> None:
+        """The decode graphs over the pool for batches up to ``max_batch`` (captured on CUDA;
+        a CPU runs the same static forward uncaptured). On CUDA they need the paged kernel: the
+        static torch path reads every row's whole table width, slower than the eager step."""
+        if self.device.type == "cuda" and not decode_kernel(self.pool):
+            log.warning("CUDA graphs off: kernels.cuda_paged is not available (cupy + NVRTC); decoding eagerly")
+            span.set_attribute("glm.decode_graphs_captured", 0)
+            return
+        graphs = PagedDecodeGraphs(self.model, self.pool, max_batch=max_batch)
         span.set_attribute("glm.decode_graphs_captured", len(graphs.capture()))
-        self.engine.graphs, self.engine.new_cache = graphs, graphs.new_cache
-        if self.kv_memory_gib is not None or self.device.type != "cuda":
-            return max(0, memory - graphs.nbytes())
-        return kv_memory_bytes(self.device, kv_memory_gib=None, local_ranks=self.ctx.world_size)
+        self.engine.graphs = graphs
 
     def _check_room(self, batch: ShardBatch) -> None:
         """Refuse a batch whose merge with every cached batch could exceed the capacity (dense);
