@@ -11,6 +11,8 @@ the CPU (measured with `glm bench gemv`, docs/benchmarks.md "GEMV at batch 1"):
     (`torch.ops.mkldnn._linear_pointwise`) with the bias fused. The layout serves every row count:
     oneDNN runs a 512-row prefill on it without reordering.
 
+A linear of fewer than `SERIAL_MACS` multiply-adds (rows × out × in) runs on one thread.
+
 `choose_layout` is the rule: "packed" for bf16 where oneDNN reports native bf16 (AVX-512-BF16 or
 AMX), "transposed" for fp32 (MKL on either CPU family), "linear" otherwise (bf16 on AVX2-only
 CPUs, where oneDNN would emulate bf16; fp16). The rule is verified by measurement on the CPUs named
@@ -29,6 +31,10 @@ import torch
 import torch.nn.functional as F
 
 LAYOUTS = ("linear", "transposed", "packed")
+# Multiply-adds below which a linear runs on one thread: a sleeping OpenMP thread (the workers'
+# OMP_WAIT_POLICY=PASSIVE) takes ~100 us to wake, more than a second thread saves on such a
+# product (docs/benchmarks.md, "Threads").
+SERIAL_MACS = 16_000_000
 
 
 def native_bf16() -> bool:
@@ -81,6 +87,16 @@ class CpuDenseLinear:
         return self.weight.t() if self.layout == "transposed" else self.weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        if threads > 1 and x.numel() * self.out_features < SERIAL_MACS:
+            torch.set_num_threads(1)           # waking a second thread costs more than it saves
+            try:
+                return self._apply(x)
+            finally:
+                torch.set_num_threads(threads)
+        return self._apply(x)
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "linear":
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)

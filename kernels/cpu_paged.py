@@ -140,6 +140,7 @@ def _cpu_flags() -> str:
 
 
 ENABLED = True                                   # False: every caller takes the torch path
+THREAD_WORK = 400_000      # keys read per thread (elements) below which a call runs on fewer threads
 CACHE = Path.home() / ".cache" / "glm" / "kernels"
 
 
@@ -209,5 +210,13 @@ def paged_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tabl
     out = torch.empty((rows, heads, dim), dtype=torch.float32)
     lib.glm_paged_decode(q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lens.data_ptr(),
                          rows, heads, dim, keys.shape[1], block_size, tables.shape[1],
-                         int(keys.dtype == torch.bfloat16), out.data_ptr(), torch.get_num_threads())
+                         int(keys.dtype == torch.bfloat16), out.data_ptr(), threads_for(lens, heads, dim))
     return out
+
+
+def threads_for(lens: torch.Tensor, heads: int, dim: int) -> int:
+    """Threads for a call that reads ``sum(lens) * heads * dim`` keys (and as many values):
+    one below ``THREAD_WORK`` per thread, since starting a thread costs more than such a share
+    (docs/benchmarks.md, "Paged KV"), else up to torch's thread count."""
+    work = int(lens.sum()) * heads * dim
+    return max(1, min(torch.get_num_threads(), work // THREAD_WORK))

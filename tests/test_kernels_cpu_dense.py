@@ -78,3 +78,27 @@ def test_prepared_model_keeps_logits_and_state(checkpoint, dtype):
     a, b = prepared(ids, pos, mask), plain(ids, pos, mask)
     tol = 2e-2 if dtype == "bfloat16" else 1e-5
     assert (a - b).abs().max().item() <= tol * b.abs().max().item()
+
+
+def test_a_small_linear_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    """Below SERIAL_MACS the op sets one thread for its call and gives the count back, also
+    when the call raises; above it the count is left alone."""
+    import kernels.cpu_dense as cd
+
+    seen = []
+    op = cd.CpuDenseLinear(torch.randn(8, 16), layout="transposed")
+    monkeypatch.setattr(op, "_apply", lambda x: seen.append(torch.get_num_threads()) or x @ op.weight)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        op(torch.randn(1, 16))
+        monkeypatch.setattr(cd, "SERIAL_MACS", 0)
+        op(torch.randn(1, 16))
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        monkeypatch.setattr(cd, "SERIAL_MACS", 10**9)
+        monkeypatch.setattr(op, "_apply", lambda x: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            op(torch.randn(1, 16))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -222,3 +222,14 @@ def test_the_pool_holds_what_glm_plan_counts_per_token(model):
     pool = pool_of(model, blocks=37, block_size=16)
     plan = plan_memory(model.config, quant="none", tp=1, gpu_memory_gib=1.0, max_tokens=64, dtype_bytes=4)
     assert pool.nbytes() == plan.kv_bytes_per_token * 37 * 16
+
+
+def test_the_kernel_takes_threads_by_the_keys_it_reads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = cpu_paged.threads_for(torch.tensor([100]), 8, 32)            # 25 600 keys: one thread
+        large = cpu_paged.threads_for(torch.tensor([1024] * 16), 8, 32)      # 4.2 M keys: both
+        assert (small, large) == (1, 2)
+    finally:
+        torch.set_num_threads(before)
