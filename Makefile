@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,local,cuda,bench]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,local,cuda]'
 	touch $@
 
 venv: $(BIN)/.installed

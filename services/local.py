@@ -71,6 +71,8 @@ class LocalStack:
 
         if not self.options.port:       # 0: a free port, chosen now, so the stack knows its address
             self.options = dataclasses.replace(self.options, port=free_port())
+        if not self.options.http_port:
+            self.options = dataclasses.replace(self.options, http_port=free_port())
         o = self.options
         try:
             if o.redis_url:

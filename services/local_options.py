@@ -34,6 +34,9 @@ class ServeOptions(Options):
     host: str = option(LOOPBACK, to=("gateway",), help="the gateway's listen address")
     port: int = option(50051, type=non_negative_int, to=("gateway",),
                        help="the gateway's port (0 = a free port, chosen at start and printed)")
+    http_port: int = option(0, type=non_negative_int, to=("gateway",),
+                            help="the OpenAI-compatible HTTP API (/v1/completions, /v1/models, /health) "
+                                 "on --host at this port (0 = a free port, chosen at start and printed)")
     redis_url: str | None = option(None, to=("scheduler", "gateway"),
                                    help="Redis URL of the queue (default: start a private one)")
     checkpoint: str | None = option(None, to=("worker", "scheduler", "gateway"),
@@ -124,6 +127,6 @@ class ServeOptions(Options):
         """The options of the gateway (its metrics on loopback, for the hub)."""
         checkpoint, name = self._served()
         return GatewayOptions(models=((name, checkpoint),), tokenizer=self.tokenizer, host=self.host,
-                              port=self.port, redis_url=redis_url, max_concurrent_calls=self.max_concurrent_calls,
+                              port=self.port, http_port=self.http_port, redis_url=redis_url, max_concurrent_calls=self.max_concurrent_calls,
                               otlp_endpoint=self.ranks.otlp_endpoint,
                               metrics_port=metrics_port, metrics_host=LOOPBACK)

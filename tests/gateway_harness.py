@@ -8,6 +8,7 @@ failure: a busy machine makes a test slower, never red."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import socket
 import threading
 import time
@@ -166,6 +167,43 @@ def options(checkpoint, model: str | None = None, **overrides) -> GatewayOptions
     base = GatewayOptions(models=((model or unique_model(), str(checkpoint)),), host="127.0.0.1",
                           port=0, redis_url=REDIS_URL, grace_period_s=1.0)
     return replace(base, **overrides)
+
+
+def self_signed(directory):
+    """A self-signed certificate for ``localhost``: the cryptography package, else openssl."""
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        import subprocess
+
+        cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                        "-keyout", str(key_path), "-out", str(cert_path)],
+                       check=True, capture_output=True)
+        return cert_path, key_path
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
 
 
 # ---- fixtures of the gateway test modules (imported by name there) ------------------------

@@ -7,7 +7,6 @@ validation, queueing, streaming, cancellation). No verdict depends on how long a
 from __future__ import annotations
 
 import asyncio
-import datetime
 import threading
 import uuid
 
@@ -17,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
 
-from gateway_harness import HANG_S, RunningGateway, call_code, closed_port, default_script, options, wait_for
+from gateway_harness import (HANG_S, RunningGateway, call_code, closed_port, default_script, options,
+                             self_signed, wait_for)
 from gateway_harness import checkpoint, loop, pools, rdb, shared, start, tokenizer  # noqa: F401 (fixtures)
 from services.common import redis_keys as keys
 from services.common.messages import EVENT_FINAL, EVENT_TOKENS, Event
@@ -113,43 +113,6 @@ def test_api_keys(start, pools, tokenizer):
     assert health_status(gateway.address) == health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(gateway.address) as channel:
         assert "glm.v1.TextGeneration" in ProtoReflectionDescriptorDatabase(channel).get_services()
-
-
-def self_signed(directory):
-    """A self-signed certificate for ``localhost``: the cryptography package, else openssl."""
-    try:
-        import cryptography  # noqa: F401
-    except ImportError:
-        import subprocess
-
-        cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
-                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                        "-keyout", str(key_path), "-out", str(cert_path)],
-                       check=True, capture_output=True)
-        return cert_path, key_path
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def test_tls_round_trip(start, pools, tokenizer, tmp_path):

@@ -136,6 +136,30 @@ def test_32_concurrent_greedy_streams_equal_glm_generate(stack, tiny):
         assert finish in ("length", "stop")
 
 
+def test_the_openai_client_gets_what_grpc_gives(stack, tiny):
+    """The gateway's OpenAI-compatible front of the real stack (``glm serve`` turns it on):
+    the official client's unary and streamed greedy completions are the gRPC reply's text and
+    token count, and ``glm generate``'s tokens."""
+    import openai
+
+    name, prompt = stack.options.model_name, PROMPTS[0]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.options.http_port}/v1", api_key="none",
+                           timeout=CALL_S, max_retries=0)
+    with GLMClient(stack.address) as grpc_client:
+        reference = grpc_client.generate(prompt, model=name, max_new_tokens=6, temperature=0, timeout=CALL_S)
+    assert list(reference.token_ids) == greedy_reference(tiny, [prompt], 6)[prompt]
+    reply = client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0)
+    assert reply.choices[0].text == reference.text
+    assert reply.usage.completion_tokens == len(reference.token_ids)
+    assert reply.choices[0].finish_reason == reference.finish_reason
+    chunks = list(client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == reference.text
+    assert chunks[-1].choices[0].finish_reason == reference.finish_reason
+    assert [m.id for m in client.models.list().data] == [name]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=name, prompt=prompt, n=2)
+
+
 def test_cancelled_request_ends_cancelled(stack):
     prompt = "Stream the tokens [gMASK]"
     request_id = f"cancel-{uuid.uuid4().hex}"

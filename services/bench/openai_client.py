@@ -143,7 +143,7 @@ class OpenAICompletions:
         try:
             import aiohttp
         except ImportError:
-            raise OpenAIError("--api openai needs aiohttp: pip install 'glm-serve[bench]'") from None
+            raise OpenAIError("--api openai needs aiohttp (a dependency of glm-serve): pip install 'aiohttp>=3.9'") from None
         self._aiohttp = aiohttp
         # no pool limit: --concurrency is the only bound on calls in flight
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))

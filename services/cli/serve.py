@@ -87,6 +87,10 @@ def run(args) -> int:
     try:
         if not options.no_demo_call:
             _show_client_call(stack.address, name)
+        http = f"http://{stack.address.rsplit(':', 1)[0]}:{stack.options.http_port}"
+        print(f"glm serve: OpenAI-compatible HTTP API on {http}/v1, e.g.", file=sys.stderr)
+        print(f"  curl -s {http}/v1/completions -H 'Content-Type: application/json' -d "
+              f"'{{\"model\": \"{name}\", \"prompt\": \"{DEMO_PROMPT}\", \"max_tokens\": 16}}'", file=sys.stderr)
         if stack.metrics is not None:
             print(f"glm serve: metrics of every process on http://{stack.address.rsplit(':', 1)[0]}:"
                   f"{stack.metrics.port}/metrics", file=sys.stderr)

@@ -49,7 +49,10 @@ class GatewayOptions(Options):
     api_keys: tuple[str, ...] = option((), name="--api-key", repeat=True, metavar="KEY",
                                        help="require 'authorization: Bearer KEY' (repeatable; health and "
                                             "reflection stay open)")
-    tls_cert: str | None = option(None, help="PEM certificate chain (with --tls-key: serve TLS)")
+    http_port: int | None = option(None, type=non_negative_int,
+                                   help="the OpenAI-compatible HTTP API (/v1/completions, /v1/models, /health) "
+                                        "on --host at this port (0 = any free port; default: off)")
+    tls_cert: str | None = option(None, help="PEM certificate chain (with --tls-key: serve TLS, gRPC and HTTP)")
     tls_key: str | None = option(None, help="PEM private key")
     grace_period_s: float = option(30.0, type=float, help="on SIGTERM, how long in-flight calls may run on")
     otlp_endpoint: str | None = option(None, help="export traces over OTLP/gRPC to host:port (default: none; "
@@ -71,8 +74,8 @@ class GatewayOptions(Options):
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(f"--default-max-new-tokens {self.default_max_new_tokens} exceeds "
                              f"--max-new-tokens-limit {self.max_new_tokens_limit}")
-        for name in ("port", "metrics_port"):
-            if not 0 <= getattr(self, name) <= MAX_PORT:
+        for name in ("port", "metrics_port", "http_port"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_PORT:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: not a port (0-{MAX_PORT})")
 
     @property

@@ -32,6 +32,7 @@ from services.common.tracing import setup_tracing
 from services.gateway.auth import ApiKeyInterceptor
 from services.gateway.broker import Broker, connect, pool_size
 from services.gateway.catalog import Catalog, load_model
+from services.gateway.http_api import OpenAIFront
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.options import GatewayOptions
 from services.gateway.reflection import enable_server_reflection
@@ -99,6 +100,8 @@ class Gateway:
         self.metrics = GatewayMetrics(self.registry)
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.port: int | None = None
+        self.http_port: int | None = None            # the OpenAI-compatible front's, when on
+        self._http: OpenAIFront | None = None
         self._server: grpc.aio.Server | None = None
         self._monitor: asyncio.Task | None = None
         self._health: RedisHealth | None = None
@@ -140,8 +143,18 @@ class Gateway:
         self.metrics_endpoint = serve_metrics(self.registry, options.metrics_port, options.metrics_host)
         await server.start()
         self._server = server
+        if options.http_port is not None:
+            self._http = OpenAIFront(self._service, self.catalog, api_keys=options.api_keys,
+                                     healthy=self._serving, on_denied=self._denied)
+            self.http_port = await self._http.start(options.host, options.http_port, _ssl_context(options),
+                                                    shutdown_timeout=options.grace_period_s)
         self._monitor = asyncio.create_task(self._watch_redis())
         return self.port
+
+    def _serving(self) -> bool:
+        """The HTTP front's /health: Redis answers and a pool of some model is alive."""
+        state = self._health.state if self._health is not None else None
+        return bool(state and state[0] and state[1])
 
     def _denied(self, method: str) -> None:
         """A generation call refused for its API key (the model is not known yet)."""
@@ -171,7 +184,12 @@ class Gateway:
         await self._health.close()
         if self._monitor:
             self._monitor.cancel()
-        await self._server.stop(grace)
+        if self._http is not None:          # in-flight HTTP calls drain beside the gRPC ones
+            http = asyncio.ensure_future(self._http.stop())
+            await self._server.stop(grace)
+            await http
+        else:
+            await self._server.stop(grace)
         await self._service.drain()   # cancel keys of the calls the stop cut short
         await self._broker.close()
         self.tracing.shutdown()
@@ -182,6 +200,17 @@ class Gateway:
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _ssl_context(options: GatewayOptions):
+    """The HTTP front's TLS, from the gRPC server's certificate and key (None: plaintext)."""
+    if not options.tls_cert:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(options.tls_cert, options.tls_key)
+    return context
 
 
 def _read(path: str, flag: str) -> bytes:
@@ -198,6 +227,9 @@ async def serve(options: GatewayOptions, ready=None) -> None:
     scheme = "tls" if options.tls_cert else "plaintext"
     log.info("listening on %s:%d (%s), models %s", options.host, port, scheme,
              ", ".join(m.name for m in gateway.catalog))
+    if gateway.http_port is not None:
+        log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", "https" if options.tls_cert else "http",
+                 options.host, gateway.http_port)
     if ready is not None:
         ready(port)
     loop = asyncio.get_running_loop()
