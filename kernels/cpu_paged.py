@@ -9,28 +9,20 @@ probability-weighted sum of its values, all in fp32 (bf16 pools widened as they 
 the official arithmetic of a decode step (docs/model.md, "Attention and QKV layout"). The
 (row, head) pairs are shared among ``threads`` POSIX threads.
 
-It is compiled on first use with the machine's C compiler (``cc -O3 -march=native``: the
-vector units of the CPU at hand) into ``CACHE`` (``~/.cache/glm/kernels``), under a name that
-hashes the source, the compiler, the flags and the CPU's flags, and loaded with ctypes. Where
-no compiler or no build works (or ``ENABLED`` is False: benchmarks compare both), ``supports``
-is False and the caller keeps the torch path (``model.paged_kv.PagedStep``), which computes the
-same values.
+It is compiled on first use with the machine's C compiler (``kernels.cbuild``: ``cc -O3
+-march=native``, the vector units of the CPU at hand, cached in ``~/.cache/glm/kernels``) and
+loaded with ctypes. Where no compiler or no build works (or ``ENABLED`` is False: benchmarks
+compare both), ``supports`` is False and the caller keeps the torch path
+(``model.paged_kv.PagedStep``), which computes the same values.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger("glm.kernels")
+from kernels import cbuild
 
 SOURCE = r"""
 #include <math.h>
@@ -126,50 +118,13 @@ int glm_paged_decode(const float *q, const void *k, const void *v, const int64_t
 }
 """
 
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-shared", "-fPIC")
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
 ENABLED = True                                   # False: every caller takes the torch path
 THREAD_WORK = 400_000      # keys read per thread (elements) below which a call runs on fewer threads
-CACHE = Path.home() / ".cache" / "glm" / "kernels"
 
 
 def _build() -> ctypes.CDLL | None:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("paged decode kernel: no C compiler; the torch path is used")
-        return None
-    key = hashlib.sha256("\0".join([SOURCE, compiler, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
-    folder = CACHE
-    target = folder / f"paged_decode-{key}.so"
-    if not target.exists():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                src, lib = Path(tmp) / "paged.c", Path(tmp) / "paged.so"
-                src.write_text(SOURCE)
-                subprocess.run([compiler, *FLAGS, "-o", str(lib), str(src), "-lpthread", "-lm"],
-                               check=True, capture_output=True, timeout=120)
-                os.replace(lib, target)                    # atomic: concurrent builders agree
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", b"") or b""
-            log.warning("paged decode kernel: build failed (%s %s); the torch path is used",
-                        exc, detail.decode(errors="replace")[:500])
-            return None
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        log.warning("paged decode kernel: cannot load %s (%s); the torch path is used", target, exc)
+    lib = cbuild.build("paged_decode", SOURCE, "paged decode kernel")
+    if lib is None:
         return None
     fn = lib.glm_paged_decode
     fn.restype = ctypes.c_int

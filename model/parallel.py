@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels import cpu_gemv
 from kernels.cpu_dense import CpuDenseLinear, prepare_dense
 from model.quantization import QuantSpec
 
@@ -220,6 +221,12 @@ class VocabParallelEmbedding(nn.Module):
         return self.ctx.all_reduce(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied LM head: ``hidden @ E^T`` gathered to the full vocabulary on every rank."""
-        local = self.head(hidden) if self.head is not None else F.linear(hidden, self.weight)
+        """Tied LM head: ``hidden @ E^T`` gathered to the full vocabulary on every rank. At one
+        or two rows of bf16 on a CPU with AVX-512-BF16 it is ``kernels.cpu_gemv`` over the
+        embedding itself (twice oneDNN's speed there), else the head's dense op."""
+        if (hidden.dtype == torch.bfloat16 and hidden.numel() <= cpu_gemv.MAX_ROWS * hidden.shape[-1]
+                and cpu_gemv.supports(self.weight)):
+            local = cpu_gemv.matmul_t(hidden, self.weight)
+        else:
+            local = self.head(hidden) if self.head is not None else F.linear(hidden, self.weight)
         return self.ctx.all_gather_last_dim(local)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels.cpu as cpu
+from kernels import cpu_gemv
 from kernels.cpu_dense import CpuDenseLinear, choose_layout, native_bf16
 from kernels.reference import QuantizedWeight, dequantize
 from model.config import GLMConfig
@@ -90,6 +91,9 @@ def _random_quantized(out_f: int, in_f: int, bits: int, seed: int) -> QuantizedW
     return QuantizedWeight(values, scale, bits, in_f)
 
 
+GEMV_NAME = "C GEMV (kernels.cpu_gemv)"
+
+
 def _dense_candidates(weight: torch.Tensor, with_compile: bool):
     """(name, builder) pairs; each builder returns (callable(x), bytes read) and holds its copy."""
     def layout(name):
@@ -104,6 +108,8 @@ def _dense_candidates(weight: torch.Tensor, with_compile: bool):
         ("x @ Wt [in,out]", layout("transposed")),
         ("oneDNN packed", layout("packed")),
     ]
+    if weight.dtype == torch.bfloat16 and cpu_gemv.supports(weight):
+        cands.append((GEMV_NAME, lambda: ((lambda x: cpu_gemv.matmul_t(x, weight)), weight.nbytes)))
     if with_compile:
         def compiled():
             fn = torch.compile(lambda x: F.linear(x, weight), dynamic=False)
@@ -136,8 +142,12 @@ def _quant_candidates(qw: QuantizedWeight, dtype: torch.dtype):
     return cands
 
 
-def model_choice(dtype: torch.dtype, quant: str, batch: int) -> str:
-    """The candidate name the model's prepared op runs for this case."""
+def model_choice(dtype: torch.dtype, quant: str, batch: int, shape: str = "") -> str:
+    """The candidate name the model's prepared op runs for this case (``shape``: the linear's
+    name; the tied head at one or two bf16 rows takes ``kernels.cpu_gemv`` where it runs)."""
+    if (shape == "lm_head" and quant == "none" and dtype == torch.bfloat16 and batch <= cpu_gemv.MAX_ROWS
+            and cpu_gemv.kernel() is not None):
+        return GEMV_NAME
     if quant == "none":
         return {"linear": "F.linear [out,in]", "packed": "oneDNN packed",
                 "transposed": "x @ Wt [in,out]"}[choose_layout(dtype)]
@@ -192,7 +202,7 @@ def run_case(name: str, out_f: int, in_f: int, dtype: torch.dtype, quant: str, b
         timed = [r for r in results if r.batch == b and r.ms is not None]
         if timed:
             min(timed, key=lambda r: r.ms).winner = True
-        chosen = model_choice(dtype, quant, b)
+        chosen = model_choice(dtype, quant, b, name)
         for r in results:
             r.model = r.model or (r.batch == b and r.impl == chosen)
     return results

@@ -1,0 +1,64 @@
+"""Small C kernels built on first use with the machine's compiler, for the CPU at hand.
+
+``build(name, source)`` compiles ``source`` with ``cc -O3 -march=native`` (the vector units of
+this CPU) into ``CACHE`` (``~/.cache/glm/kernels``) under a name that hashes the source, the
+compiler, the flags and the CPU's flags, and loads it with ctypes. Concurrent builders agree
+(the library is moved into place atomically); a later process loads the cached file. Where no
+compiler or no build works it returns None and logs why: every caller has a torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("glm.kernels")
+
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-shared", "-fPIC")
+CACHE = Path.home() / ".cache" / "glm" / "kernels"
+
+
+def cpu_flags() -> str:
+    """The ``flags`` line of /proc/cpuinfo ("" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def build(name: str, source: str, what: str) -> ctypes.CDLL | None:
+    """The loaded library of ``source`` (``name`` names its file; ``what`` its log lines)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("%s: no C compiler; the torch path is used", what)
+        return None
+    key = hashlib.sha256("\0".join([source, compiler, *FLAGS, cpu_flags()]).encode()).hexdigest()[:16]
+    target = CACHE / f"{name}-{key}.so"
+    if not target.exists():
+        try:
+            CACHE.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+                src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+                src.write_text(source)
+                subprocess.run([compiler, *FLAGS, "-o", str(lib), str(src), "-lpthread", "-lm"],
+                               check=True, capture_output=True, timeout=120)
+                os.replace(lib, target)                    # atomic: concurrent builders agree
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            log.warning("%s: build failed (%s %s); the torch path is used", what, exc,
+                        detail.decode(errors="replace")[:500])
+            return None
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as exc:
+        log.warning("%s: cannot load %s (%s); the torch path is used", what, target, exc)
+        return None

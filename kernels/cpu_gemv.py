@@ -1,0 +1,127 @@
+"""The tied LM head at one or two rows on a CPU with AVX-512-BF16: a small C GEMV.
+
+``y [m, n] = x [m, k] @ W [n, k]^T`` for bf16 ``x`` and ``W`` (the embedding itself, row-major:
+no second copy), fp32 accumulation with ``vdpbf16ps`` (pairs of bf16 products summed in fp32),
+each output rounded once to bf16 (round to nearest even), the rows of ``W`` shared among
+torch's thread count of POSIX threads. At one row of the demo model's head (150 528 × 256, 77 MB)
+oneDNN's packed bf16 inner product reads 18–24 GB/s here while this reads 40–45
+(docs/benchmarks.md, "GEMV at batch 1"); from four rows on oneDNN is faster, so ``MAX_ROWS`` = 2.
+
+Built on first use by ``kernels.cbuild``; only where the compiler targets AVX-512-BF16
+(``-march=native`` on such a CPU) does the library report itself usable (``glm_gemv_ok``).
+Elsewhere, or with ``ENABLED`` False, ``supports`` is False and the head keeps its dense op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kernels import cbuild
+
+MAX_ROWS = 2                 # rows up to which the head takes this kernel
+ENABLED = True
+
+SOURCE = r"""
+#include <pthread.h>
+#include <stdint.h>
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+
+int glm_gemv_ok(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef __AVX512BF16__
+typedef struct { const uint16_t *x; const uint16_t *w; uint16_t *y; int64_t begin, end, n; int k, m; } job_t;
+
+static inline uint16_t to_bf16(float f) {          /* round to nearest even, as torch does */
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);   /* NaN stays NaN */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static void *run(void *arg) {
+    const job_t *j = (const job_t *)arg;
+    const int k = j->k;
+    for (int64_t n = j->begin; n < j->end; n++) {
+        const uint16_t *row = j->w + n * k;
+        for (int r = 0; r < j->m; r++) {
+            const uint16_t *x = j->x + (int64_t)r * k;
+            __m512 acc = _mm512_setzero_ps();
+            for (int i = 0; i < k; i += 32)
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(x + i)),
+                                       (__m512bh)_mm512_loadu_si512((const void *)(row + i)));
+            j->y[(int64_t)r * j->n + n] = to_bf16(_mm512_reduce_add_ps(acc));
+        }
+    }
+    return 0;
+}
+#endif
+
+/* x [m, k] bf16, w [n, k] bf16 (k a multiple of 32), y [m, n] bf16; 0 on success. */
+int glm_gemv(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t n, int k, int m, int threads) {
+#ifdef __AVX512BF16__
+    job_t jobs[64]; pthread_t ids[64];
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    for (int i = 0; i < threads; i++) {
+        job_t job = {x, w, y, n * i / threads, n * (i + 1) / threads, n, k, m};
+        jobs[i] = job;
+    }
+    int started = 0;
+    for (int i = 1; i < threads; i++) {
+        if (pthread_create(&ids[i], 0, run, &jobs[i]) != 0) break;
+        started = i;
+    }
+    for (int i = started + 1; i < threads; i++) run(&jobs[i]);    /* threads that did not start */
+    run(&jobs[0]);
+    for (int i = 1; i <= started; i++) pthread_join(ids[i], 0);
+    return 0;
+#else
+    return -1;
+#endif
+}
+"""
+
+_LIB: ctypes.CDLL | None | bool = False        # False: not tried yet
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel when this CPU runs it (built once per process, cached on disk)."""
+    global _LIB
+    if _LIB is False:
+        lib = cbuild.build("gemv_bf16", SOURCE, "bf16 GEMV kernel")
+        if lib is not None and lib.glm_gemv_ok() != 1:
+            lib = None
+        if lib is not None:
+            lib.glm_gemv.restype = ctypes.c_int
+            lib.glm_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_int] * 3
+        _LIB = lib
+    return _LIB
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """``matmul_t(x, weight)`` can run here: a contiguous bf16 ``[n, k]`` CPU weight, k % 32 == 0."""
+    return (ENABLED and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and weight.is_contiguous() and weight.shape[1] % 32 == 0 and kernel() is not None)
+
+
+def matmul_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [..., k] @ weight [n, k]^T`` in bf16 (``supports(weight)``; at most ``MAX_ROWS`` rows
+    are what it is fast for, any count is correct)."""
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()
+    y = torch.empty((x2.shape[0], n), dtype=torch.bfloat16)
+    if x2.shape[0]:
+        if kernel().glm_gemv(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), n, k, x2.shape[0],
+                             torch.get_num_threads()) != 0:
+            raise RuntimeError("the bf16 GEMV kernel is not usable on this CPU")
+    return y.reshape(*lead, n)
