@@ -39,7 +39,12 @@ def test_the_head_takes_it_at_one_or_two_rows(monkeypatch):
     from model.config import GLMConfig
     from model.glm import GLMModel
 
-    model = GLMModel(GLMConfig.from_name("glm-tiny"), dtype=torch.bfloat16).eval().prepare()
+    model = GLMModel(GLMConfig.from_name("glm-tiny"), dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():                        # the constructor leaves the weights uninitialised
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model = model.eval().prepare()
     embedding = model.transformer.word_embeddings
     assert cpu_gemv.supports(embedding.weight)
     calls = []
