@@ -31,7 +31,7 @@ DEQUANT_THREADS = 256
 _DTYPE_NAMES = {torch.float16: ("f16", "qg::F16"), torch.bfloat16: ("bf16", "qg::BF16")}
 
 _lock = threading.Lock()
-_modules: dict[tuple, object] = {}  # (device index, arch, Variant) -> cupy.RawModule
+_modules: dict[tuple, object] = {}  # (device index, arch, source, options) -> cupy.RawModule
 _streams: dict[tuple[int, int], object] = {}  # (device index, stream ptr) -> cupy stream
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -79,22 +79,25 @@ class Variant:
         )
 
 
-def compile_module(device: torch.device, variant: Variant):
-    """The cupy.RawModule for `variant` on `device`, compiled once per (device, arch)."""
+def compile_source(index: int, source: Path, options: tuple[str, ...]):
+    """The cupy.RawModule of ``source`` built with ``options`` for device ``index``, compiled
+    once per (device, arch, source, options)."""
     cupy = import_cupy()
-    index = torch.device(device).index or 0
     arch = "%d%d" % torch.cuda.get_device_capability(index)
-    key = (index, arch, variant)
+    key = (index, arch, source.name, options)
     with _lock:
         module = _modules.get(key)
         if module is None:
             with cupy.cuda.Device(index):  # cupy adds -arch=sm_<arch> of this device
-                module = cupy.RawModule(
-                    code=SOURCE.read_text(), options=("--std=c++17", *variant.defines())
-                )
+                module = cupy.RawModule(code=source.read_text(), options=options)
                 module.compile()  # surface compile errors here, not at first launch
             _modules[key] = module
     return module
+
+
+def compile_module(device: torch.device, variant: Variant):
+    """The cupy.RawModule for `variant` on `device`, compiled once per (device, arch)."""
+    return compile_source(torch.device(device).index or 0, SOURCE, ("--std=c++17", *variant.defines()))
 
 
 def cupy_stream(index: int):

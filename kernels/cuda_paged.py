@@ -18,13 +18,12 @@ shard shapes.
 from __future__ import annotations
 
 import functools
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kernels.cuda import cupy_stream, device_ptr, import_cupy
+from kernels.cuda import compile_source, cupy_stream, device_ptr, import_cupy
 
 SOURCE = Path(__file__).with_name("cuda") / "paged_attention.cu"
 THREADS = 128          # PA_THREADS in the .cu
@@ -33,8 +32,6 @@ STATIC_SHARED = 48 << 10   # dynamic shared memory above this needs the function
 _NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 ENABLED = True
-_lock = threading.Lock()
-_modules: dict[tuple[int, str, torch.dtype], object] = {}
 
 
 @functools.cache
@@ -55,17 +52,7 @@ def supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
 
 
 def _function(index: int, dtype: torch.dtype):
-    cupy = import_cupy()
-    arch = "%d%d" % torch.cuda.get_device_capability(index)
-    key = (index, arch, dtype)
-    with _lock:
-        module = _modules.get(key)
-        if module is None:
-            with cupy.cuda.Device(index):      # cupy adds -arch=sm_<arch> of this device
-                module = cupy.RawModule(code=SOURCE.read_text(),
-                                        options=("--std=c++17", "-DPA_ONLY", f"-DPA_TNAME={_NAMES[dtype]}"))
-                module.compile()               # compile errors surface here, not at first launch
-            _modules[key] = module
+    module = compile_source(index, SOURCE, ("--std=c++17", "-DPA_ONLY", f"-DPA_TNAME={_NAMES[dtype]}"))
     return module.get_function(f"paged_decode_{_NAMES[dtype]}")
 
 
