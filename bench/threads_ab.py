@@ -10,27 +10,19 @@ takes one thread per ``kernels.cpu_paged.THREAD_WORK`` keys. Both rules are swit
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 import kernels.cpu_dense as cpu_dense
 from kernels import cpu_paged
 from model.paged_kv import BlockPool, PagedCache
+from services.bench.step import _timed
 
 LINEARS = (((768, 256), 1), ((768, 256), 32), ((1376, 256), 64), ((4096, 1024), 32), ((150528, 256), 1))
 ATTENTION = ((1, 100), (32, 220))          # rows x cached tokens, heads 8 x 32, bf16 pool
 
 
 def median_us(fn, calls: int) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[calls // 2] * 1e6
+    return sorted(_timed(fn, calls, 10))[calls // 2] * 1e6
 
 
 def sides(fn, calls: int) -> str:
