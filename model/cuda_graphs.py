@@ -35,7 +35,7 @@ import torch
 from kernels import cuda_paged
 from model.glm import GLMModel
 from model.kv_footprint import blocks_for
-from model.paged_kv import BlockPool, PagedCache, PagedStep
+from model.paged_kv import BlockPool, PagedCache, PagedStep, gathered_attention
 
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
@@ -77,18 +77,9 @@ class StaticDecodeStep(PagedStep):
             res = cuda_paged.paged_decode(query, pool.keys[layer], pool.values[layer], self.tables,
                                           self.lens, pool.block_size)
             return res.view(n, heads * d)
-        keys = pool.blocks_view(pool.keys[layer])                                   # [np, blocks, bs, hn]
-        values = pool.blocks_view(pool.values[layer])
         w = self.tables.shape[1] * pool.block_size
-        index = self.tables.reshape(-1)
-        query = query.transpose(0, 1).reshape(heads * n, 1, d)
-        kk = keys.index_select(1, index).float().view(heads * n, w, d)               # [np*n, w, hn]
-        vv = values.index_select(1, index).float().view(heads * n, w, d)
-        scores = torch.bmm(query, kk.transpose(1, 2))                                 # [np*n, 1, w]
         masked = torch.arange(w, device=q.device)[None, :] >= self.lens[:, None]      # [n, w]
-        scores.view(heads, n, w).masked_fill_(masked[None], -10000.0 * coeff)
-        res = torch.bmm(torch.softmax(scores, dim=-1), vv)                            # [np*n, 1, hn]
-        return res.view(heads, n, d).transpose(0, 1).reshape(n, heads * d).to(q.dtype)
+        return gathered_attention(pool, layer, query, self.tables, masked, -10000.0 * coeff).to(q.dtype)
 
 
 class PagedDecodeGraphs:

@@ -354,19 +354,28 @@ class PagedStep:
                                       self.pool.values[layer], tables, lens, self.pool.block_size)
             out[:rows] = res.view(rows, -1)
             return
-        keys = self.pool.blocks_view(self.pool.keys[layer])                           # [np, blocks, bs, hn]
-        values = self.pool.blocks_view(self.pool.values[layer])
-        heads = keys.shape[0]
         for rows, index, masked in self.decode_chunks():
-            r, w = index.shape[0], masked.shape[1]
-            query = q.index_select(0, rows).float().mul_(scale).transpose(0, 1).reshape(heads * r, 1, d)
-            k = keys.index_select(1, index.view(-1)).float().view(heads * r, w, d)   # [np*r, w, hn]
-            vv = values.index_select(1, index.view(-1)).float().view(heads * r, w, d)
-            scores = torch.bmm(query, k.transpose(1, 2))                              # [np*r, 1, w]
-            scores.view(heads, r, w).masked_fill_(masked[None], fill)
-            probs = torch.softmax(scores, dim=-1)
-            res = torch.bmm(probs, vv).view(heads, r, d).transpose(0, 1).reshape(r, heads * d)
+            query = q.index_select(0, rows).float().mul_(scale)
+            res = gathered_attention(self.pool, layer, query, index, masked, fill)
             out.index_copy_(0, rows, res.to(out.dtype))
+
+
+def gathered_attention(pool: BlockPool, layer: int, query: torch.Tensor, index: torch.Tensor,
+                       masked: torch.Tensor, fill: float) -> torch.Tensor:
+    """The torch path of decode attention: each row's query ``[r, np, hn]`` (fp32, scaled)
+    over the blocks ``index [r, b]`` of ``layer``, gathered whole as fp32, with the slots
+    ``masked [r, b*bs]`` scored ``fill``; the official arithmetic (``model.glm.decode_attention``):
+    fp32 ``[r, np*hn]``."""
+    keys = pool.blocks_view(pool.keys[layer])                                         # [np, blocks, bs, hn]
+    values = pool.blocks_view(pool.values[layer])
+    r, heads, d = query.shape
+    w = masked.shape[1]
+    query = query.transpose(0, 1).reshape(heads * r, 1, d)
+    k = keys.index_select(1, index.reshape(-1)).float().view(heads * r, w, d)         # [np*r, w, hn]
+    v = values.index_select(1, index.reshape(-1)).float().view(heads * r, w, d)
+    scores = torch.bmm(query, k.transpose(1, 2))                                      # [np*r, 1, w]
+    scores.view(heads, r, w).masked_fill_(masked[None], fill)
+    return torch.bmm(torch.softmax(scores, dim=-1), v).view(heads, r, d).transpose(0, 1).reshape(r, heads * d)
 
 
 def decode_kernel(pool: BlockPool) -> bool:
