@@ -11,7 +11,8 @@ cancel-on-abandon rule are one code path for both APIs.
 The body (OpenAI's completions fields): ``model``, ``prompt`` (text with ``[MASK]``,
 ``[sMASK]`` or ``[gMASK]``, or token ids; one prompt a request), ``max_tokens`` (16 when
 absent, as OpenAI's), ``temperature`` (0 = greedy), ``top_p``, ``stop`` (text or list),
-``seed``, ``logprobs`` (0–5: the per-token detail with that many alternatives),
+``seed``, ``logprobs`` (the per-token detail with that many alternatives, up to the
+gateway's limit, 5),
 ``presence_penalty``, ``frequency_penalty``, ``stream``, ``stream_options.include_usage``,
 ``n`` and ``best_of`` (1 only: several samples per request are not served yet), ``echo``
 (false only), ``user`` (ignored). GLM's extras, as extra body fields: ``top_k``,
@@ -48,7 +49,7 @@ from services.proto_gen.glm.v1 import generation_pb2 as pb
 log = logging.getLogger("glm.gateway")
 
 OPENAI_MAX_TOKENS = 16                # OpenAI's default max_tokens for completions
-MAX_LOGPROBS = 5
+UINT32, UINT64 = 2**32 - 1, 2**64 - 1   # the protobuf fields' ranges; the gateway checks the limits
 FORWARDED_HEADERS = ("authorization", "traceparent", "tracestate")
 
 # gRPC status -> (HTTP status, OpenAI error type)
@@ -176,7 +177,7 @@ def completion_request(body: Any) -> tuple[pb.GenerateRequest, int | None]:
         s.temperature = v
     if (v := _number(body, "top_p")) is not None:
         s.top_p = v
-    if (v := _number(body, "top_k", int, 0)) is not None:
+    if (v := _number(body, "top_k", int, 0, UINT32)) is not None:
         s.top_k = v
     if (v := _number(body, "repetition_penalty")) is not None:
         s.repetition_penalty = v
@@ -184,12 +185,12 @@ def completion_request(body: Any) -> tuple[pb.GenerateRequest, int | None]:
         s.presence_penalty = v
     if (v := _number(body, "frequency_penalty")) is not None:
         s.frequency_penalty = v
-    if (v := _number(body, "seed", int, 0, 2**64 - 1)) is not None:
+    if (v := _number(body, "seed", int, 0, UINT64)) is not None:
         s.seed = v
     st = request.stopping
-    max_tokens = _number(body, "max_tokens", int, 1)
+    max_tokens = _number(body, "max_tokens", int, 0, UINT32)
     st.max_new_tokens = OPENAI_MAX_TOKENS if max_tokens is None else max_tokens
-    if (v := _number(body, "min_tokens", int, 0)) is not None:
+    if (v := _number(body, "min_tokens", int, 0, UINT32)) is not None:
         st.min_new_tokens = v
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
@@ -202,7 +203,7 @@ def completion_request(body: Any) -> tuple[pb.GenerateRequest, int | None]:
         if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
             raise BadRequest("stop", "stop: must be a string or a list of strings")
         st.stop.extend(stops)
-    logprobs = _number(body, "logprobs", int, 0, MAX_LOGPROBS)
+    logprobs = _number(body, "logprobs", int, 0, UINT32)
     if logprobs is not None:
         request.output.logprobs = True
         request.output.top_logprobs = logprobs
