@@ -20,6 +20,27 @@ from pathlib import Path
 
 log = logging.getLogger("glm.kernels")
 
+# C both kernels share (prepend to a source): run ``run`` on each of ``threads`` jobs of ``size``
+# bytes, the first on the calling thread, the others on POSIX threads (inline where one cannot
+# start), and wait for all.
+FAN_OUT = r"""
+#include <pthread.h>
+#include <stddef.h>
+#define GLM_MAX_THREADS 64
+static void glm_fan_out(void *(*run)(void *), void *jobs, size_t size, int threads) {
+    pthread_t ids[GLM_MAX_THREADS];
+    char *at = (char *)jobs;
+    int started = 0;
+    for (int i = 1; i < threads; i++) {
+        if (pthread_create(&ids[i], NULL, run, at + i * size) != 0) break;
+        started = i;
+    }
+    for (int i = started + 1; i < threads; i++) run(at + i * size);   /* threads that did not start */
+    run(at);
+    for (int i = 1; i <= started; i++) pthread_join(ids[i], NULL);
+}
+"""
+
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-shared", "-fPIC")
 CACHE = Path.home() / ".cache" / "glm" / "kernels"
 

@@ -23,8 +23,7 @@ from kernels import cbuild
 MAX_ROWS = 2                 # rows up to which the head takes this kernel
 ENABLED = True
 
-SOURCE = r"""
-#include <pthread.h>
+SOURCE = cbuild.FAN_OUT + r"""
 #include <stdint.h>
 #ifdef __AVX512BF16__
 #include <immintrin.h>
@@ -68,21 +67,14 @@ static void *run(void *arg) {
 /* x [m, k] bf16, w [n, k] bf16 (k a multiple of 32), y [m, n] bf16; 0 on success. */
 int glm_gemv(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t n, int k, int m, int threads) {
 #ifdef __AVX512BF16__
-    job_t jobs[64]; pthread_t ids[64];
+    job_t jobs[GLM_MAX_THREADS];
     if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
+    if (threads > GLM_MAX_THREADS) threads = GLM_MAX_THREADS;
     for (int i = 0; i < threads; i++) {
         job_t job = {x, w, y, n * i / threads, n * (i + 1) / threads, n, k, m};
         jobs[i] = job;
     }
-    int started = 0;
-    for (int i = 1; i < threads; i++) {
-        if (pthread_create(&ids[i], 0, run, &jobs[i]) != 0) break;
-        started = i;
-    }
-    for (int i = started + 1; i < threads; i++) run(&jobs[i]);    /* threads that did not start */
-    run(&jobs[0]);
-    for (int i = 1; i <= started; i++) pthread_join(ids[i], 0);
+    glm_fan_out(run, jobs, sizeof(job_t), threads);
     return 0;
 #else
     return -1;

@@ -24,9 +24,8 @@ import torch
 
 from kernels import cbuild
 
-SOURCE = r"""
+SOURCE = cbuild.FAN_OUT + r"""
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,21 +98,14 @@ int glm_paged_decode(const float *q, const void *k, const void *v, const int64_t
     const int64_t items = (int64_t)rows * heads;
     if (threads < 1) threads = 1;
     if (threads > items) threads = (int)items;
-    job_t jobs[64]; pthread_t ids[64];
-    if (threads > 64) threads = 64;
+    job_t jobs[GLM_MAX_THREADS];
+    if (threads > GLM_MAX_THREADS) threads = GLM_MAX_THREADS;
     for (int i = 0; i < threads; i++) {
         job_t j = {q, k, v, tables, lens, heads, dim, block_size, max_blocks, bf16, slots, out,
                    items * i / threads, items * (i + 1) / threads, max_len};
         jobs[i] = j;
     }
-    int started = 0;
-    for (int i = 1; i < threads; i++) {
-        if (pthread_create(&ids[i], NULL, run, &jobs[i]) != 0) break;
-        started = i;
-    }
-    for (int i = started + 1; i < threads; i++) run(&jobs[i]);   /* threads that did not start */
-    run(&jobs[0]);
-    for (int i = 1; i <= started; i++) pthread_join(ids[i], NULL);
+    glm_fan_out(run, jobs, sizeof(job_t), threads);
     return 0;
 }
 """
