@@ -35,11 +35,12 @@ so another dense cache can plug in without touching the decoding rules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
 
+from model.beam_search import BeamSearch
 from model.config import END_IDS
 from model.glm import GLMModel
 from model.kv_cache import DecodeCache
@@ -65,6 +66,45 @@ class UnknownRequest(ValueError):
     """``Batch.filter`` was asked to keep a request id the batch does not hold."""
 
 
+@dataclass(frozen=True)
+class BeamOptions:
+    """A request decoded by the official ``BeamSearchStrategy`` (``model.beam_search``) with
+    ``consider_end`` as ``generate.py``: ``num_beams`` (>= 2) rows, ``length_penalty`` (GNMT,
+    over the full length), ``no_repeat_ngram_size``; ``deterministic``: candidates by top-k of
+    the scores (the official evaluation), else drawn by multinomial seeded with ``seed``."""
+
+    num_beams: int
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    deterministic: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 2:
+            raise ValueError(f"beam search needs num_beams >= 2, got {self.num_beams}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+
+
+class BeamGroup:
+    """The live beams of one request: consecutive rows of a batch (one before its first
+    step, ``num_beams`` after), which fork (a beam continued twice shares its blocks) and
+    die (a beam not continued leaves) every step. ``tokens`` ``[1, beams, seq]`` is every
+    beam's whole sequence, context included (the n-gram bans and the length penalty read
+    it); every rank keeps it from the broadcast choices. ``search`` decides on rank 0 only."""
+
+    def __init__(self, state: "RequestState") -> None:
+        opts = state.beam
+        self.search = BeamSearch(
+            batch_size=1, num_beams=opts.num_beams, length_penalty=opts.length_penalty, consider_end=True,
+            end_tokens=END_IDS, no_repeat_ngram_size=opts.no_repeat_ngram_size, min_gen_length=state.min_new,
+            deterministic=opts.deterministic, seed=opts.seed)
+        self.num_beams = opts.num_beams
+        self.tokens = torch.tensor([state.blank.input_ids], dtype=torch.long)[None]
+        self.steps = 0
+        self.start = len(state.blank.input_ids)     # generated tokens begin here in ``tokens``
+
+
 @dataclass
 class RequestState:
     """One row of a batch: its blank, how it samples, and what it generated so far.
@@ -73,7 +113,8 @@ class RequestState:
     resumed row arrives with some); ``logprobs``: whether it wants the log-prob of each
     chosen token; ``top_n``: how many top log-probs it wants (either costs a log-softmax
     over the vocabulary for this row, on rank 0 only; without them a step costs a greedy
-    row one argmax).
+    row one argmax). ``beam``: the request is a beam search; its rows share ``group`` and
+    carry each beam's own ``generated`` (they choose no token of their own: the group does).
     """
 
     id: int
@@ -84,6 +125,8 @@ class RequestState:
     top_n: int = 0
     generated: list[int] = field(default_factory=list)
     logprobs: bool = True
+    beam: BeamOptions | None = None     # set: the request is a beam search (``BeamGroup``)
+    group: "BeamGroup | None" = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if any(t in END_IDS for t in self.generated):
@@ -127,7 +170,8 @@ class Batch:
     # -- accounting ----------------------------------------------------------------------
     @property
     def request_ids(self) -> list[int]:
-        return [r.id for r in self.requests]
+        """Each request once, in row order (a beam search holds several consecutive rows)."""
+        return list(dict.fromkeys(r.id for r in self.requests))
 
     @property
     def width(self) -> int:
@@ -156,12 +200,13 @@ class Batch:
 
     # -- rows ------------------------------------------------------------------------------
     def filter(self, keep_ids: Sequence[int]) -> "Batch | None":
-        """The batch with only ``keep_ids`` (in this batch's row order); None if none is kept."""
-        index = {r.id: i for i, r in enumerate(self.requests)}
-        unknown = [i for i in keep_ids if i not in index]
+        """The batch with only the rows of ``keep_ids`` (in this batch's row order); None if none is kept."""
+        held = set(r.id for r in self.requests)
+        unknown = [i for i in keep_ids if i not in held]
         if unknown:
             raise UnknownRequest(f"batch {self.id}: unknown request id(s) {unknown} (holds {self.request_ids})")
-        rows = sorted({index[i] for i in keep_ids})
+        keep = set(keep_ids)
+        rows = [i for i, r in enumerate(self.requests) if r.id in keep]   # every row of a kept request
         if not rows:
             self.release()
             return None
@@ -231,6 +276,9 @@ class StepToken:
     generated_tokens: int             # tokens the row has generated, this one included
     finish_reason: str | None
     top_tokens: tuple[tuple[int, float], ...] = ()
+    # A beam search that finished (rank 0 only): every candidate, best first, as
+    # (generated ids, the end token included when it ended on one; score).
+    candidates: tuple[tuple[tuple[int, ...], float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -427,7 +475,7 @@ class Engine:
     def _logprobs(self, batch: Batch, logits: torch.Tensor, tokens: torch.Tensor):
         """On rank 0, for the rows that asked only: the raw fp32 log-softmax of each chosen
         token ``{row: logprob}`` and its ``top_n`` best ``{row: ((id, logprob), ...)}``."""
-        rows = [i for i, r in enumerate(batch.requests) if r.logprobs or r.top_n]
+        rows = [i for i, r in enumerate(batch.requests) if (r.logprobs or r.top_n) and r.beam is None]
         if self.ctx.rank != 0 or not rows:
             return {}, {}
         every = len(rows) == len(batch.requests)
@@ -448,20 +496,128 @@ class Engine:
 
     def step(self, batch: Batch, logits: torch.Tensor) -> StepOutput:
         """Choose, broadcast and append one token per row; decide who finished (eop/eos:
-        stop; the allowed count reached: length) and drop those rows and the failed ones."""
+        stop; the allowed count reached: length) and drop those rows and the failed ones.
+        The rows of a beam search step together (``_beam_step``): they fork and die."""
+        groups = beam_groups(batch.requests)
         tokens, errors = self.choose(batch, logits)
+        beams = self._beam_step(batch, logits, groups) if groups else {}
         logprobs, top = self._logprobs(batch, logits, tokens)
         out, keep, failed = [], [], []
-        for row, (req, tok) in enumerate(zip(batch.requests, tokens.tolist())):
+        index: list[int] = []                   # source row of each row of the next batch
+        pending: list[int] = []
+        requests: list[RequestState] = []
+        token_list = tokens.tolist()
+        row = 0
+        while row < len(batch.requests):
+            req = batch.requests[row]
+            if row in groups:
+                size = groups[row]
+                self._beam_rows(batch, row, size, beams[row], out, failed, index, pending, requests)
+                row += size
+                continue
+            tok = token_list[row]
             if tok == FAILED:
                 failed.append(RowFailure(req, errors.get(row, f"sampling failed on rank 0 (row {row})")))
+                row += 1
                 continue
             req.generated.append(tok)
             reason = STOP if tok in END_IDS else LENGTH if len(req.generated) >= req.allowed else None
             if reason is None:
-                keep.append(row)
+                index.append(row)
+                pending.append(tok)
+                requests.append(req)
             out.append(StepToken(req, tok, logprobs.get(row, 0.0), len(req.generated), reason, top.get(row, ())))
+            row += 1
         batch.pending = tokens
-        if not keep:
+        if not index:
             batch.release()
-        return StepOutput(batch.rows(keep) if keep else None, out, failed)
+            return StepOutput(None, out, failed)
+        kept = batch.rows(index)
+        kept.requests = requests
+        kept.pending = torch.tensor(pending, dtype=torch.long, device=tokens.device)
+        return StepOutput(kept, out, failed)
+
+    def _beam_step(self, batch: Batch, logits: torch.Tensor, groups: dict[int, int]) -> dict[int, tuple]:
+        """Rank 0 steps every beam search of the batch over its rows' logits and broadcasts,
+        per group, ``[status, new token of each beam, source row of each beam]`` (status 1:
+        the search is done, -1: it failed); every rank returns ``{first row: (status, tokens,
+        sources, candidates, message)}`` (candidates and message: rank 0 only)."""
+        layout = []
+        for first, size in groups.items():
+            req = batch.requests[first]
+            if req.group is None:
+                req.group = BeamGroup(req)
+            layout.append((first, size, req.group))
+        payload = torch.zeros(sum(1 + 2 * g.num_beams for _, _, g in layout), dtype=torch.long)
+        local: dict[int, tuple] = {}
+        if self.ctx.rank == 0:
+            at = 0
+            for first, size, group in layout:
+                k = group.num_beams
+                try:
+                    new_tokens, source = group.search.step(logits[first:first + size].float()[None].cpu(),
+                                                           group.tokens)
+                    payload[at] = 1 if group.search.is_done else 0
+                    payload[at + 1: at + 1 + k] = new_tokens[0, :, -1]
+                    payload[at + 1 + k: at + 1 + 2 * k] = source[0]
+                    local[first] = ("", new_tokens)
+                except Exception as exc:  # noqa: BLE001 - this request's own failure, reported to its caller
+                    payload[at] = -1
+                    local[first] = (f"beam search failed: {type(exc).__name__}: {exc}", None)
+                at += 1 + 2 * k
+        payload = self.ctx.broadcast(payload.to(self.device)).cpu().tolist()
+        result, at = {}, 0
+        for first, size, group in layout:
+            k = group.num_beams
+            status, new, src = payload[at], payload[at + 1: at + 1 + k], payload[at + 1 + k: at + 1 + 2 * k]
+            at += 1 + 2 * k
+            message, candidates = local.get(first, ("", None))[0], ()
+            if status >= 0:
+                group.tokens = torch.cat([group.tokens[:, src], torch.tensor(new, dtype=torch.long).view(1, k, 1)],
+                                         dim=-1)
+                group.steps += 1
+                if (status == 1 or group.steps >= batch.requests[first].allowed) and self.ctx.rank == 0:
+                    candidates = tuple((tuple(seq.tolist()[group.start:]), float(score))
+                                       for seq, score in group.search.finalize(group.tokens)[0])
+            result[first] = (status, new, src, candidates, message)
+        return result
+
+    def _beam_rows(self, batch: Batch, first: int, size: int, stepped: tuple, out: list, failed: list,
+                   index: list, pending: list, requests: list) -> None:
+        """The next rows of one beam search (new beam ``j`` continues row ``first + source[j]``
+        with its new token), or its end: a ``StepToken`` with every candidate on rank 0."""
+        status, new, src, candidates, message = stepped
+        req = batch.requests[first]
+        group = req.group
+        if status < 0:
+            failed.append(RowFailure(req, message or "beam search failed on rank 0"))
+            return
+        done = status == 1 or group.steps >= req.allowed
+        if done:
+            best = candidates[0][0] if candidates else ()
+            reason = STOP if best and best[-1] in END_IDS else LENGTH
+            out.append(StepToken(req, new[0], 0.0, group.steps, reason, (), candidates))
+            return
+        for j, (tok, s) in enumerate(zip(new, src)):
+            parent = batch.requests[first + s]
+            index.append(first + s)
+            pending.append(tok)
+            requests.append(replace(parent, generated=parent.generated + [tok], group=group))
+        out.append(StepToken(req, new[0], 0.0, group.steps, None))
+
+
+def beam_groups(requests: Sequence[RequestState]) -> dict[int, int]:
+    """``{first row: rows}`` of every beam search among ``requests`` (its rows are consecutive)."""
+    groups: dict[int, int] = {}
+    row = 0
+    while row < len(requests):
+        req = requests[row]
+        if req.beam is None:
+            row += 1
+            continue
+        size = 1
+        while row + size < len(requests) and requests[row + size].id == req.id:
+            size += 1
+        groups[row] = size
+        row += size
+    return groups

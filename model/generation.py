@@ -1,9 +1,9 @@
 """Generation over a (tensor-parallel) GLM shard: batched sampling, beam search,
 and the official left-to-right filling of several blanks (``glm generate``).
 
-Sampling decodes through ``model.engine.Engine``, the engine the worker's
-Prefill/Decode use, so both give the same tokens for the same rows; beam search
-keeps its own loop over the engine's prefill and decode forwards. Every rank runs
+Sampling and beam search decode through ``model.engine.Engine``, the engine the
+worker's Prefill/Decode use, so both give the same tokens for the same rows (a beam
+search is a group of rows there, ``model.engine.BeamGroup``). Every rank runs
 the same forwards; rank 0 alone chooses tokens and broadcasts them, so the ranks
 can never diverge (docs/model.md, "Generation").
 """
@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.beam_search import BeamSearch
 from model.config import END_IDS
-from model.engine import LENGTH, STOP, Batch, Engine, RequestState, allowed_new_tokens
+from model.engine import LENGTH, STOP, Batch, BeamOptions, Engine, RequestState, allowed_new_tokens
 from model.glm import GLMModel
 from model.prompt import Blank, PromptError, check_blanks, check_length, generation_mask, next_blank
 from model.sampling import SamplingParams
@@ -50,6 +49,8 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = LENGTH
+    # Beam search, on rank 0: every candidate best first, (generated ids, score).
+    candidates: list[tuple[list[int], float]] = field(default_factory=list)
 
     @property
     def content_ids(self) -> list[int]:
@@ -114,49 +115,37 @@ class Generator:
 
     # -- beam search -----------------------------------------------------------------
     def beam_search(self, blank: Blank, options: GenerationOptions) -> Completion:
-        """The official BeamSearchStrategy for one blank (consider_end, as generate.py)."""
+        """The official BeamSearchStrategy for one blank (consider_end, as generate.py),
+        decoded by the engine's beam groups, as the worker decodes one (``model.engine``)."""
         check_length(list(blank.context), self.model.config.max_sequence_length)
         allowed = self._allowed_new(blank, options.max_new_tokens)
         if allowed == 0:
             return Completion()
-        search = BeamSearch(
-            batch_size=1, num_beams=options.num_beams, length_penalty=options.length_penalty,
-            consider_end=True, end_tokens=list(END_IDS),
-            no_repeat_ngram_size=options.no_repeat_ngram_size, min_gen_length=options.min_new_tokens,
-            deterministic=options.beam_deterministic, seed=options.beam_seed,
-        )
-        batch = Batch(0, [RequestState(0, blank, SamplingParams(), allowed)])     # one row, no sampler
-        logits, cache = self.engine.prefill_logits(batch), batch.cache
-        tokens = torch.tensor([blank.input_ids], dtype=torch.long)[None]          # [1, 1, seq]
-        nb = options.num_beams
-        for step in range(allowed):
-            payload = torch.zeros(1 + 2 * nb, dtype=torch.long)
-            if self.ctx.rank == 0:
-                new_tokens, source = search.step(logits.float()[None].cpu(), tokens)
-                payload[0] = int(search.is_done)
-                payload[1: 1 + nb] = new_tokens[0, :, -1]
-                payload[1 + nb:] = source[0]
-            payload = self.ctx.broadcast(payload.to(self.device)).cpu()
-            last, source = payload[1: 1 + nb], payload[1 + nb:]
-            tokens = torch.cat([tokens[:, source], last.view(1, nb, 1)], dim=-1)  # [1, nb, seq+1]
-            if payload[0] or step + 1 == allowed:
+        beam = BeamOptions(options.num_beams, options.length_penalty, options.no_repeat_ngram_size,
+                           options.beam_deterministic, options.beam_seed)
+        row = RequestState(0, blank, SamplingParams(greedy=True), allowed, options.min_new_tokens,
+                           logprobs=False, beam=beam)
+        step, ended = self.engine.prefill(Batch(0, [row])), None
+        while True:
+            if step.failed:
+                raise RuntimeError(f"blank: {step.failed[0].message}")
+            ended = next((t for t in step.tokens if t.finish_reason is not None), ended)
+            if step.batch is None:
                 break
-            cache = cache.select(source.to(self.device))
-            positions = torch.full((nb, 1), blank.position(step + 1), dtype=torch.long)   # [nb, 1]
-            logits = self.engine.decode_logits(cache, last, positions)
-        generated = self._best_beam(search, tokens, len(blank.input_ids))
+            step = self.engine.decode(step.batch)
+        candidates = [(list(ids), score) for ids, score in ended.candidates]        # rank 0 only
+        generated = self._best_beam(candidates)
         reason = STOP if generated and generated[-1] in END_IDS else LENGTH
-        return Completion(generated, self.score(blank, generated), reason)
+        return Completion(generated, self.score(blank, generated), reason, candidates)
 
-    def _best_beam(self, search: BeamSearch, tokens: torch.Tensor, start: int) -> list[int]:
-        """Rank 0 finalizes the search; every rank gets the best beam's generated ids."""
-        payload = torch.zeros(tokens.shape[-1] - start + 1, dtype=torch.long)
+    def _best_beam(self, candidates: list[tuple[list[int], float]]) -> list[int]:
+        """Every rank gets rank 0's best candidate (the next blank is spliced from it)."""
+        best = candidates[0][0] if self.ctx.rank == 0 else []
+        size = self.ctx.broadcast(torch.tensor([len(best)], dtype=torch.long, device=self.device)).item()
+        payload = torch.zeros(size, dtype=torch.long)
         if self.ctx.rank == 0:
-            seq = search.finalize(tokens)[0][0][0].tolist()[start:]
-            payload[0] = len(seq)
-            payload[1: 1 + len(seq)] = torch.tensor(seq, dtype=torch.long)
-        payload = self.ctx.broadcast(payload.to(self.device)).cpu()
-        return payload[1: 1 + int(payload[0])].tolist()
+            payload[:] = torch.tensor(best, dtype=torch.long)
+        return self.ctx.broadcast(payload.to(self.device)).cpu().tolist() if size else []
 
     def score(self, blank: Blank, generated: list[int]) -> list[float]:
         """Raw fp32 log-probs of ``generated`` after ``blank``, teacher-forced in one pass."""

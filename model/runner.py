@@ -154,7 +154,8 @@ def generate_on_rank(ctx: ParallelContext, job: GenerateJob) -> dict | None:
     return {
         "blanks": [
             {"token_ids": b.token_ids, "logprobs": b.logprobs, "finish_reason": b.finish_reason,
-             "content_ids": b.content_ids}
+             "content_ids": b.content_ids,
+             "candidates": [{"token_ids": ids, "score": score} for ids, score in b.candidates]}
             for b in result.blanks
         ],
         "output_ids": result.output_ids,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from glm_reference import forward as reference_forward
+from model.beam_search import BeamSearch
 from model.checkpoint import inspect_checkpoint, read_rank_state
 from model.config import EOP_ID, EOS_ID, GMASK_ID, MASK_ID, GLMConfig
 from model.generation import GenerationOptions, Generator
@@ -142,6 +143,39 @@ def test_beam_search_is_deterministic_and_scored(gen):
     # no repeated bigram among generated tokens
     grams = list(zip(a.token_ids, a.token_ids[1:]))
     assert len(grams) == len(set(grams))
+
+
+def beam_reference(state, blank, opts):
+    """The official strategy over logits recomputed from scratch for every beam every step
+    (no KV cache, no engine): the candidates, best first, as (generated ids, score)."""
+    config = GLMConfig.from_name("glm-tiny")
+    search = BeamSearch(1, opts.num_beams, opts.length_penalty, consider_end=True,
+                        no_repeat_ngram_size=opts.no_repeat_ngram_size, min_gen_length=opts.min_new_tokens,
+                        deterministic=opts.beam_deterministic, seed=opts.beam_seed)
+    tokens = torch.tensor([blank.input_ids])[None]
+    for step in range(opts.max_new_tokens):
+        logits = torch.stack([reference_forward(state, config, row.tolist(), blank.mask_pos, blank.use_gmask,
+                                                blank.context_length + 1)[-1] for row in tokens[0]])
+        tokens, _ = search.step(logits[None].float(), tokens)
+        if search.is_done:
+            break
+    start = len(blank.input_ids)
+    return [(seq.tolist()[start:], score) for seq, score in search.finalize(tokens)[0]]
+
+
+@pytest.mark.parametrize("opts", [
+    GenerationOptions(max_new_tokens=6, num_beams=3, beam_deterministic=True, no_repeat_ngram_size=2),
+    GenerationOptions(max_new_tokens=5, num_beams=4, length_penalty=0.6, min_new_tokens=2, beam_seed=11),
+    GenerationOptions(max_new_tokens=4, num_beams=2, beam_seed=3),
+], ids=["deterministic-ngram", "seeded-minlen", "two-beams"])
+def test_beam_search_equals_the_strategy_recomputed_every_step(ckpt, gen, opts):
+    state = read_rank_state(inspect_checkpoint(ckpt), 1, 0, dtype=torch.float32)
+    blank = Blank.first(PROMPTS[1])
+    got = gen.beam_search(blank, opts)
+    want = beam_reference(state, blank, opts)
+    assert [ids for ids, _ in got.candidates] == [ids for ids, _ in want]
+    assert [s for _, s in got.candidates] == pytest.approx([s for _, s in want], abs=1e-4)
+    assert got.token_ids == want[0][0]
 
 
 def test_prompt_without_mask_is_refused(gen):

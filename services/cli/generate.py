@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from model.checkpoint import check_reshard, inspect_checkpoint
+from model.config import END_IDS
 from model.distributed import default_backend, run_local_ranks
 from model.generation import GenerationOptions
 from model.quantization import QuantSpec
@@ -95,6 +96,10 @@ def render(result: dict, job: GenerateJob, tokenizer: GLMTokenizer) -> dict:
             "logprobs": b["logprobs"],
             "finish_reason": b["finish_reason"],
         })
+        if b["candidates"]:           # beam search: every candidate, best first (--print-all-beams)
+            blanks[-1]["candidates"] = [
+                {"text": tokenizer.decode([t for t in c["token_ids"] if t not in END_IDS], strict=False),
+                 "token_ids": c["token_ids"], "score": c["score"]} for c in b["candidates"]]
     output_ids = list(result["output_ids"])
     if output_ids and output_ids[-1] == tokenizer.eos_id:
         output_ids = output_ids[:-1]
