@@ -51,6 +51,16 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class Beam:
+    """A beam search (the official ``BeamSearchStrategy``), as the gateway validated it."""
+
+    num_beams: int = 2
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
 class QueuedRequest:
     """A validated, tokenized request as the gateway appends it to the model's queue."""
 
@@ -64,6 +74,7 @@ class QueuedRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     stream: bool = True
+    beam: Beam | None = None      # set: a beam search (its draws seeded with ``sampling.seed``)
     traceparent: str = ""         # W3C trace context of the gateway span
     created_at: float = 0.0       # unix seconds
     deadline: float = 0.0         # unix seconds; 0 = none
@@ -75,6 +86,8 @@ class QueuedRequest:
     def from_json(cls, text: str | bytes) -> "QueuedRequest":
         data = json.loads(text)
         data["sampling"] = Sampling(**data.get("sampling", {}))
+        if data.get("beam") is not None:
+            data["beam"] = Beam(**data["beam"])
         data["prompt_ids"] = tuple(data["prompt_ids"])
         data["stop"] = tuple(data.get("stop", ()))
         known = {f.name for f in fields(cls)}
@@ -92,6 +105,10 @@ class Event:
     ``final``: ``finish_reason``, ``stop_sequence``, ``text``, ``blanks`` (texts),
     ``output_text``, ``prompt_tokens``, ``generated_tokens``, ``seed``.
     ``error``: ``code`` (a gRPC status name), ``message``.
+    A beam search's ``blank`` event and its ``final`` carry ``candidates``: every candidate
+    of that (the last) blank, best first, each ``{"token_ids", "text", "score",
+    "finish_reason", "output_text"}`` (``token_ids``: the end token included when it ended
+    on one; the blank is filled with the first).
     ``finish_reason`` is a ``FinishReason`` (``None`` on events that do not end
     anything); a string given for it is converted, so the JSON stays the same.
     """
@@ -113,6 +130,7 @@ class Event:
     seed: int = 0
     code: str = ""
     message: str = ""
+    candidates: tuple = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.finish_reason, FinishReason):
@@ -135,7 +153,7 @@ class Event:
     @classmethod
     def from_json(cls, text: str | bytes) -> "Event":
         data = json.loads(text)
-        for name in ("token_ids", "logprobs", "blanks"):
+        for name in ("token_ids", "logprobs", "blanks", "candidates"):
             if name in data:
                 data[name] = tuple(data[name])
         if "top_logprobs" in data:

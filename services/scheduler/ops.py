@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from services.common.messages import Event, Sampling
+from services.common.messages import Beam, Event, Sampling
 from services.scheduler.request import Outcome
 
 
@@ -63,9 +63,15 @@ class BatchView:
     row_ids: tuple[int, ...]   # in row order
     width: int                 # KV slots every row holds now, left padding included
     max_tokens: int            # the workers' footprint of it (reported in metrics, sent back in Decode)
+    rows: int = 0              # the workers' rows (a beam search holds one per beam); 0: one per id
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            object.__setattr__(self, "rows", len(self.row_ids))
 
     @property
     def size(self) -> int:
+        """Phases (worker request ids) in the batch."""
         return len(self.row_ids)
 
 
@@ -93,6 +99,7 @@ class ShardRequest:
     top_logprobs: int
     mask_position: int          # index in input_ids of the mask this phase fills
     logprobs: bool = False      # the chosen tokens' log-probs are wanted
+    beam: Beam | None = None    # a beam search: its draws seeded with ``sampling.seed``
 
 
 @dataclass(frozen=True)

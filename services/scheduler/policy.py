@@ -67,6 +67,7 @@ class Scheduler:
         self._waiting: list[RequestState] = []          # sorted by arrival: FIFO over requests
         self._by_row: dict[int, RequestState] = {}      # live phases on the workers
         self._row_remaining: dict[int, int] = {}        # per worker row: tokens it may still generate
+        self._row_beams: dict[int, int] = {}            # per beam-search row id: its beams (rows on the workers)
         self._running: BatchView | None = None
         self._fresh: BatchView | None = None            # prefilled this step, merged by the next decode
         self._steps_since_prefill = 0
@@ -129,9 +130,14 @@ class Scheduler:
             return f"prompt_ids: {blanks}"
         if state.req.max_new_tokens < 1:
             return f"max_new_tokens must be >= 1, got {state.req.max_new_tokens}"
-        need = padded_kv_slots(1, state.input_len, state.allowed)
+        beams = _beams(state)
+        if beams > self.limits.max_batch_size:
+            return f"num_beams {beams} exceeds this pool's max_batch_size {self.limits.max_batch_size}"
+        if state.req.beam is not None and state.req.stop:
+            return "stop texts do not apply to a beam search (its candidates end on eop/eos or their length)"
+        need = padded_kv_slots(beams, state.input_len, state.allowed)
         if self.paged:
-            need = blocks_for(state.input_len + state.allowed, self.block_size) * self.block_size
+            need = beams * blocks_for(state.input_len + state.allowed, self.block_size) * self.block_size
         if need > self.capacity:
             return f"needs {need} KV slots, the pool holds {self.capacity}"
         return ""
@@ -164,7 +170,7 @@ class Scheduler:
     def snapshot(self) -> Snapshot:
         views = self.decode_batches()
         return Snapshot(requests=len(self._requests), running=len(self._by_row), waiting=len(self._waiting),
-                        batch_rows=sum(v.size for v in views), kv_slots=sum(v.max_tokens for v in views))
+                        batch_rows=sum(v.rows for v in views), kv_slots=sum(v.max_tokens for v in views))
 
     def room(self) -> int:
         """How many new requests to read from the queue now (0 when the budget is full)."""
@@ -174,8 +180,8 @@ class Scheduler:
         if lim.mode is BatchingMode.STATIC:
             return 0 if self._requests else lim.max_batch_size
         view = self._running
-        rows = view.size if view else 0
-        free = lim.max_batch_size - rows - len(self._waiting)
+        rows = view.rows if view else 0
+        free = lim.max_batch_size - rows - sum(_beams(s) for s in self._waiting)
         if view is not None and not self.paged:
             per_row = padded_kv_slots(1, view.width, self._longest_remaining(view.row_ids))
             free = min(free, self.capacity // max(1, per_row) - rows)
@@ -208,12 +214,14 @@ class Scheduler:
                 state.status, state.row_id = RequestStatus.RUNNING, next(self._row_ids)
                 self._by_row[state.row_id] = state
                 self._row_remaining[state.row_id] = state.remaining
+                if state.req.beam is not None:
+                    self._row_beams[state.row_id] = state.req.beam.num_beams
                 if self.paged:
                     self._row_tokens[state.row_id] = state.prefill_width
                 requests.append(ShardRequest(
                     state.row_id, tuple(state.context), tuple(state.tokens), state.req.sampling,
                     state.allowed, state.req.min_new_tokens, state.req.top_logprobs, state.blank.mask_pos,
-                    state.req.logprobs))
+                    state.req.logprobs, state.req.beam))
             out.prefill = PrefillOp(next(self._batch_ids), tuple(requests), tuple(s.id for s in phases))
         return out
 
@@ -234,8 +242,13 @@ class Scheduler:
         return keep
 
     def _blocks_after_step(self, rows: Sequence[int]) -> int:
-        """Blocks ``rows`` hold once the next step has fed each its pending token."""
-        return sum(blocks_for(self._row_tokens[r] + 1, self.block_size) for r in rows)
+        """Blocks ``rows`` hold once the next step has fed each its pending token (a beam search
+        counts each beam's whole sequence: an upper bound, its beams share the context)."""
+        return sum(self._row_beams.get(r, 1) * blocks_for(self._row_tokens[r] + 1, self.block_size) for r in rows)
+
+    def _worker_rows(self, rows: Sequence[int]) -> int:
+        """The workers' rows of ``rows`` (a beam search holds one per beam)."""
+        return sum(self._row_beams.get(r, 1) for r in rows)
 
     def _preempt(self, keep: list[int], out: StepPlan) -> list[int]:
         """Paged: while the running rows' next step does not fit the pool, the most recently
@@ -250,6 +263,7 @@ class Scheduler:
             state = self._by_row.pop(row)
             self._row_remaining.pop(row, None)
             self._row_tokens.pop(row, None)
+            self._row_beams.pop(row, None)
             self._enqueue(state)
             self.preempted += 1
         out.filter = FilterOp(self._running.id, tuple(keep))
@@ -274,18 +288,18 @@ class Scheduler:
         width = self._running.width if self._running is not None and rows else 0
         longest = self._longest_remaining(keep)
         take: list[RequestState] = []
-        new_width = 0
+        new_width, taken = 0, self._worker_rows(keep)
         for state in self._waiting:
-            if rows + len(take) >= max_rows or (take and (state.solo or take[0].solo)):
+            if (rows or take) and taken + _beams(state) > max_rows or (take and (state.solo or take[0].solo)):
                 break
             w = max(new_width, state.prefill_width)
             if take and (len(take) + 1) * w > lim.max_prefill_tokens:
                 break
-            need = padded_kv_slots(rows + len(take) + 1, max(width, w), max(longest, state.remaining))
+            need = padded_kv_slots(taken + _beams(state), max(width, w), max(longest, state.remaining))
             if need > self.capacity:
                 break
             take.append(state)
-            new_width = w
+            new_width, taken = w, taken + _beams(state)
             longest = max(longest, state.remaining)
         min_size = 1
         if lim.mode is BatchingMode.CONTINUOUS and rows and self._steps_since_prefill < lim.max_waiting_tokens:
@@ -297,21 +311,23 @@ class Scheduler:
         the prompts admitted) stay within ``max_prefill_tokens`` (the first phase always passes)
         and the blocks after the step leave ``kv_watermark`` of the pool free (an empty pool
         takes any phase that fits it): by the tokens a phase has now, not its max_new_tokens."""
-        rows, used = len(keep), self._blocks_after_step(keep)
+        rows, used = self._worker_rows(keep), self._blocks_after_step(keep)
         limit = self.num_blocks - max(1, int(self.num_blocks * self.limits.kv_watermark))
         take: list[RequestState] = []
-        tokens = rows
+        tokens = taken = rows
         for state in self._waiting:
-            if rows + len(take) >= max_rows or (take and (state.solo or take[0].solo)):
+            beams = _beams(state)
+            if (rows or take) and taken + beams > max_rows or (take and (state.solo or take[0].solo)):
                 break
             n = state.prefill_width
             if take and tokens + n > self.limits.max_prefill_tokens:
                 break
-            blocks = blocks_for(n, self.block_size)
+            # a beam search forks into its beams at its first step: count them (an upper bound)
+            blocks = blocks_for(n, self.block_size) if beams == 1 else beams * blocks_for(n + 1, self.block_size)
             if used + blocks > (limit if rows or take else self.num_blocks):
                 break
             take.append(state)
-            used, tokens = used + blocks, tokens + n
+            used, tokens, taken = used + blocks, tokens + n, taken + beams
         return take
 
     # -- replies ------------------------------------------------------------------------------
@@ -321,6 +337,7 @@ class Scheduler:
                 if view is None or row not in view.row_ids:
                     self._row_remaining.pop(row, None)
                     self._row_tokens.pop(row, None)
+                    self._row_beams.pop(row, None)
         self._running = view
 
     def prefilled(self, op: PrefillOp, gens: Sequence[Gen], view: BatchView | None,
@@ -341,6 +358,7 @@ class Scheduler:
         for state in states:
             self._row_remaining.pop(state.row_id, None)
             self._row_tokens.pop(state.row_id, None)
+            self._row_beams.pop(state.row_id, None)
             if code == "INVALID_ARGUMENT" and (state.row_id == refused_row_id or len(states) == 1):
                 self._fail(state, code, f"the workers rejected the request: {message}", dead=True, out=out)
             elif code == "RESOURCE_EXHAUSTED" and self._running is None:
@@ -370,6 +388,7 @@ class Scheduler:
         for row_id, message in failed:
             self._row_remaining.pop(row_id, None)
             self._row_tokens.pop(row_id, None)
+            self._row_beams.pop(row_id, None)
             state = self._by_row.get(row_id)
             if state is None or state.status is not RequestStatus.RUNNING:
                 continue                                   # it had left already (a stop text)
@@ -393,6 +412,7 @@ class Scheduler:
                 if gen.finished:
                     del self._row_remaining[gen.row_id]
                     self._row_tokens.pop(gen.row_id, None)
+                    self._row_beams.pop(gen.row_id, None)
             state = self._by_row.get(gen.row_id)
             if state is None or state.status is not RequestStatus.RUNNING:
                 continue                                   # left on a stop text; filtered next step
@@ -442,3 +462,8 @@ class Scheduler:
     @staticmethod
     def _emit(state: RequestState, events: Sequence[Event], out: StepOutput) -> None:
         out.events.extend((state.id, e) for e in events)
+
+
+def _beams(state: RequestState) -> int:
+    """The workers' rows a phase of ``state`` holds: its beams, or one."""
+    return state.req.beam.num_beams if state.req.beam is not None else 1

@@ -51,6 +51,8 @@ class Gen:
     top: tuple[tuple[int, float], ...] = ()
     finished: bool = False
     reason: FinishReason | None = None   # STOP | LENGTH when finished
+    # A beam search that finished: every candidate, best first, (generated ids, score).
+    candidates: tuple[tuple[tuple[int, ...], float], ...] = ()
 
 
 @dataclass
@@ -61,6 +63,7 @@ class BlankDone:
     text: str
     finish_reason: FinishReason
     stop_sequence: str = ""
+    candidates: tuple = ()      # a beam search's: ``Event.candidates`` of its blank event
 
     @property
     def content_ids(self) -> list[int]:
@@ -106,6 +109,7 @@ class RequestState:
     cancelled: Cancellation | None = None         # set when it leaves before ending by itself
     solo: bool = False                            # prefill alone (a batch holding it was rejected)
     span: Any = None                              # the loop's scheduler.request span
+    _candidates: tuple = ()                       # a beam search's, until its blank event takes them
 
     def __post_init__(self) -> None:
         if not self.context:
@@ -164,6 +168,8 @@ class RequestState:
 
     def on_token(self, gen: Gen) -> tuple[list[Event], bool]:
         """Take one generated token; (events to publish, whether this blank ended)."""
+        if self.req.beam is not None:
+            return self._beam_step(gen)
         self.tokens.append(gen.token_id)
         self.received += 1
         self.logprobs.append(gen.logprob)
@@ -181,6 +187,31 @@ class RequestState:
             return events + self.end_blank(gen.reason or FinishReason.LENGTH), True
         return events, False
 
+    def _beam_step(self, gen: Gen) -> tuple[list[Event], bool]:
+        """A beam search step: nothing is published until the search ends; then the blank is
+        its best candidate (one ``tokens`` event) and the ``blank`` event lists every one."""
+        self.received += 1
+        if not gen.finished:
+            return [], False
+        if not gen.candidates:
+            raise ValueError(f"row {gen.row_id}: a finished beam search came without its candidates")
+        best = list(gen.candidates[0][0])
+        self.tokens, self.logprobs, self.tops = best, [0.0] * len(best), [()] * len(best)
+        has_end = bool(best) and best[-1] in END_IDS
+        self._candidates = tuple(self._candidate(ids, score) for ids, score in gen.candidates)
+        return self.end_blank(FinishReason.STOP if has_end else FinishReason.LENGTH, end_token_new=has_end), True
+
+    def _candidate(self, ids: Sequence[int], score: float) -> dict:
+        """One beam candidate as the events carry it: its text, and the output with it spliced."""
+        ended = bool(ids) and ids[-1] in END_IDS
+        content = list(ids[:-1]) if ended else list(ids)
+        output = self.blank.splice(content)
+        if output and output[-1] == EOS_ID:
+            output = output[:-1]
+        return {"token_ids": list(ids), "text": self.decode(content), "score": float(score),
+                "finish_reason": (FinishReason.STOP if ended else FinishReason.LENGTH).value,
+                "output_text": self.decode(output)}
+
     def end_blank(self, reason: FinishReason, end_token_new: bool = False) -> list[Event]:
         """The blank ended on an end token or its length: publish what was held, then the blank."""
         start = self.text.emitted_tokens
@@ -190,10 +221,11 @@ class RequestState:
         return self._tokens_event(start, n, release.text) + self._blank_event(reason)
 
     def _blank_event(self, reason: FinishReason, stop: str = "") -> list[Event]:
-        done = BlankDone(list(self.tokens), self.text.text, reason, stop)
+        done = BlankDone(list(self.tokens), self.text.text, reason, stop, self._candidates)
+        self._candidates = ()
         self.done.append(done)
         return [self._event(EVENT_BLANK, blank=len(self.done) - 1, text=done.text, token_ids=tuple(done.token_ids),
-                            finish_reason=reason, stop_sequence=stop)]
+                            finish_reason=reason, stop_sequence=stop, candidates=done.candidates)]
 
     def next_phase(self) -> bool:
         """Splice the finished blank; True when another blank of the mask kind is left."""
@@ -214,7 +246,13 @@ class RequestState:
             EVENT_FINAL, finish_reason=last.finish_reason, stop_sequence=last.stop_sequence,
             text="".join(b.text for b in self.done), blanks=tuple(b.text for b in self.done),
             output_text=self.decode(output), prompt_tokens=len(self.req.prompt_ids),
-            generated_tokens=sum(len(b.token_ids) for b in self.done), seed=self.req.sampling.seed)
+            generated_tokens=sum(len(b.token_ids) for b in self.done), seed=self.req.sampling.seed,
+            candidates=self._final_candidates(last))
+
+    def _final_candidates(self, last: BlankDone) -> tuple:
+        """A beam search's candidates of its last blank, each text with the earlier blanks' first."""
+        before = "".join(b.text for b in self.done[:-1])
+        return tuple(dict(c, text=before + c["text"]) for c in last.candidates)
 
     def cancelled_final(self) -> Event:
         """The caller went away: what was published stays; the stream ends with finish_reason cancelled."""

@@ -54,7 +54,7 @@ def apply_events(state: RequestState, events: Sequence[Event]) -> Resumed:
             if event.blank != len(state.done) or list(event.token_ids) != state.tokens:
                 raise ResumeError(f"blank event {event.blank} does not match the published tokens")
             state.done.append(BlankDone(list(event.token_ids), event.text, event.finish_reason,
-                                        event.stop_sequence))
+                                        event.stop_sequence, event.candidates))
             more = state.next_phase()
     state.seq = len(events)
     if not more:

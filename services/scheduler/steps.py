@@ -73,7 +73,7 @@ class ShardSteps:
             self.flusher.behind()
             return
         ids = core.request_ids_of(batches) + (list(op.request_ids) if op else [])
-        rows = sum(v.size for v in batches)
+        rows = sum(v.rows for v in batches)
         admitted = len(op.requests) if op else 0
         with self._step_span("scheduler.decode" if batches else "scheduler.prefill", ids, {
                 "glm.batch_id": batches[0].id if batches else op.batch_id, "glm.batch_size": rows + admitted,
@@ -118,11 +118,11 @@ class ShardSteps:
         batches = core.decode_batches()
         if batches:
             with self._step_span("scheduler.decode", core.request_ids_of(batches), {
-                    "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.size for v in batches)}):
+                    "glm.batch_id": batches[0].id, "glm.batch_size": sum(v.rows for v in batches)}):
                 call = asyncio.ensure_future(client.decode([cached_pb(v) for v in batches]))
                 self.flusher.behind()      # the events so far go out while the workers decode
                 reply = await self._timed(call)
-            self._count_decode(sum(v.size for v in batches))
+            self._count_decode(sum(v.rows for v in batches))
             self.metrics.generated.inc(len(reply.generations))
             await self._publish(core.decoded(generations(reply), view_of(reply), failed_rows(reply)))
         if not batches:

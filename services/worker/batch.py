@@ -13,17 +13,20 @@ TGI's shard server: ``from_pb``, ``to_pb``, ``filter`` and ``concatenate``
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from model.config import GLMConfig
 from model.config import GMASK_ID, MASK_IDS
-from model.engine import LENGTH, STOP, Batch, RequestState, StepOutput, UnknownRequest, allowed_new_tokens
+from model.engine import (LENGTH, STOP, Batch, BeamOptions, RequestState, StepOutput, UnknownRequest,
+                          allowed_new_tokens)
 from model.prompt import Blank, PromptError, check_ids, check_length, generation_mask
 from model.sampling import SamplingParams
 from services.common.errors import InvalidArgument
 from services.proto_gen.glm.v1 import shard_pb2 as pb
 
 MAX_TOP_LOGPROBS = 20
+MAX_BEAMS = 64          # rows one beam search may hold (the scheduler's max_batch_size bounds it too)
 FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, STOP: pb.FINISH_REASON_STOP, LENGTH: pb.FINISH_REASON_LENGTH}
 
 
@@ -61,11 +64,32 @@ def request_from_pb(msg: pb.Request, config: GLMConfig) -> RequestState:
                               request_id=msg.id)
     blank = blank_of(msg, ids)
     allowed = allowed_new_tokens(blank, stop.max_new_tokens, config.max_sequence_length)
+    beam = beam_from_pb(msg) if msg.HasField("beam") else None
+    if beam is not None:                    # its rows choose no token of their own: an argmax, no log-probs
+        params = SamplingParams(greedy=True)
     try:                                    # the engine refuses rows with nothing left to generate
-        return RequestState(msg.id, blank, params, allowed, stop.min_new_tokens, msg.top_logprobs, generated,
-                            logprobs=msg.logprobs)
+        return RequestState(msg.id, blank, params, allowed, stop.min_new_tokens,
+                            0 if beam else msg.top_logprobs, generated, logprobs=msg.logprobs and beam is None,
+                            beam=beam)
     except ValueError as exc:
         raise InvalidArgument(f"{where}: {exc}", request_id=msg.id) from None
+
+
+def beam_from_pb(msg: pb.Request) -> BeamOptions:
+    """``Request.beam`` as engine options; a bad one is ``InvalidArgument`` naming the field."""
+    b, where = msg.beam, f"request {msg.id}: beam"
+    if not 2 <= b.num_beams <= MAX_BEAMS:
+        raise InvalidArgument(f"{where}.num_beams must be in [2, {MAX_BEAMS}], got {b.num_beams}", request_id=msg.id)
+    if not math.isfinite(b.length_penalty):
+        raise InvalidArgument(f"{where}.length_penalty must be finite, got {b.length_penalty}", request_id=msg.id)
+    if msg.generated_ids:
+        raise InvalidArgument(f"{where}: a beam search cannot resume from generated_ids (it restarts from its "
+                              "blank)", request_id=msg.id)
+    if msg.top_logprobs or msg.logprobs:
+        raise InvalidArgument(f"{where}: logprobs and top_logprobs do not apply to a beam search (each "
+                              "candidate carries its score)", request_id=msg.id)
+    return BeamOptions(b.num_beams, b.length_penalty, b.no_repeat_ngram_size, b.deterministic,
+                       b.seed if b.HasField("seed") else None)
 
 
 def blank_of(msg: pb.Request, ids: list[int]) -> Blank:
@@ -97,7 +121,7 @@ class ShardBatch(Batch):
         return cls(msg.id, requests)
 
     def to_pb(self) -> pb.CachedBatch:
-        return pb.CachedBatch(id=self.id, request_ids=self.request_ids, size=len(self.requests),
+        return pb.CachedBatch(id=self.id, request_ids=self.request_ids, size=len(self.requests),   # rows
                               max_tokens=self.max_tokens, width=self.width)
 
     def filter(self, keep_ids: Sequence[int]) -> "ShardBatch | None":
@@ -123,6 +147,7 @@ def generations_pb(step: StepOutput) -> list[pb.Generation]:
                             finished=t.finish_reason is not None, finish_reason=FINISH_REASONS[t.finish_reason],
                             generated_tokens=t.generated_tokens)
         gen.top_tokens.extend(pb.TopToken(token_id=i, logprob=v) for i, v in t.top_tokens)
+        gen.candidates.extend(pb.Candidate(token_ids=ids, score=score) for ids, score in t.candidates)
         out.append(gen)
     return out
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12glm/v1/shard.proto\x12\x06glm.v1\"\x9f\x01\n\x0bModelConfig\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x03 \x01(\r\x12\x19\n\x11inner_hidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1b\n\x13max_sequence_length\x18\x06 \x01(\r\"\r\n\x0bInfoRequest\"\xd7\x01\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12#\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x13.glm.v1.ModelConfig\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x1a\n\x12kv_bytes_per_token\x18\x08 \x01(\x04\x12\x1e\n\x16max_batch_total_tokens\x18\t \x01(\x04\"[\n\rWarmupRequest\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\r\"\x8f\x01\n\x0eWarmupResponse\x12\x1e\n\x16max_batch_total_tokens\x18\x01 \x01(\x04\x12\x1a\n\x12kv_bytes_per_token\x18\x02 \x01(\x04\x12\x17\n\x0fkv_memory_bytes\x18\x03 \x01(\x04\x12\x15\n\rkv_block_size\x18\x04 \x01(\r\x12\x11\n\tkv_blocks\x18\x05 \x01(\x04\"\x84\x02\n\x12SamplingParameters\x12\x0e\n\x06greedy\x18\x01 \x01(\x08\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"B\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\"\xef\x01\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x15\n\rgenerated_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.glm.v1.SamplingParameters\x12*\n\x08stopping\x18\x05 \x01(\x0b\x32\x18.glm.v1.StoppingCriteria\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\x12\x1a\n\rmask_position\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x42\x10\n\x0e_mask_position\"6\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12!\n\x08requests\x18\x02 \x03(\x0b\x32\x0f.glm.v1.Request\"_\n\x0b\x43\x61\x63hedBatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\x04\x12\r\n\x05width\x18\x05 \x01(\r\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xc2\x01\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12$\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x10.glm.v1.TopToken\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12+\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x14.glm.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x07 \x01(\r\"1\n\nRowFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\t\".\n\x0ePrefillRequest\x12\x1c\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\r.glm.v1.Batch\"\xb7\x01\n\x0fPrefillResponse\x12\'\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x12.glm.v1.Generation\x12\'\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x13.glm.v1.CachedBatchH\x00\x88\x01\x01\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x10\n\x08total_ns\x18\x04 \x01(\x04\x12\"\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32\x12.glm.v1.RowFailureB\x08\n\x06_batch\"b\n\rDecodeRequest\x12$\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x13.glm.v1.CachedBatch\x12!\n\x05\x61\x64mit\x18\x02 \x01(\x0b\x32\r.glm.v1.BatchH\x00\x88\x01\x01\x42\x08\n\x06_admit\"\xc9\x01\n\x0e\x44\x65\x63odeResponse\x12\'\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x12.glm.v1.Generation\x12\'\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x13.glm.v1.CachedBatchH\x00\x88\x01\x01\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x10\n\x08total_ns\x18\x04 \x01(\x04\x12\x11\n\tconcat_ns\x18\x05 \x01(\x04\x12\"\n\x06\x66\x61iled\x18\x06 \x03(\x0b\x32\x12.glm.v1.RowFailureB\x08\n\x06_batch\"@\n\x12\x46ilterBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x18\n\x10keep_request_ids\x18\x02 \x03(\x04\"H\n\x13\x46ilterBatchResponse\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x13.glm.v1.CachedBatchH\x00\x88\x01\x01\x42\x08\n\x06_batch\"7\n\x11\x43learCacheRequest\x12\x15\n\x08\x62\x61tch_id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_batch_id\"\x14\n\x12\x43learCacheResponse\"\x0f\n\rHealthRequest\"r\n\x0eHealthResponse\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x14\n\x0ctoken_digest\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61\x63hed_batches\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb5\x03\n\x0cShardService\x12\x31\n\x04Info\x12\x13.glm.v1.InfoRequest\x1a\x14.glm.v1.InfoResponse\x12\x37\n\x06Warmup\x12\x15.glm.v1.WarmupRequest\x1a\x16.glm.v1.WarmupResponse\x12:\n\x07Prefill\x12\x16.glm.v1.PrefillRequest\x1a\x17.glm.v1.PrefillResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.glm.v1.DecodeRequest\x1a\x16.glm.v1.DecodeResponse\x12\x46\n\x0b\x46ilterBatch\x12\x1a.glm.v1.FilterBatchRequest\x1a\x1b.glm.v1.FilterBatchResponse\x12\x43\n\nClearCache\x12\x19.glm.v1.ClearCacheRequest\x1a\x1a.glm.v1.ClearCacheResponse\x12\x37\n\x06Health\x12\x15.glm.v1.HealthRequest\x1a\x16.glm.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12glm/v1/shard.proto\x12\x06glm.v1\"\x9f\x01\n\x0bModelConfig\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x03 \x01(\r\x12\x19\n\x11inner_hidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1b\n\x13max_sequence_length\x18\x06 \x01(\r\"\r\n\x0bInfoRequest\"\xd7\x01\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12#\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x13.glm.v1.ModelConfig\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x1a\n\x12kv_bytes_per_token\x18\x08 \x01(\x04\x12\x1e\n\x16max_batch_total_tokens\x18\t \x01(\x04\"[\n\rWarmupRequest\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\r\"\x8f\x01\n\x0eWarmupResponse\x12\x1e\n\x16max_batch_total_tokens\x18\x01 \x01(\x04\x12\x1a\n\x12kv_bytes_per_token\x18\x02 \x01(\x04\x12\x17\n\x0fkv_memory_bytes\x18\x03 \x01(\x04\x12\x15\n\rkv_block_size\x18\x04 \x01(\r\x12\x11\n\tkv_blocks\x18\x05 \x01(\x04\"\x84\x02\n\x12SamplingParameters\x12\x0e\n\x06greedy\x18\x01 \x01(\x08\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"B\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\"\x8c\x01\n\x0e\x42\x65\x61mParameters\x12\x11\n\tnum_beams\x18\x01 \x01(\r\x12\x16\n\x0elength_penalty\x18\x02 \x01(\x02\x12\x1c\n\x14no_repeat_ngram_size\x18\x03 \x01(\r\x12\x15\n\rdeterministic\x18\x04 \x01(\x08\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xa3\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x15\n\rgenerated_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.glm.v1.SamplingParameters\x12*\n\x08stopping\x18\x05 \x01(\x0b\x32\x18.glm.v1.StoppingCriteria\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\x12\x1a\n\rmask_position\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12)\n\x04\x62\x65\x61m\x18\t \x01(\x0b\x32\x16.glm.v1.BeamParametersH\x01\x88\x01\x01\x42\x10\n\x0e_mask_positionB\x07\n\x05_beam\"6\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12!\n\x08requests\x18\x02 \x03(\x0b\x32\x0f.glm.v1.Request\"_\n\x0b\x43\x61\x63hedBatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\x04\x12\r\n\x05width\x18\x05 \x01(\r\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xe9\x01\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12$\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x10.glm.v1.TopToken\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12+\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x14.glm.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x07 \x01(\r\x12%\n\ncandidates\x18\x08 \x03(\x0b\x32\x11.glm.v1.Candidate\"-\n\tCandidate\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05score\x18\x02 \x01(\x02\"1\n\nRowFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\t\".\n\x0ePrefillRequest\x12\x1c\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\r.glm.v1.Batch\"\xb7\x01\n\x0fPrefillResponse\x12\'\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x12.glm.v1.Generation\x12\'\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x13.glm.v1.CachedBatchH\x00\x88\x01\x01\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x10\n\x08total_ns\x18\x04 \x01(\x04\x12\"\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32\x12.glm.v1.RowFailureB\x08\n\x06_batch\"b\n\rDecodeRequest\x12$\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x13.glm.v1.CachedBatch\x12!\n\x05\x61\x64mit\x18\x02 \x01(\x0b\x32\r.glm.v1.BatchH\x00\x88\x01\x01\x42\x08\n\x06_admit\"\xc9\x01\n\x0e\x44\x65\x63odeResponse\x12\'\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x12.glm.v1.Generation\x12\'\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x13.glm.v1.CachedBatchH\x00\x88\x01\x01\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x10\n\x08total_ns\x18\x04 \x01(\x04\x12\x11\n\tconcat_ns\x18\x05 \x01(\x04\x12\"\n\x06\x66\x61iled\x18\x06 \x03(\x0b\x32\x12.glm.v1.RowFailureB\x08\n\x06_batch\"@\n\x12\x46ilterBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x18\n\x10keep_request_ids\x18\x02 \x03(\x04\"H\n\x13\x46ilterBatchResponse\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x13.glm.v1.CachedBatchH\x00\x88\x01\x01\x42\x08\n\x06_batch\"7\n\x11\x43learCacheRequest\x12\x15\n\x08\x62\x61tch_id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_batch_id\"\x14\n\x12\x43learCacheResponse\"\x0f\n\rHealthRequest\"r\n\x0eHealthResponse\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x14\n\x0ctoken_digest\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61\x63hed_batches\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb5\x03\n\x0cShardService\x12\x31\n\x04Info\x12\x13.glm.v1.InfoRequest\x1a\x14.glm.v1.InfoResponse\x12\x37\n\x06Warmup\x12\x15.glm.v1.WarmupRequest\x1a\x16.glm.v1.WarmupResponse\x12:\n\x07Prefill\x12\x16.glm.v1.PrefillRequest\x1a\x17.glm.v1.PrefillResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.glm.v1.DecodeRequest\x1a\x16.glm.v1.DecodeResponse\x12\x46\n\x0b\x46ilterBatch\x12\x1a.glm.v1.FilterBatchRequest\x1a\x1b.glm.v1.FilterBatchResponse\x12\x43\n\nClearCache\x12\x19.glm.v1.ClearCacheRequest\x1a\x1a.glm.v1.ClearCacheResponse\x12\x37\n\x06Health\x12\x15.glm.v1.HealthRequest\x1a\x16.glm.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'glm.v1.shard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2575
-  _globals['_FINISHREASON']._serialized_end=2670
+  _globals['_FINISHREASON']._serialized_start=2856
+  _globals['_FINISHREASON']._serialized_end=2951
   _globals['_MODELCONFIG']._serialized_start=31
   _globals['_MODELCONFIG']._serialized_end=190
   _globals['_INFOREQUEST']._serialized_start=192
@@ -47,38 +47,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMETERS']._serialized_end=925
   _globals['_STOPPINGCRITERIA']._serialized_start=927
   _globals['_STOPPINGCRITERIA']._serialized_end=993
-  _globals['_REQUEST']._serialized_start=996
-  _globals['_REQUEST']._serialized_end=1235
-  _globals['_BATCH']._serialized_start=1237
-  _globals['_BATCH']._serialized_end=1291
-  _globals['_CACHEDBATCH']._serialized_start=1293
-  _globals['_CACHEDBATCH']._serialized_end=1388
-  _globals['_TOPTOKEN']._serialized_start=1390
-  _globals['_TOPTOKEN']._serialized_end=1435
-  _globals['_GENERATION']._serialized_start=1438
-  _globals['_GENERATION']._serialized_end=1632
-  _globals['_ROWFAILURE']._serialized_start=1634
-  _globals['_ROWFAILURE']._serialized_end=1683
-  _globals['_PREFILLREQUEST']._serialized_start=1685
-  _globals['_PREFILLREQUEST']._serialized_end=1731
-  _globals['_PREFILLRESPONSE']._serialized_start=1734
-  _globals['_PREFILLRESPONSE']._serialized_end=1917
-  _globals['_DECODEREQUEST']._serialized_start=1919
-  _globals['_DECODEREQUEST']._serialized_end=2017
-  _globals['_DECODERESPONSE']._serialized_start=2020
-  _globals['_DECODERESPONSE']._serialized_end=2221
-  _globals['_FILTERBATCHREQUEST']._serialized_start=2223
-  _globals['_FILTERBATCHREQUEST']._serialized_end=2287
-  _globals['_FILTERBATCHRESPONSE']._serialized_start=2289
-  _globals['_FILTERBATCHRESPONSE']._serialized_end=2361
-  _globals['_CLEARCACHEREQUEST']._serialized_start=2363
-  _globals['_CLEARCACHEREQUEST']._serialized_end=2418
-  _globals['_CLEARCACHERESPONSE']._serialized_start=2420
-  _globals['_CLEARCACHERESPONSE']._serialized_end=2440
-  _globals['_HEALTHREQUEST']._serialized_start=2442
-  _globals['_HEALTHREQUEST']._serialized_end=2457
-  _globals['_HEALTHRESPONSE']._serialized_start=2459
-  _globals['_HEALTHRESPONSE']._serialized_end=2573
-  _globals['_SHARDSERVICE']._serialized_start=2673
-  _globals['_SHARDSERVICE']._serialized_end=3110
+  _globals['_BEAMPARAMETERS']._serialized_start=996
+  _globals['_BEAMPARAMETERS']._serialized_end=1136
+  _globals['_REQUEST']._serialized_start=1139
+  _globals['_REQUEST']._serialized_end=1430
+  _globals['_BATCH']._serialized_start=1432
+  _globals['_BATCH']._serialized_end=1486
+  _globals['_CACHEDBATCH']._serialized_start=1488
+  _globals['_CACHEDBATCH']._serialized_end=1583
+  _globals['_TOPTOKEN']._serialized_start=1585
+  _globals['_TOPTOKEN']._serialized_end=1630
+  _globals['_GENERATION']._serialized_start=1633
+  _globals['_GENERATION']._serialized_end=1866
+  _globals['_CANDIDATE']._serialized_start=1868
+  _globals['_CANDIDATE']._serialized_end=1913
+  _globals['_ROWFAILURE']._serialized_start=1915
+  _globals['_ROWFAILURE']._serialized_end=1964
+  _globals['_PREFILLREQUEST']._serialized_start=1966
+  _globals['_PREFILLREQUEST']._serialized_end=2012
+  _globals['_PREFILLRESPONSE']._serialized_start=2015
+  _globals['_PREFILLRESPONSE']._serialized_end=2198
+  _globals['_DECODEREQUEST']._serialized_start=2200
+  _globals['_DECODEREQUEST']._serialized_end=2298
+  _globals['_DECODERESPONSE']._serialized_start=2301
+  _globals['_DECODERESPONSE']._serialized_end=2502
+  _globals['_FILTERBATCHREQUEST']._serialized_start=2504
+  _globals['_FILTERBATCHREQUEST']._serialized_end=2568
+  _globals['_FILTERBATCHRESPONSE']._serialized_start=2570
+  _globals['_FILTERBATCHRESPONSE']._serialized_end=2642
+  _globals['_CLEARCACHEREQUEST']._serialized_start=2644
+  _globals['_CLEARCACHEREQUEST']._serialized_end=2699
+  _globals['_CLEARCACHERESPONSE']._serialized_start=2701
+  _globals['_CLEARCACHERESPONSE']._serialized_end=2721
+  _globals['_HEALTHREQUEST']._serialized_start=2723
+  _globals['_HEALTHREQUEST']._serialized_end=2738
+  _globals['_HEALTHRESPONSE']._serialized_start=2740
+  _globals['_HEALTHRESPONSE']._serialized_end=2854
+  _globals['_SHARDSERVICE']._serialized_start=2954
+  _globals['_SHARDSERVICE']._serialized_end=3391
 # @@protoc_insertion_point(module_scope)

@@ -110,8 +110,22 @@ class StoppingCriteria(_message.Message):
     min_new_tokens: int
     def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
 
+class BeamParameters(_message.Message):
+    __slots__ = ("num_beams", "length_penalty", "no_repeat_ngram_size", "deterministic", "seed")
+    NUM_BEAMS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    num_beams: int
+    length_penalty: float
+    no_repeat_ngram_size: int
+    deterministic: bool
+    seed: int
+    def __init__(self, num_beams: _Optional[int] = ..., length_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., deterministic: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
 class Request(_message.Message):
-    __slots__ = ("id", "input_ids", "generated_ids", "sampling", "stopping", "top_logprobs", "mask_position", "logprobs")
+    __slots__ = ("id", "input_ids", "generated_ids", "sampling", "stopping", "top_logprobs", "mask_position", "logprobs", "beam")
     ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +134,7 @@ class Request(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MASK_POSITION_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    BEAM_FIELD_NUMBER: _ClassVar[int]
     id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     generated_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -128,7 +143,8 @@ class Request(_message.Message):
     top_logprobs: int
     mask_position: int
     logprobs: bool
-    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., generated_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., mask_position: _Optional[int] = ..., logprobs: _Optional[bool] = ...) -> None: ...
+    beam: BeamParameters
+    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., generated_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., mask_position: _Optional[int] = ..., logprobs: _Optional[bool] = ..., beam: _Optional[_Union[BeamParameters, _Mapping]] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("id", "requests")
@@ -161,7 +177,7 @@ class TopToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Generation(_message.Message):
-    __slots__ = ("request_id", "token_id", "logprob", "top_tokens", "finished", "finish_reason", "generated_tokens")
+    __slots__ = ("request_id", "token_id", "logprob", "top_tokens", "finished", "finish_reason", "generated_tokens", "candidates")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +185,7 @@ class Generation(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     token_id: int
     logprob: float
@@ -176,7 +193,16 @@ class Generation(_message.Message):
     finished: bool
     finish_reason: FinishReason
     generated_tokens: int
-    def __init__(self, request_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, request_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_tokens: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("token_ids", "score")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    score: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RowFailure(_message.Message):
     __slots__ = ("request_id", "message")
