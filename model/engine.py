@@ -502,7 +502,7 @@ class Engine:
         tokens, errors = self.choose(batch, logits)
         beams = self._beam_step(batch, logits, groups) if groups else {}
         logprobs, top = self._logprobs(batch, logits, tokens)
-        out, keep, failed = [], [], []
+        out, failed = [], []
         index: list[int] = []                   # source row of each row of the next batch
         pending: list[int] = []
         requests: list[RequestState] = []
