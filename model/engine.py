@@ -376,10 +376,12 @@ class Engine:
         return self.step(batch, logits)
 
     def blocks_needed(self, running: Batch | None, admit: Batch | None) -> int:
-        """Fresh blocks of ``self.pool`` that ``mixed(running, admit)`` takes."""
+        """Fresh blocks of ``self.pool`` that ``mixed(running, admit)`` takes (admitted rows
+        with the same prompt prefill it once, ``shared_prefills``)."""
         need = running.cache.blocks_to_append([1] * len(running.requests)) if running is not None else 0
         if admit is not None:
-            need += sum(blocks_for(len(r.prefill_ids), self.pool.block_size) for r in admit.requests)
+            unique, _ = shared_prefills(admit.requests)
+            need += sum(blocks_for(len(admit.requests[i].prefill_ids), self.pool.block_size) for i in unique)
         return need
 
     def mixed(self, running: Batch | None, admit: Batch | None) -> StepOutput:
@@ -401,30 +403,36 @@ class Engine:
             raise PoolExhausted(f"KV pool: this step needs {need} blocks, {free} of {self.pool.num_blocks} free")
         decode_rows = len(running.requests) if running is not None else 0
         new = admit.requests if admit is not None else []
+        unique, source = shared_prefills(new)
+        prefilled = [new[i] for i in unique]
         fresh = PagedCache(self.pool)
-        fresh.add_rows(len(new))
+        fresh.add_rows(len(prefilled))
         cache = PagedCache.concatenate([running.cache, fresh] if running is not None else [fresh])
         ids, pos = [], []
         if running is not None:
             ids.append(running.pending.to(self.device))
             pos.append(running.decode_positions(self.device).view(-1))
         if new:
-            ids.append(torch.tensor([t for r in new for t in r.prefill_ids], device=self.device))
-            pos.append(torch.tensor([p for r in new for p in r.prefill_positions], device=self.device))
+            ids.append(torch.tensor([t for r in prefilled for t in r.prefill_ids], device=self.device))
+            pos.append(torch.tensor([p for r in prefilled for p in r.prefill_positions], device=self.device))
         samplers = [running.sampler] if running is not None else []
         if new:
             samplers.append(Sampler([r.params for r in new], device=self.device))
         first = running if running is not None else admit
-        batch = type(first)(first.id, (running.requests if running is not None else []) + new, cache,
-                            Sampler.concatenate(samplers))
         try:
             logits = None
             if not new and self.graphs is not None:
                 logits = self.graphs.decode(cache, ids[0], pos[0])         # None: run eagerly
             if logits is None:
                 step = PagedStep.build(cache, decode_rows, [(len(r.prefill_ids), r.blank.context_length)
-                                                            for r in new])
+                                                            for r in prefilled])
                 logits = self.model.step_logits(torch.cat(ids), torch.cat(pos), step)
+            if len(prefilled) < len(new):         # the rows that share a prompt share its blocks and logits
+                rows = list(range(decode_rows)) + [decode_rows + s for s in source]
+                cache = cache.select(rows)
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            batch = type(first)(first.id, (running.requests if running is not None else []) + new, cache,
+                                Sampler.concatenate(samplers))
             return self.step(batch, logits)
         except BaseException:
             cache.release()                      # the rows are dropped: their blocks go back
@@ -604,6 +612,21 @@ class Engine:
             pending.append(tok)
             requests.append(replace(parent, generated=parent.generated + [tok], group=group))
         out.append(StepToken(req, new[0], 0.0, group.steps, None))
+
+
+def shared_prefills(requests: Sequence[RequestState]) -> tuple[list[int], list[int]]:
+    """Rows admitted together with the same prompt (``n`` samples of one, or any repeat:
+    the same ids at the same positions) are prefilled once and share its KV blocks until
+    they write: the rows to prefill, and for every row the index among them of its prompt."""
+    first: dict[tuple, int] = {}
+    unique, source = [], []
+    for i, r in enumerate(requests):
+        key = (tuple(r.prefill_ids), r.blank.mask_pos, r.blank.use_gmask, len(r.generated))
+        if key not in first:
+            first[key] = len(unique)
+            unique.append(i)
+        source.append(first[key])
+    return unique, source
 
 
 def beam_groups(requests: Sequence[RequestState]) -> dict[int, int]:

@@ -149,7 +149,7 @@ def test_capacity_from_kv_memory_and_refusal(shard, model):
     assert per_token == 2 * 2 * 64 * 4
     block = shard.pool.block_size
     assert shard.capacity == int(KV_GIB * GIB) // (per_token * block) * block == shard.pool.num_blocks * block
-    too_many = [request(i, [20100] * 200 + [150001], 4) for i in range(1, 8)]
+    too_many = [request(i, [20100 + i] * 200 + [150001], 4) for i in range(1, 8)]   # distinct: none shared
     with pytest.raises(ResourceExhausted, match="the step needs 91 blocks of 16 tokens, 65 of 65 are free"):
         shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=5, requests=too_many)))
     assert not shard.batches and shard.pool.used_blocks == 0                  # refused before any work

@@ -117,3 +117,21 @@ def test_beam_requests_are_validated(shard):
             shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[req])))
         assert err.value.request_id == 1
     assert not shard.batches and shard.pool.used_blocks == 0
+
+
+def test_samples_of_one_prompt_share_its_blocks_and_equal_single_requests(shard, model):
+    """n samples admitted together (the gateway's ``{id}#{i}`` requests): the prompt is
+    prefilled once, its blocks shared; each sample's tokens are the single request's."""
+    ids = [20000 + 3 * i for i in range(19)] + [150001]          # 21 tokens with sop: two blocks
+    samples = [request(10 + i, ids, 6, temperature=0.9, top_p=0.95, seed=1000 + i) for i in range(3)]
+    got = Collected()
+    cached = got.add(shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=samples))))
+    tables = shard.batches[cached.id].cache.tables
+    assert shard.pool.used_blocks == 2 and all(t == tables[0] for t in tables)
+    while cached is not None:
+        cached = got.add(shard.decode(pb.DecodeRequest(batches=[cached])))
+    streams = [got.ids[r.id] for r in samples]
+    for req, tokens in zip(samples, streams):
+        assert tokens == reference(model, req)
+    assert len({tuple(t) for t in streams}) > 1                  # the seeds do differ
+    assert shard.pool.used_blocks == 0

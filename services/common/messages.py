@@ -14,6 +14,7 @@ single field ``redis_keys.FIELD`` of a stream entry. No torch here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
@@ -48,6 +49,15 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a request with ``n`` samples: ``seed`` itself for the
+    first (so ``n = 1`` is the plain request), then the first 8 bytes, little-endian, of
+    blake2b over ``"{seed}/{index}"`` (any uint64, as a caller's seed may be)."""
+    if index == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)

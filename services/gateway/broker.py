@@ -38,7 +38,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import grpc
 import redis.asyncio as aioredis
@@ -61,6 +61,30 @@ if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return {'full', ''} end
 redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
 return {'queued', redis.call('XADD', KEYS[2], '*', ARGV[6], ARGV[3])}
+"""
+# The samples of one call (GenerateRequest.n), all or none: KEYS[1] is the queue, KEYS[1 + i]
+# sample i's record; ARGV: ttl, depth limit, group, field, then fingerprint and document of
+# each sample. Every sample already recorded is a retry (its fingerprint is checked by the
+# caller); the others are appended only if they all fit in the queue.
+SUBMIT_ALL_SCRIPT = """
+local out, new = {}, 0
+for i = 2, #KEYS do
+  local existing = redis.call('GET', KEYS[i])
+  if existing then out[i - 1] = existing else out[i - 1] = false; new = new + 1 end
+end
+if new > 0 and redis.call('XLEN', KEYS[1]) + new > tonumber(ARGV[2]) then return {'full'} end
+if new > 0 then redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[3], '0', 'MKSTREAM') end
+local result = {'ok'}
+for i = 2, #KEYS do
+  if out[i - 1] then
+    result[#result + 1] = 'attached'; result[#result + 1] = out[i - 1]
+  else
+    redis.call('SET', KEYS[i], ARGV[3 + 2 * (i - 1)], 'EX', tonumber(ARGV[1]))
+    result[#result + 1] = 'queued'
+    result[#result + 1] = redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[4 + 2 * (i - 1)])
+  end
+end
+return result
 """
 READ_COUNT = 256
 CANCEL_WRITERS = 8           # cancel keys written at once; each holds one connection
@@ -119,6 +143,7 @@ class Broker:
         # A blocking XREAD must return before the socket read timeout fires.
         self.block_ms = max(10, min(1000, int(timeout_s * 500)))
         self._submit = client.register_script(SUBMIT_SCRIPT)
+        self._submit_all = client.register_script(SUBMIT_ALL_SCRIPT)
         self.reader = StreamReader(client, block_ms=self.block_ms, count=READ_COUNT,
                                    retry_s=min(1.0, self.block_ms / 1000.0))
         self._on_failure = on_failure or (lambda exc: None)   # e.g. flip health
@@ -157,6 +182,33 @@ class Broker:
                                     "a different request; use a new id")
             return Submitted(queued.id, attached=True)
         return Submitted(queued.id, attached=False, entry_id=value)
+
+    async def submit_all(self, samples: Sequence[QueuedRequest], fingerprints: Sequence[str]) -> list[Submitted]:
+        """``submit`` for the samples of one call, atomically: every new one is enqueued, or
+        (the queue lacks room for them all) none is; a retry re-attaches to those recorded."""
+        if len(samples) == 1:
+            return [await self.submit(samples[0], fingerprints[0])]
+        args: list = [keys.ACTIVE_TTL_S, self.max_queue_depth, keys.GROUP, keys.FIELD]
+        for queued, print_ in zip(samples, fingerprints):
+            args += [print_, queued.to_json()]
+        try:
+            reply = await self._submit_all(keys=[keys.queue(samples[0].model), *(keys.request(q.id) for q in samples)],
+                                           args=args)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
+        if reply[0].decode() == "full":
+            raise ResourceExhausted(f"the queue of model {samples[0].model!r} has no room for {len(samples)} "
+                                    f"samples ({self.max_queue_depth} requests at most); retry later")
+        out = []
+        for queued, print_, status, value in zip(samples, fingerprints, reply[1::2], reply[2::2]):
+            if status.decode() == "attached":
+                if value.decode() != print_:
+                    raise AlreadyExists(f"request_id: {keys.caller_id(queued.id).split('#')[0]!r} is already used by a "
+                                        "different request; use a new id")
+                out.append(Submitted(queued.id, attached=True))
+            else:
+                out.append(Submitted(queued.id, attached=False, entry_id=value.decode()))
+        return out
 
     async def events(self, request_id: str, deadline: float | None = None) -> AsyncIterator[Event]:
         """Every event of the request from the first one, until a terminal event.

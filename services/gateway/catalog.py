@@ -35,6 +35,8 @@ class Limits:
     max_stop_sequences: int = 8
     max_stop_chars: int = 256
     max_top_logprobs: int = 5
+    max_n: int = 16                 # samples of one request (GenerateRequest.n)
+    max_beams: int = 16             # beams of one beam search (the official LAMBADA protocol uses 16)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class ServedModel:
             default_max_new_tokens=self.limits.default_max_new_tokens,
             max_new_tokens_limit=self.limits.max_new_tokens_limit,
             max_stop_sequences=self.limits.max_stop_sequences,
+            max_n=self.limits.max_n,
+            max_beams=self.limits.max_beams,
         )
 
 

@@ -5,7 +5,9 @@
 whose tokens were all delivered already; every event that survives is new to the
 caller. ``tokens`` events become ``GenerateStreamResponse`` messages; ``final``
 becomes the stream's last message and the unary ``GenerateResponse``; ``error``
-raises ``EventError`` with the gRPC code the pool named.
+raises ``EventError`` with the gRPC code the pool named. A beam search's ``final`` brings
+its candidates (``GenerateResponse.candidates``). ``Samples`` merges the relays of a
+call's ``n`` samples: each is one request, and candidate ``i`` is sample ``i``'s output.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Relay:
         self.blanks: list[pb.BlankDetail] = []
         self.final: Event | None = None
         self.failed = False               # an error event was seen
+        self.score = 0.0                  # summed log-probs of the tokens (when the pool sent them)
 
     @property
     def ended(self) -> bool:
@@ -72,6 +75,7 @@ class Relay:
         if event.type == EVENT_TOKENS:
             self.token_ids.extend(event.token_ids)
             self.texts.append(event.text)
+            self.score += sum(event.logprobs)
             if self.logprobs:
                 self.tokens.extend(self._detail(event))
         elif event.type == EVENT_BLANK:
@@ -111,12 +115,32 @@ class Relay:
                 message.tokens.extend(self._detail(event))
             return message
         if event.type == EVENT_FINAL:
-            return pb.GenerateStreamResponse(
+            message = pb.GenerateStreamResponse(
                 request_id=self.request_id, index=len(self.token_ids),
                 blank_index=max(len(self.blanks) - 1, 0),
                 finish_reason=finish_reason_text(event.finish_reason),
                 usage=self._usage(), output_text=event.output_text, seed=self.seed)
+            message.candidates.extend(self.beam_candidates())
+            return message
         return None
+
+    def beam_candidates(self) -> list[pb.Candidate]:
+        """A beam search's candidates, best first (none for other requests)."""
+        final = self.final
+        if final is None:
+            return []
+        return [pb.Candidate(index=i, text=c["text"], token_ids=c["token_ids"], finish_reason=c["finish_reason"],
+                             score=c["score"], seed=self.seed, output_text=c["output_text"],
+                             generated_tokens=len(c["token_ids"]))
+                for i, c in enumerate(final.candidates)]
+
+    def candidate(self, index: int) -> pb.Candidate:
+        """This request's output as candidate ``index`` of a call of several samples."""
+        final = self.final or Event(type=EVENT_FINAL, seq=-1)
+        return pb.Candidate(index=index, text=final.text or "".join(self.texts), token_ids=self.token_ids,
+                            finish_reason=finish_reason_text(final.finish_reason), score=self.score,
+                            seed=self.seed, output_text=final.output_text,
+                            generated_tokens=self._usage().generated_tokens)
 
     # ---- Generate -----------------------------------------------------------------
     def _usage(self) -> pb.Usage:
@@ -135,7 +159,69 @@ class Relay:
             output_text=final.output_text, seed=self.seed, stop_sequence=final.stop_sequence)
         response.blanks.extend(final.blanks or [b.text for b in self.blanks])
         response.blank_details.extend(self.blanks)
+        response.candidates.extend(self.beam_candidates())
         if self.logprobs:
             response.tokens.extend(self.tokens)
             response.logprobs.extend(t.logprob for t in self.tokens)
         return response
+
+
+class Samples:
+    """The relays of one call's ``n`` samples (``GenerateRequest.n``), merged: relay ``i``
+    gets sample ``i``'s events; the reply's top-level fields are sample 0's, ``candidates``
+    every sample's, and ``usage`` counts the prompt once and every sample's tokens."""
+
+    def __init__(self, relays: list[Relay]) -> None:
+        self.relays = relays
+
+    @property
+    def ended(self) -> bool:
+        return all(r.ended for r in self.relays)
+
+    def accept(self, index: int, event: Event) -> bool:
+        return self.relays[index].accept(event)
+
+    def candidates(self) -> list[pb.Candidate]:
+        return [r.candidate(i) for i, r in enumerate(self.relays)]
+
+    def _usage(self) -> pb.Usage:
+        usages = [r._usage() for r in self.relays]
+        return pb.Usage(prompt_tokens=usages[0].prompt_tokens, generated_tokens=sum(u.generated_tokens for u in usages))
+
+    def stream_message(self, index: int, event: Event) -> pb.GenerateStreamResponse | None:
+        """Sample ``index``'s message for an accepted event, tagged with its index; the stream's
+        last message (the last sample's final) also carries every candidate and the total usage."""
+        message = self.relays[index].stream_message(event)
+        if message is None:
+            return None
+        message.candidate = index
+        if event.type == EVENT_FINAL and self.ended:
+            message.candidates.extend(self.candidates())
+            message.usage.CopyFrom(self._usage())
+        return message
+
+    def response(self) -> pb.GenerateResponse:
+        response = self.relays[0].response()
+        response.candidates.extend(self.candidates())
+        response.usage.CopyFrom(self._usage())
+        return response
+
+
+class One:
+    """The one relay of a call without samples, with ``Samples``' interface."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    @property
+    def ended(self) -> bool:
+        return self.relay.ended
+
+    def accept(self, index: int, event: Event) -> bool:
+        return self.relay.accept(event)
+
+    def stream_message(self, index: int, event: Event) -> pb.GenerateStreamResponse | None:
+        return self.relay.stream_message(event)
+
+    def response(self) -> pb.GenerateResponse:
+        return self.relay.response()

@@ -34,13 +34,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from model.prompt import prepare_text_ids
 from services.common import redis_keys as keys
 from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, abort_code, one_line
-from services.common.messages import EVENT_TOKENS
+from services.common.messages import EVENT_TOKENS, Event
 from services.common.tracing import context_from_metadata, metadata_from_context
 from services.gateway.auth import bearer_key, tenant_of
 from services.gateway.broker import Broker, Submitted, cancel_quietly
 from services.gateway.catalog import Catalog
 from services.gateway.metrics import OK, Call, GatewayMetrics, outcome_of
-from services.gateway.relay import Relay
+from services.gateway.relay import One, Relay, Samples
 from services.gateway.validation import Admission, admit, request_id_of
 from services.proto_gen.glm.v1 import generation_pb2 as pb
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
@@ -105,8 +105,8 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
         try:
             with self.calls.slot():
                 admission, relay = await self._submit(request, context, span, call)
-                async for event in self.broker.events(admission.queued.id, _deadline(context)):
-                    if relay.accept(event) and event.type == EVENT_TOKENS:
+                async for index, event in self._events(admission, _deadline(context)):
+                    if relay.accept(index, event) and event.type == EVENT_TOKENS:
                         call.token()
                 response = relay.response()
             outcome = OK
@@ -128,8 +128,8 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
         try:
             with self.calls.slot():
                 admission, relay = await self._submit(request, context, span, call)
-                async for event in self.broker.events(admission.queued.id, _deadline(context)):
-                    if relay.accept(event) and (message := relay.stream_message(event)) is not None:
+                async for index, event in self._events(admission, _deadline(context)):
+                    if relay.accept(index, event) and (message := relay.stream_message(index, event)) is not None:
                         if event.type == EVENT_TOKENS:
                             call.token()
                         yield message
@@ -148,7 +148,38 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
         parent = context_from_metadata(context.invocation_metadata())
         return self.tracer.start_span("gateway.generate", context=parent, kind=SpanKind.SERVER)
 
-    async def _submit(self, request, context, span, call: Call) -> tuple[Admission, Relay]:
+    async def _events(self, admission: Admission, deadline: float | None) -> AsyncIterator[tuple[int, Event]]:
+        """``(sample, event)`` of every sample of the call as they come, until each has ended
+        (one request: its events in order; several: merged, each sample's in order)."""
+        ids = [q.id for q in admission.samples]
+        if len(ids) == 1:
+            async for event in self.broker.events(ids[0], deadline):
+                yield 0, event
+            return
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def read(index: int, request_id: str) -> None:
+            try:
+                async for event in self.broker.events(request_id, deadline):
+                    await merged.put((index, event))
+            except BaseException as exc:  # noqa: BLE001 - handed to the call, which raises it
+                await merged.put((index, exc))
+
+        readers = [asyncio.ensure_future(read(i, rid)) for i, rid in enumerate(ids)]
+        try:
+            open_ = len(ids)
+            while open_:
+                index, item = await merged.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.terminal:
+                    open_ -= 1
+                yield index, item
+        finally:
+            for reader in readers:
+                reader.cancel()
+
+    async def _submit(self, request, context, span, call: Call) -> tuple[Admission, "Samples"]:
         served = self.catalog.get(request.model)
         call.model = served.name
         caller_id = request_id_of(request)
@@ -157,17 +188,22 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
         traceparent = dict(metadata_from_context(trace.set_span_in_context(span))).get("traceparent", "")
         remaining = context.time_remaining()
         now = time.time()
-        queued = replace(admission.queued, traceparent=traceparent, created_at=now,
-                         deadline=now + remaining if remaining is not None else 0.0)
-        submitted: Submitted = await self.broker.submit(queued, admission.fingerprint)
+        samples = tuple(replace(q, traceparent=traceparent, created_at=now,
+                                deadline=now + remaining if remaining is not None else 0.0)
+                        for q in admission.samples)
+        submitted: list[Submitted] = await self.broker.submit_all(samples, admission.fingerprints)
+        queued = samples[0]
         span.set_attributes({"glm.request_id": queued.id, "glm.model": served.name,
                              "glm.prompt_tokens": len(queued.prompt_ids),
-                             "glm.max_new_tokens": queued.max_new_tokens,
-                             "glm.tenant": tenant, "glm.reattached": submitted.attached})
-        relay = Relay(caller_id, served.name, served.tokenizer, logprobs=queued.logprobs,
-                      prompt_tokens=len(queued.prompt_ids), seed=queued.sampling.seed)
-        self._cancel_if_abandoned(context, queued.id, relay)
-        return replace(admission, queued=queued), relay
+                             "glm.max_new_tokens": queued.max_new_tokens, "glm.n": len(samples),
+                             "glm.num_beams": queued.beam.num_beams if queued.beam else 1,
+                             "glm.tenant": tenant, "glm.reattached": all(s.attached for s in submitted)})
+        relays = [Relay(caller_id, served.name, served.tokenizer, logprobs=admission.logprobs,
+                        prompt_tokens=len(q.prompt_ids), seed=q.sampling.seed) for q in samples]
+        for q, relay in zip(samples, relays):
+            self._cancel_if_abandoned(context, q.id, relay)
+        relay = Samples(relays) if len(relays) > 1 else One(relays[0])
+        return replace(admission, queued=queued, samples=samples), relay
 
     def _cancel_if_abandoned(self, context, request_id: str, relay: Relay) -> None:
         """When the call ends before the request did (the caller went away, its

@@ -14,14 +14,14 @@ import json
 import re
 import secrets
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from model.config import MASK_IDS
 from model.limits import (PENALTY_RANGE, TOP_P_RANGE, blanks_problem, range_problem, repetition_penalty_problem,
                           temperature_problem)
 from model.prompt import generation_mask, prepare_text_ids
 from services.common.errors import InvalidArgument
-from services.common.messages import QueuedRequest, Sampling
+from services.common.messages import Beam, QueuedRequest, Sampling, sample_seed
 from services.gateway.catalog import ServedModel
 from services.proto_gen.glm.v1 import generation_pb2 as pb
 
@@ -29,13 +29,27 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SEED_BITS = 64                       # a drawn seed: any uint64, as a caller may give (the workers take all)
 
 
+MAX_NGRAM = 16
+LENGTH_PENALTY_RANGE = (-10.0, 10.0)
+SAMPLE_SEPARATOR = "#"               # sample i of request r is r#i: never in a caller's request_id
+
+
 @dataclass(frozen=True)
 class Admission:
-    """A valid call: what to enqueue, and how to recognise a retry of it."""
+    """A valid call: what to enqueue, and how to recognise a retry of it. With ``n`` > 1 the
+    call is ``n`` requests, ``samples`` (ids ``{id}#{i}``, seeds ``sample_seed(seed, i)``),
+    each enqueued and recognised on its own; otherwise ``samples`` is ``(queued,)``."""
 
     queued: QueuedRequest
     fingerprint: str                 # the same call (request_id aside) gives the same value
     seed_drawn: bool                 # the caller gave no seed; the gateway drew one
+    samples: tuple[QueuedRequest, ...] = ()
+    fingerprints: tuple[str, ...] = ()
+    logprobs: bool = False           # the caller asked for per-token log-probs
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
 
 
 def request_id_of(request: pb.GenerateRequest) -> str:
@@ -142,6 +156,32 @@ def stopping_of(options: pb.StoppingOptions, served: ServedModel,
     return max_new, options.min_new_tokens, stops
 
 
+def beam_of(request: pb.GenerateRequest, served: ServedModel, n: int) -> Beam | None:
+    """``beam_search`` checked (None: no beam search); what does not apply to one is refused."""
+    opts = request.beam_search
+    if opts.num_beams < 2:
+        if opts.HasField("length_penalty") or opts.no_repeat_ngram_size or opts.deterministic:
+            raise InvalidArgument(f"beam_search.num_beams: {opts.num_beams}; the other beam_search options "
+                                  "need num_beams >= 2")
+        return None
+    if opts.num_beams > served.limits.max_beams:
+        raise InvalidArgument(f"beam_search.num_beams: {opts.num_beams} exceeds {served.limits.max_beams}")
+    penalty = opts.length_penalty if opts.HasField("length_penalty") else 1.0
+    penalty = _checked("beam_search.length_penalty", penalty, range_problem(_float(penalty), *LENGTH_PENALTY_RANGE))
+    if opts.no_repeat_ngram_size > MAX_NGRAM:
+        raise InvalidArgument(f"beam_search.no_repeat_ngram_size: {opts.no_repeat_ngram_size} exceeds {MAX_NGRAM}")
+    if n > 1:
+        raise InvalidArgument(f"n: {n} with beam_search: a beam search returns its num_beams candidates; "
+                              "leave n unset")
+    if request.stopping.stop:
+        raise InvalidArgument("stopping.stop: stop texts do not apply to beam_search (its candidates end on "
+                              "eop/eos or max_new_tokens)")
+    if request.output.logprobs or request.output.top_logprobs:
+        raise InvalidArgument("output.logprobs: per-token log-probs do not apply to beam_search (each "
+                              "candidate carries its score)")
+    return Beam(opts.num_beams, penalty, opts.no_repeat_ngram_size, opts.deterministic)
+
+
 def fingerprint(queued: QueuedRequest, seed_drawn: bool) -> str:
     """What makes two calls "the same request": everything the generation depends on,
     with the seed as the caller gave it (a drawn seed differs on every retry)."""
@@ -161,10 +201,22 @@ def admit(request: pb.GenerateRequest, served: ServedModel, request_id: str) -> 
     if top_logprobs > served.limits.max_top_logprobs:
         raise InvalidArgument(f"output.top_logprobs: {top_logprobs} exceeds "
                               f"{served.limits.max_top_logprobs}")
+    n = request.n or 1
+    if n > served.limits.max_n:
+        raise InvalidArgument(f"n: {n} exceeds {served.limits.max_n}")
+    beam = beam_of(request, served, n)
+    logprobs = request.output.logprobs or top_logprobs > 0
     queued = QueuedRequest(
         id=request_id, model=served.name, prompt_ids=tuple(ids), sampling=sampling,
         max_new_tokens=max_new, min_new_tokens=min_new, stop=stops,
-        logprobs=request.output.logprobs or top_logprobs > 0, top_logprobs=top_logprobs,
+        logprobs=logprobs, top_logprobs=top_logprobs, beam=beam,
         stream=True,   # both RPCs relay token events; a retry may come through either
     )
-    return Admission(queued, fingerprint(queued, drawn), drawn)
+    if n == 1:
+        return Admission(queued, fingerprint(queued, drawn), drawn, (queued,), (fingerprint(queued, drawn),),
+                         logprobs)
+    # Each sample's log-probs are computed (its candidate's score), shown only when asked for.
+    samples = tuple(replace(queued, id=f"{request_id}{SAMPLE_SEPARATOR}{i}", logprobs=True,
+                            sampling=replace(sampling, seed=sample_seed(sampling.seed, i))) for i in range(n))
+    prints = tuple(fingerprint(s, drawn) + f"/{i}/{n}" for i, s in enumerate(samples))
+    return Admission(samples[0], prints[0], drawn, samples, prints, logprobs)

@@ -147,7 +147,7 @@ def generations_pb(step: StepOutput) -> list[pb.Generation]:
                             finished=t.finish_reason is not None, finish_reason=FINISH_REASONS[t.finish_reason],
                             generated_tokens=t.generated_tokens)
         gen.top_tokens.extend(pb.TopToken(token_id=i, logprob=v) for i, v in t.top_tokens)
-        gen.candidates.extend(pb.Candidate(token_ids=ids, score=score) for ids, score in t.candidates)
+        gen.candidates.extend(pb.BeamCandidate(token_ids=ids, score=score) for ids, score in t.candidates)
         out.append(gen)
     return out
 

@@ -193,10 +193,10 @@ class Generation(_message.Message):
     finished: bool
     finish_reason: FinishReason
     generated_tokens: int
-    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, request_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_tokens: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    candidates: _containers.RepeatedCompositeFieldContainer[BeamCandidate]
+    def __init__(self, request_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_tokens: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[BeamCandidate, _Mapping]]] = ...) -> None: ...
 
-class Candidate(_message.Message):
+class BeamCandidate(_message.Message):
     __slots__ = ("token_ids", "score")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
