@@ -44,8 +44,11 @@ def build_request(prompt: str | None = None, *, prompt_token_ids: Iterable[int] 
                   top_p: float | None = None, repetition_penalty: float | None = None,
                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                   seed: int | None = None, logprobs: bool = False,
-                  top_logprobs: int = 0) -> pb.GenerateRequest:
-    """A ``GenerateRequest``; ``None`` leaves an option to the server's default."""
+                  top_logprobs: int = 0, n: int = 0, num_beams: int = 0,
+                  length_penalty: float | None = None, no_repeat_ngram_size: int = 0,
+                  beam_deterministic: bool = False) -> pb.GenerateRequest:
+    """A ``GenerateRequest``; ``None`` leaves an option to the server's default. ``n``:
+    samples; ``num_beams`` (>= 2) and the next three: a beam search."""
     sampling = pb.SamplingOptions(top_k=top_k, presence_penalty=presence_penalty,
                                   frequency_penalty=frequency_penalty)
     for name, value in (("temperature", temperature), ("top_p", top_p),
@@ -55,10 +58,14 @@ def build_request(prompt: str | None = None, *, prompt_token_ids: Iterable[int] 
     stopping = pb.StoppingOptions(min_new_tokens=min_new_tokens, stop=list(stop))
     if max_new_tokens is not None:
         stopping.max_new_tokens = max_new_tokens
+    beam = pb.BeamSearchOptions(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
+                                deterministic=beam_deterministic)
+    if length_penalty is not None:
+        beam.length_penalty = length_penalty
     return pb.GenerateRequest(
         model=model, prompt=prompt or "", prompt_token_ids=list(prompt_token_ids or ()),
         request_id=request_id, sampling=sampling, stopping=stopping,
-        output=pb.OutputOptions(logprobs=logprobs, top_logprobs=top_logprobs))
+        output=pb.OutputOptions(logprobs=logprobs, top_logprobs=top_logprobs), n=n, beam_search=beam)
 
 
 class _Connection:

@@ -37,7 +37,7 @@ from model.sampling import SamplingParams
 from model.tokenizer import GLMTokenizer
 from services.client import AsyncGLMClient, GLMClient, GLMError
 from services.common import redis_keys as keys
-from services.common.messages import Event
+from services.common.messages import Event, sample_seed
 from services.local import LocalStack
 from services.local_options import ServeOptions
 from services.common.net import free_port
@@ -158,6 +158,93 @@ def test_the_openai_client_gets_what_grpc_gives(stack, tiny):
     assert [m.id for m in client.models.list().data] == [name]
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=name, prompt=prompt, n=2)
+
+
+def beam_reference(checkpoint: str, prompt: str, max_new: int, **beam) -> list:
+    """`glm generate --num-beams ... --json`'s last blank: (text, token ids, score) best first,
+    and the output text of every blank filled."""
+    tok = GLMTokenizer.from_file(f"{checkpoint}/ice_text.model")
+    options = GenerationOptions(max_new_tokens=max_new, **beam)
+    result = Generator(load_model(checkpoint)).fill_blanks(prepare_text_ids(tok.tokenize(prompt)),
+                                                           SamplingParams(), options)
+    return [(ids, score) for ids, score in result.blanks[-1].candidates]
+
+
+BEAM_CASES = [   # (prompt, max_new_tokens, beam options as GenerationOptions names them)
+    (PROMPTS[0], 6, dict(num_beams=3, no_repeat_ngram_size=2, beam_deterministic=True)),
+    (PROMPTS[3], 5, dict(num_beams=4, length_penalty=0.7, beam_seed=1234)),
+    ("Two [MASK] blanks, each [MASK] by its best beam.", 4, dict(num_beams=2, beam_seed=9)),
+]
+
+
+def test_beam_search_in_the_running_batch_equals_glm_generate(stack, tiny):
+    """Beam searches served among greedy streams (continuous batching, one pool): every
+    candidate's tokens equal `glm generate --num-beams`'s, its score to fp32 rounding; the
+    reply is the best candidate; a streamed beam search ends with the same candidates."""
+    name = stack.options.model_name
+    greedy = greedy_reference(tiny, PROMPTS, 8)
+
+    def grpc_options(beam: dict, max_new: int) -> dict:
+        return dict(model=name, max_new_tokens=max_new, num_beams=beam["num_beams"],
+                    length_penalty=beam.get("length_penalty"),
+                    no_repeat_ngram_size=beam.get("no_repeat_ngram_size", 0),
+                    beam_deterministic=beam.get("beam_deterministic", False), seed=beam.get("beam_seed", 5))
+
+    async def beams(client, prompt, max_new, beam):
+        return await client.generate(prompt, timeout=CALL_S, **grpc_options(beam, max_new))
+
+    async def streamed(client, prompt, max_new, beam):
+        return [m async for m in client.generate_stream(prompt, timeout=CALL_S, **grpc_options(beam, max_new))]
+
+    async def plain(client, prompt):
+        return await client.generate(prompt, model=name, max_new_tokens=8, temperature=0, timeout=CALL_S)
+
+    async def main():
+        async with AsyncGLMClient(stack.address) as client:
+            return await asyncio.gather(*(plain(client, p) for p in PROMPTS),
+                                        *(beams(client, *case) for case in BEAM_CASES),
+                                        streamed(client, *BEAM_CASES[1]))
+
+    results = asyncio.run(main())
+    plains, replies, stream = results[:len(PROMPTS)], results[len(PROMPTS):-1], results[-1]
+    for prompt, reply in zip(PROMPTS, plains):
+        assert list(reply.token_ids) == greedy[prompt] and not reply.candidates
+    for (prompt, max_new, beam), reply in zip(BEAM_CASES, replies):
+        want = beam_reference(tiny, prompt, max_new, **{**beam, "beam_seed": beam.get("beam_seed", 5)})
+        assert len(want) == beam["num_beams"] == len(reply.candidates)
+        assert [list(c.token_ids) for c in reply.candidates] == [ids for ids, _ in want], prompt
+        assert [c.score for c in reply.candidates] == pytest.approx([s for _, s in want], rel=2e-5)
+        assert [c.index for c in reply.candidates] == list(range(beam["num_beams"]))
+        assert list(reply.blank_details[-1].token_ids) == want[0][0]          # the blank holds the best
+        assert list(reply.token_ids)[-len(want[0][0]):] == want[0][0]
+        assert reply.candidates[0].output_text == reply.output_text
+    streamed_candidates = stream[-1].candidates                                 # the same seed: the same search
+    assert [list(c.token_ids) for c in streamed_candidates] == [list(c.token_ids) for c in replies[1].candidates]
+    assert [c.score for c in streamed_candidates] == pytest.approx([c.score for c in replies[1].candidates], rel=2e-5)
+    assert sum(1 for m in stream if m.token_ids) == 1                            # the best beam, once, at the end
+    assert "".join(m.text for m in stream) == replies[1].text
+
+
+def test_n_samples_equal_single_requests_with_the_derived_seeds(stack):
+    """`n` samples of one prompt are exactly the single requests with seeds sample_seed(seed, i);
+    streamed, each message names its sample and the last carries every candidate."""
+    name, prompt = stack.options.model_name, PROMPTS[2]
+    sampling = dict(model=name, max_new_tokens=6, temperature=0.9, top_p=0.95, seed=42)
+    with GLMClient(stack.address) as client:
+        reply = client.generate(prompt, n=3, timeout=CALL_S, **sampling)
+        singles = [client.generate(prompt, timeout=CALL_S, **{**sampling, "seed": sample_seed(42, i)})
+                   for i in range(3)]
+        stream = list(client.generate_stream(prompt, n=3, timeout=CALL_S, **sampling))
+    assert [c.seed for c in reply.candidates] == [sample_seed(42, i) for i in range(3)]
+    assert [list(c.token_ids) for c in reply.candidates] == [list(s.token_ids) for s in singles]
+    assert [c.text for c in reply.candidates] == [s.text for s in singles]
+    assert len({tuple(c.token_ids) for c in reply.candidates}) > 1
+    assert all(c.score < 0 for c in reply.candidates) and not reply.tokens      # scored, logprobs not asked
+    assert list(reply.token_ids) == list(singles[0].token_ids)
+    assert reply.usage.generated_tokens == sum(len(s.token_ids) for s in singles)
+    per_sample = {i: [t for m in stream if m.candidate == i for t in m.token_ids] for i in range(3)}
+    assert per_sample == {i: list(s.token_ids) for i, s in enumerate(singles)}
+    assert [m.candidate for m in stream if m.finish_reason] and list(stream[-1].candidates) == list(reply.candidates)
 
 
 def test_cancelled_request_ends_cancelled(stack):

@@ -199,7 +199,11 @@ class RequestState:
         self.tokens, self.logprobs, self.tops = best, [0.0] * len(best), [()] * len(best)
         has_end = bool(best) and best[-1] in END_IDS
         self._candidates = tuple(self._candidate(ids, score) for ids, score in gen.candidates)
-        return self.end_blank(FinishReason.STOP if has_end else FinishReason.LENGTH, end_token_new=has_end), True
+        content = best[:-1] if has_end else best
+        text = "".join(self.text.push(t).text for t in content)       # no stop texts with a beam search
+        text += self.text.finish(content).text
+        reason = FinishReason.STOP if has_end else FinishReason.LENGTH
+        return self._tokens_event(0, len(best), text) + self._blank_event(reason), True
 
     def _candidate(self, ids: Sequence[int], score: float) -> dict:
         """One beam candidate as the events carry it: its text, and the output with it spliced."""
