@@ -19,8 +19,8 @@ import pytest
 from gateway_harness import HANG_S, call_code, default_script, internal_id, wait_for
 from gateway_harness import checkpoint, loop, pools, rdb, shared, start, tokenizer  # noqa: F401 (fixtures)
 from services.common import redis_keys as keys
-from services.common.messages import EVENT_ERROR, EVENT_TOKENS, Event, QueuedRequest
-from services.client import GLMClient
+from services.common.messages import EVENT_ERROR, EVENT_TOKENS, Event, QueuedRequest, sample_seed
+from services.client import GLMClient, GLMError
 from services.proto_gen.glm.v1 import generation_pb2 as pb
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
 
@@ -62,6 +62,15 @@ BAD_REQUESTS = [
     ("request_id", dict(request_id="tenant/V")),
     ("request_id", dict(request_id="réquest")),
     ("request_id", dict(request_id="V*")),
+    ("n", dict(n=17)),
+    ("n", dict(n=2, num_beams=2)),
+    ("beam_search.num_beams", dict(num_beams=17)),
+    ("beam_search.num_beams", dict(num_beams=1, no_repeat_ngram_size=2)),
+    ("beam_search.length_penalty", dict(num_beams=2, length_penalty=float("inf"))),
+    ("beam_search.length_penalty", dict(num_beams=2, length_penalty=-10.5)),
+    ("beam_search.no_repeat_ngram_size", dict(num_beams=2, no_repeat_ngram_size=17)),
+    ("stopping.stop", dict(num_beams=2, stop=["x"])),
+    ("output.logprobs", dict(num_beams=2, logprobs=True)),
 ]
 
 
@@ -77,6 +86,25 @@ def test_invalid_arguments_name_the_field(shared, rdb, field, kwargs):
             assert error.code == Code.INVALID_ARGUMENT
             assert error.details.startswith(field), error.details
     assert rdb.xlen(keys.queue(shared.model)) == 0
+
+
+def test_samples_are_enqueued_together_with_derived_seeds(start, pools, tokenizer):
+    """n = 3: three requests {id}#i, the seeds sample_seed(seed, i), each scored (log-probs on);
+    the reply has one candidate per sample; a retry re-attaches to all three."""
+    gateway = start()
+    pool = pools(gateway.model, default_script(tokenizer))
+    with GLMClient(gateway.address, timeout=CALL_S) as client:
+        reply = client.generate("Hi [MASK]", temperature=0.7, seed=5, n=3, request_id="three")
+        again = client.generate("Hi [MASK]", temperature=0.7, seed=5, n=3, request_id="three")
+        with pytest.raises(GLMError) as clash:
+            client.generate("Hi [MASK]", temperature=0.7, seed=5, n=2, request_id="three")
+    assert clash.value.code == Code.ALREADY_EXISTS
+    assert sorted(q.id.rsplit("/", 1)[1] for q in pool.seen) == ["three#0", "three#1", "three#2"]
+    assert sorted(q.sampling.seed for q in pool.seen) == sorted(sample_seed(5, i) for i in range(3))
+    assert all(q.logprobs for q in pool.seen)
+    assert [c.seed for c in reply.candidates] == [sample_seed(5, i) for i in range(3)]
+    assert [c.index for c in reply.candidates] == [0, 1, 2] and reply.request_id == "three"
+    assert list(again.candidates) == list(reply.candidates)
 
 
 def test_defaults_pass_validation_and_temperature_zero_is_greedy(start, pools, tokenizer):

@@ -98,7 +98,12 @@ BAD = [  # (body fields, status, param)
     (dict(max_tokens=0), 400, "max_tokens"),
     (dict(top_p=1.5), 400, "top_p"),
     (dict(logprobs=6), 400, "logprobs"),
-    (dict(n=2), 400, "n"),
+    (dict(n=17), 400, "n"),                                    # over the gateway's max_n
+    (dict(n=3, best_of=2), 400, "best_of"),
+    (dict(num_beams=17), 400, "num_beams"),
+    (dict(num_beams=2, n=3), 400, "n"),
+    (dict(num_beams=2, stop=["x"]), 400, "stop"),
+    (dict(num_beams=2, length_penalty=11.0), 400, "length_penalty"),
     (dict(stop=[1, 2]), 400, "stop"),
     (dict(prompt=["a [MASK]", "b [MASK]"]), 400, "prompt"),
     (dict(prompt=""), 400, "prompt"),

@@ -156,8 +156,43 @@ def test_the_openai_client_gets_what_grpc_gives(stack, tiny):
     assert "".join(c.choices[0].text for c in chunks) == reference.text
     assert chunks[-1].choices[0].finish_reason == reference.finish_reason
     assert [m.id for m in client.models.list().data] == [name]
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=name, prompt=prompt, n=2)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=name, prompt=prompt, n=17)              # over max_n (16)
+    assert refused.value.body["param"] == "n"
+
+
+def test_the_openai_client_gets_samples_and_beams(stack):
+    """`n` samples and a beam search (GLM's extra body fields) through the official client:
+    the choices are the gRPC reply's candidates (unary and streamed)."""
+    import openai
+
+    name, prompt = stack.options.model_name, PROMPTS[4]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.options.http_port}/v1", api_key="none",
+                           timeout=CALL_S, max_retries=0)
+    with GLMClient(stack.address) as grpc_client:
+        samples = grpc_client.generate(prompt, model=name, max_new_tokens=5, temperature=0.9, seed=3, n=2,
+                                       timeout=CALL_S)
+        beams = grpc_client.generate(prompt, model=name, max_new_tokens=5, num_beams=3, seed=3,
+                                     beam_deterministic=True, timeout=CALL_S)
+    reply = client.completions.create(model=name, prompt=prompt, max_tokens=5, temperature=0.9, seed=3, n=2)
+    assert [c.text for c in reply.choices] == [c.text for c in samples.candidates]
+    assert [c.index for c in reply.choices] == [0, 1]
+    chunks = list(client.completions.create(model=name, prompt=prompt, max_tokens=5, temperature=0.9, seed=3,
+                                            n=2, stream=True))
+    texts = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in (0, 1)}
+    assert texts == {0: samples.candidates[0].text, 1: samples.candidates[1].text}
+    extra = {"num_beams": 3, "beam_deterministic": True}
+    reply = client.completions.create(model=name, prompt=prompt, max_tokens=5, seed=3, n=2, extra_body=extra)
+    assert [c.text for c in reply.choices] == [c.text for c in beams.candidates[:2]]
+    assert [c.model_extra["score"] for c in reply.choices] == pytest.approx([c.score for c in beams.candidates[:2]],
+                                                                           rel=2e-5)
+    chunks = list(client.completions.create(model=name, prompt=prompt, max_tokens=5, seed=3, n=2, stream=True,
+                                            extra_body=extra))
+    texts = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in (0, 1)}
+    assert texts == {0: beams.candidates[0].text, 1: beams.candidates[1].text}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=name, prompt=prompt, n=4, extra_body=extra)     # more choices than beams
+    assert refused.value.body["param"] == "n"
 
 
 def beam_reference(checkpoint: str, prompt: str, max_new: int, **beam) -> list:

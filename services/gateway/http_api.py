@@ -14,12 +14,17 @@ absent, as OpenAI's), ``temperature`` (0 = greedy), ``top_p``, ``stop`` (text or
 ``seed``, ``logprobs`` (the per-token detail with that many alternatives, up to the
 gateway's limit, 5),
 ``presence_penalty``, ``frequency_penalty``, ``stream``, ``stream_options.include_usage``,
-``n`` and ``best_of`` (1 only: several samples per request are not served yet), ``echo``
-(false only), ``user`` (ignored). GLM's extras, as extra body fields: ``top_k``,
-``repetition_penalty``, ``min_tokens``, ``request_id`` (the idempotency key); and vLLM's
-``ignore_eos`` (``min_tokens`` = ``max_tokens``). Each choice
-carries GLM's ``blanks`` (the text of each filled blank) and ``output_text`` (the prompt with
-its blanks filled) beside ``text``; ``seed`` is reported at the top level.
+``n`` (choices: samples ``GenerateRequest.n``, each with its ``seed``; streamed, their chunks
+interleave, each naming its ``index``), ``best_of`` (unary: ``best_of`` samples, the ``n``
+with the highest summed log-probability returned, as OpenAI's), ``echo`` (false only),
+``user`` (ignored). GLM's extras, as extra body fields: ``top_k``, ``repetition_penalty``,
+``min_tokens``, ``request_id`` (the idempotency key), the beam search (``num_beams`` >= 2,
+``length_penalty``, ``no_repeat_ngram_size``, ``beam_deterministic``: the choices are the
+``n`` best beams, each with its ``score``; streamed, the best beam's text comes when its blank
+ends, then the other choices); and vLLM's ``ignore_eos`` (``min_tokens`` = ``max_tokens``).
+Each choice carries GLM's ``blanks`` (the text of each filled blank; the first choice only)
+and ``output_text`` (the prompt with its blanks filled) beside ``text``; ``seed`` is reported
+at the top level (sample 0's).
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 bad body or a value out of range (``param`` names the body field), 401 without a valid API key
@@ -72,7 +77,9 @@ BODY_FIELD = {
     "sampling.repetition_penalty": "repetition_penalty", "sampling.presence_penalty": "presence_penalty",
     "sampling.frequency_penalty": "frequency_penalty", "sampling.seed": "seed",
     "stopping.max_new_tokens": "max_tokens", "stopping.min_new_tokens": "min_tokens", "stopping.stop": "stop",
-    "output.top_logprobs": "logprobs",
+    "output.top_logprobs": "logprobs", "output.logprobs": "logprobs", "n": "n",
+    "beam_search.num_beams": "num_beams", "beam_search.length_penalty": "length_penalty",
+    "beam_search.no_repeat_ngram_size": "no_repeat_ngram_size",
 }
 
 
@@ -147,8 +154,38 @@ def _prompt(body: dict, request: pb.GenerateRequest) -> None:
         raise BadRequest("prompt", "prompt: must be a string, a list of token ids, or a list of one of them")
 
 
-def completion_request(body: Any) -> tuple[pb.GenerateRequest, int | None]:
-    """The ``GenerateRequest`` of a completions body, and its ``logprobs`` (None: not asked)."""
+def _choices(body: dict, request: pb.GenerateRequest) -> int:
+    """``n``, ``best_of`` and the beam-search extras into ``request``; the choices to return."""
+    n = _number(body, "n", int, 1, UINT32) or 1
+    best_of = _number(body, "best_of", int, 1, UINT32)
+    if best_of is not None and best_of < n:
+        raise BadRequest("best_of", f"best_of: {best_of} is less than n {n}")
+    beams = _number(body, "num_beams", int, 0, UINT32) or 0
+    b = request.beam_search
+    b.num_beams = beams
+    if (v := _number(body, "length_penalty")) is not None:
+        b.length_penalty = v
+    if (v := _number(body, "no_repeat_ngram_size", int, 0, UINT32)) is not None:
+        b.no_repeat_ngram_size = v
+    deterministic = body.get("beam_deterministic", False)
+    if not isinstance(deterministic, bool):
+        raise BadRequest("beam_deterministic", "beam_deterministic: must be true or false")
+    b.deterministic = deterministic
+    if beams >= 2:
+        if n > beams:
+            raise BadRequest("n", f"n: {n} choices, more than the {beams} beams")
+        if best_of is not None and best_of != beams:
+            raise BadRequest("best_of", "best_of: with a beam search the candidates are its num_beams beams")
+        return n
+    if body.get("stream") and best_of is not None and best_of != n:
+        raise BadRequest("best_of", "best_of: cannot be streamed (the best are known once every sample ended)")
+    request.n = best_of or n
+    return n
+
+
+def completion_request(body: Any) -> tuple[pb.GenerateRequest, int | None, int]:
+    """The ``GenerateRequest`` of a completions body, its ``logprobs`` (None: not asked) and
+    the number of choices to return."""
     if not isinstance(body, dict):
         raise BadRequest(None, "the body must be a JSON object")
     request = pb.GenerateRequest()
@@ -157,10 +194,7 @@ def completion_request(body: Any) -> tuple[pb.GenerateRequest, int | None]:
         raise BadRequest("model", "model: must be a string")
     request.model = model
     _prompt(body, request)
-    for name in ("n", "best_of"):
-        count = _number(body, name, int, 1)
-        if count is not None and count != 1:
-            raise BadRequest(name, f"{name}: {count}; only 1 is served (one sample per request for now)")
+    choices = _choices(body, request)
     if body.get("echo"):
         raise BadRequest("echo", "echo: not supported; the reply's output_text holds the prompt with its blanks filled")
     if body.get("suffix"):
@@ -207,7 +241,7 @@ def completion_request(body: Any) -> tuple[pb.GenerateRequest, int | None]:
     if logprobs is not None:
         request.output.logprobs = True
         request.output.top_logprobs = logprobs
-    return request, logprobs
+    return request, logprobs, choices
 
 
 # ---- replies ------------------------------------------------------------------------------
@@ -230,12 +264,28 @@ def _usage(usage: pb.Usage) -> dict:
             "total_tokens": usage.prompt_tokens + usage.generated_tokens}
 
 
-def completion_response(reply: pb.GenerateResponse, logprobs: int | None, created: int) -> dict:
-    choice = {"text": reply.text, "index": 0, "finish_reason": reply.finish_reason or None,
-              "logprobs": _logprobs(reply.tokens, 0) if logprobs is not None else None,
-              "blanks": list(reply.blanks), "output_text": reply.output_text}
+def completion_response(reply: pb.GenerateResponse, logprobs: int | None, created: int, n: int = 1) -> dict:
+    """The completion of ``reply``: one choice, or ``n`` of its candidates (the first ``n``:
+    samples in order, beams best first; of ``best_of`` > ``n`` samples the ``n`` best by summed
+    log-probability, best first)."""
+    if not reply.candidates:
+        choices = [{"text": reply.text, "index": 0, "finish_reason": reply.finish_reason or None,
+                    "logprobs": _logprobs(reply.tokens, 0) if logprobs is not None else None,
+                    "blanks": list(reply.blanks), "output_text": reply.output_text}]
+    else:
+        chosen = list(reply.candidates)
+        if len(chosen) > n and len({c.seed for c in chosen}) > 1:             # best_of samples
+            chosen = sorted(chosen, key=lambda c: -c.score)
+        choices = [_choice(c, i, logprobs) for i, c in enumerate(chosen[:n])]
+        choices[0]["blanks"] = list(reply.blanks) if chosen[0].index == 0 else []
     return {"id": f"cmpl-{reply.request_id}", "object": "text_completion", "created": created,
-            "model": reply.model, "choices": [choice], "usage": _usage(reply.usage), "seed": reply.seed}
+            "model": reply.model, "choices": choices, "usage": _usage(reply.usage), "seed": reply.seed}
+
+
+def _choice(c: pb.Candidate, index: int, logprobs: int | None) -> dict:
+    return {"text": c.text, "index": index, "finish_reason": c.finish_reason or None,
+            "logprobs": _logprobs(c.tokens, 0) if logprobs is not None else None,
+            "output_text": c.output_text, "seed": c.seed, "score": c.score}
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
@@ -322,7 +372,7 @@ class OpenAIFront:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _json(400, error_body(f"the body is not JSON: {exc}", "invalid_request_error"))
         try:
-            message, logprobs = completion_request(body)
+            message, logprobs, n = completion_request(body)
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise BadRequest("stream", "stream: must be true or false")
@@ -334,18 +384,22 @@ class OpenAIFront:
         call = HttpCall(request)
         try:
             if stream:
-                return await self._stream(request, call, message, logprobs, bool(options.get("include_usage")))
+                return await self._stream(request, call, message, logprobs, bool(options.get("include_usage")), n)
             try:
                 reply = await self.service.Generate(message, call)
             except Aborted as exc:
                 return _json(*_grpc_error(exc))
-            return _json(200, completion_response(reply, logprobs, int(time.time())))
+            return _json(200, completion_response(reply, logprobs, int(time.time()), n))
         finally:
             call.done()        # the servicer's done-callback: cancel a generation left behind
 
     async def _stream(self, request: web.Request, call: HttpCall, message: pb.GenerateRequest,
-                      logprobs: int | None, include_usage: bool) -> web.StreamResponse:
-        created, response, offset = int(time.time()), None, 0
+                      logprobs: int | None, include_usage: bool, n: int = 1) -> web.StreamResponse:
+        """Server-sent chunks: one choice each (samples interleave, each naming its ``index``);
+        a beam search's other ``n - 1`` choices come whole after the best one ended; then the
+        usage chunk (when asked) and ``data: [DONE]``."""
+        created, response, offsets = int(time.time()), None, {}
+        beams = message.beam_search.num_beams >= 2
         chunks = self.service.GenerateStream(message, call)
         try:
             async for part in chunks:
@@ -353,16 +407,24 @@ class OpenAIFront:
                     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                            "Cache-Control": "no-cache"})
                     await response.prepare(request)
-                choice = {"text": part.text, "index": 0, "finish_reason": part.finish_reason or None,
+                index = part.candidate
+                offset = offsets.get(index, 0)
+                choice = {"text": part.text, "index": index, "finish_reason": part.finish_reason or None,
                           "logprobs": _logprobs(part.tokens, offset) if logprobs is not None else None}
-                offset += len(part.text)
+                offsets[index] = offset + len(part.text)
                 chunk = {"id": f"cmpl-{part.request_id}", "object": "text_completion", "created": created,
                          "model": self.catalog.get(message.model).name, "choices": [choice]}
                 if part.finish_reason:
-                    choice.update(output_text=part.output_text)
+                    choice.update(output_text=part.output_text, seed=part.seed)
                     chunk["seed"] = part.seed
+                    if beams:
+                        choice["score"] = part.candidates[0].score if part.candidates else 0.0
                 await _event(response, chunk)
-                if part.finish_reason and include_usage:
+                last = part.finish_reason and (part.candidates or not message.n or message.n == 1)
+                if last and beams:
+                    for i, c in enumerate(part.candidates[1:n], start=1):
+                        await _event(response, {**chunk, "choices": [_choice(c, i, logprobs)]})
+                if last and include_usage:
                     await _event(response, {**chunk, "choices": [], "usage": _usage(part.usage)})
         except Aborted as exc:
             status, body = _grpc_error(exc)

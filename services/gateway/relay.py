@@ -140,7 +140,8 @@ class Relay:
         return pb.Candidate(index=index, text=final.text or "".join(self.texts), token_ids=self.token_ids,
                             finish_reason=finish_reason_text(final.finish_reason), score=self.score,
                             seed=self.seed, output_text=final.output_text,
-                            generated_tokens=self._usage().generated_tokens)
+                            generated_tokens=self._usage().generated_tokens,
+                            tokens=self.tokens if self.logprobs else [])
 
     # ---- Generate -----------------------------------------------------------------
     def _usage(self) -> pb.Usage:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17glm/v1/generation.proto\x12\x06glm.v1\"\xf1\x01\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"g\n\x0fStoppingOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x03(\tB\x11\n\x0f_max_new_tokens\"7\n\rOutputOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\r\"\x8b\x01\n\x11\x42\x65\x61mSearchOptions\x12\x11\n\tnum_beams\x18\x01 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x1c\n\x14no_repeat_ngram_size\x18\x03 \x01(\r\x12\x15\n\rdeterministic\x18\x04 \x01(\x08\x42\x11\n\x0f_length_penalty\"\x9e\x01\n\tCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x13\n\x0boutput_text\x18\x07 \x01(\t\x12\x18\n\x10generated_tokens\x18\x08 \x01(\r\"\x96\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.glm.v1.SamplingOptions\x12)\n\x08stopping\x18\x06 \x01(\x0b\x32\x17.glm.v1.StoppingOptions\x12%\n\x06output\x18\x07 \x01(\x0b\x32\x15.glm.v1.OutputOptions\x12\t\n\x01n\x18\x08 \x01(\r\x12.\n\x0b\x62\x65\x61m_search\x18\t \x01(\x0b\x32\x19.glm.v1.BeamSearchOptions\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12*\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x14.glm.v1.TokenLogprob\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\\\n\x0b\x42lankDetail\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rstop_sequence\x18\x04 \x01(\t\"\xe2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x0e\n\x06\x62lanks\x18\x07 \x03(\t\x12\x1c\n\x05usage\x18\x08 \x01(\x0b\x32\r.glm.v1.Usage\x12\x13\n\x0boutput_text\x18\t \x01(\t\x12&\n\x06tokens\x18\n \x03(\x0b\x32\x16.glm.v1.GeneratedToken\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12*\n\rblank_details\x18\x0c \x03(\x0b\x32\x13.glm.v1.BlankDetail\x12\x15\n\rstop_sequence\x18\r \x01(\t\x12%\n\ncandidates\x18\x0e \x03(\x0b\x32\x11.glm.v1.Candidate\"\xab\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\x12\x13\n\x0b\x62lank_index\x18\x05 \x01(\r\x12&\n\x06tokens\x18\x06 \x03(\x0b\x32\x16.glm.v1.GeneratedToken\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x1c\n\x05usage\x18\x08 \x01(\x0b\x32\r.glm.v1.Usage\x12\x13\n\x0boutput_text\x18\t \x01(\t\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x11\n\tcandidate\x18\x0b \x01(\r\x12%\n\ncandidates\x18\x0c \x03(\x0b\x32\x11.glm.v1.Candidate\"0\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"\x13\n\x11ListModelsRequest\"\xc6\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x04 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x06 \x01(\r\x12\r\n\x05max_n\x18\x07 \x01(\r\x12\x11\n\tmax_beams\x18\x08 \x01(\r\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.glm.v1.ModelSpec\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t2\xda\x02\n\x0eTextGeneration\x12=\n\x08Generate\x12\x17.glm.v1.GenerateRequest\x1a\x18.glm.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x17.glm.v1.GenerateRequest\x1a\x1e.glm.v1.GenerateStreamResponse0\x01\x12=\n\x08Tokenize\x12\x17.glm.v1.TokenizeRequest\x1a\x18.glm.v1.TokenizeResponse\x12\x43\n\nListModels\x12\x19.glm.v1.ListModelsRequest\x1a\x1a.glm.v1.ListModelsResponse\x12\x38\n\tModelInfo\x12\x18.glm.v1.ModelInfoRequest\x1a\x11.glm.v1.ModelSpecb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17glm/v1/generation.proto\x12\x06glm.v1\"\xf1\x01\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"g\n\x0fStoppingOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x03(\tB\x11\n\x0f_max_new_tokens\"7\n\rOutputOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\r\"\x8b\x01\n\x11\x42\x65\x61mSearchOptions\x12\x11\n\tnum_beams\x18\x01 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x1c\n\x14no_repeat_ngram_size\x18\x03 \x01(\r\x12\x15\n\rdeterministic\x18\x04 \x01(\x08\x42\x11\n\x0f_length_penalty\"\xc6\x01\n\tCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x13\n\x0boutput_text\x18\x07 \x01(\t\x12\x18\n\x10generated_tokens\x18\x08 \x01(\r\x12&\n\x06tokens\x18\t \x03(\x0b\x32\x16.glm.v1.GeneratedToken\"\x96\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.glm.v1.SamplingOptions\x12)\n\x08stopping\x18\x06 \x01(\x0b\x32\x17.glm.v1.StoppingOptions\x12%\n\x06output\x18\x07 \x01(\x0b\x32\x15.glm.v1.OutputOptions\x12\t\n\x01n\x18\x08 \x01(\r\x12.\n\x0b\x62\x65\x61m_search\x18\t \x01(\x0b\x32\x19.glm.v1.BeamSearchOptions\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12*\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x14.glm.v1.TokenLogprob\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\\\n\x0b\x42lankDetail\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rstop_sequence\x18\x04 \x01(\t\"\xe2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x0e\n\x06\x62lanks\x18\x07 \x03(\t\x12\x1c\n\x05usage\x18\x08 \x01(\x0b\x32\r.glm.v1.Usage\x12\x13\n\x0boutput_text\x18\t \x01(\t\x12&\n\x06tokens\x18\n \x03(\x0b\x32\x16.glm.v1.GeneratedToken\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12*\n\rblank_details\x18\x0c \x03(\x0b\x32\x13.glm.v1.BlankDetail\x12\x15\n\rstop_sequence\x18\r \x01(\t\x12%\n\ncandidates\x18\x0e \x03(\x0b\x32\x11.glm.v1.Candidate\"\xab\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\x12\x13\n\x0b\x62lank_index\x18\x05 \x01(\r\x12&\n\x06tokens\x18\x06 \x03(\x0b\x32\x16.glm.v1.GeneratedToken\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x1c\n\x05usage\x18\x08 \x01(\x0b\x32\r.glm.v1.Usage\x12\x13\n\x0boutput_text\x18\t \x01(\t\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x11\n\tcandidate\x18\x0b \x01(\r\x12%\n\ncandidates\x18\x0c \x03(\x0b\x32\x11.glm.v1.Candidate\"0\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"\x13\n\x11ListModelsRequest\"\xc6\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x04 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x06 \x01(\r\x12\r\n\x05max_n\x18\x07 \x01(\r\x12\x11\n\tmax_beams\x18\x08 \x01(\r\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.glm.v1.ModelSpec\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t2\xda\x02\n\x0eTextGeneration\x12=\n\x08Generate\x12\x17.glm.v1.GenerateRequest\x1a\x18.glm.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x17.glm.v1.GenerateRequest\x1a\x1e.glm.v1.GenerateStreamResponse0\x01\x12=\n\x08Tokenize\x12\x17.glm.v1.TokenizeRequest\x1a\x18.glm.v1.TokenizeResponse\x12\x43\n\nListModels\x12\x19.glm.v1.ListModelsRequest\x1a\x1a.glm.v1.ListModelsResponse\x12\x38\n\tModelInfo\x12\x18.glm.v1.ModelInfoRequest\x1a\x11.glm.v1.ModelSpecb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,33 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BEAMSEARCHOPTIONS']._serialized_start=442
   _globals['_BEAMSEARCHOPTIONS']._serialized_end=581
   _globals['_CANDIDATE']._serialized_start=584
-  _globals['_CANDIDATE']._serialized_end=742
-  _globals['_GENERATEREQUEST']._serialized_start=745
-  _globals['_GENERATEREQUEST']._serialized_end=1023
-  _globals['_TOKENLOGPROB']._serialized_start=1025
-  _globals['_TOKENLOGPROB']._serialized_end=1088
-  _globals['_GENERATEDTOKEN']._serialized_start=1090
-  _globals['_GENERATEDTOKEN']._serialized_end=1199
-  _globals['_USAGE']._serialized_start=1201
-  _globals['_USAGE']._serialized_end=1257
-  _globals['_BLANKDETAIL']._serialized_start=1259
-  _globals['_BLANKDETAIL']._serialized_end=1351
-  _globals['_GENERATERESPONSE']._serialized_start=1354
-  _globals['_GENERATERESPONSE']._serialized_end=1708
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1711
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2010
-  _globals['_TOKENIZEREQUEST']._serialized_start=2012
-  _globals['_TOKENIZEREQUEST']._serialized_end=2060
-  _globals['_TOKENIZERESPONSE']._serialized_start=2062
-  _globals['_TOKENIZERESPONSE']._serialized_end=2115
-  _globals['_LISTMODELSREQUEST']._serialized_start=2117
-  _globals['_LISTMODELSREQUEST']._serialized_end=2136
-  _globals['_MODELSPEC']._serialized_start=2139
-  _globals['_MODELSPEC']._serialized_end=2337
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2339
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2394
-  _globals['_MODELINFOREQUEST']._serialized_start=2396
-  _globals['_MODELINFOREQUEST']._serialized_end=2429
-  _globals['_TEXTGENERATION']._serialized_start=2432
-  _globals['_TEXTGENERATION']._serialized_end=2778
+  _globals['_CANDIDATE']._serialized_end=782
+  _globals['_GENERATEREQUEST']._serialized_start=785
+  _globals['_GENERATEREQUEST']._serialized_end=1063
+  _globals['_TOKENLOGPROB']._serialized_start=1065
+  _globals['_TOKENLOGPROB']._serialized_end=1128
+  _globals['_GENERATEDTOKEN']._serialized_start=1130
+  _globals['_GENERATEDTOKEN']._serialized_end=1239
+  _globals['_USAGE']._serialized_start=1241
+  _globals['_USAGE']._serialized_end=1297
+  _globals['_BLANKDETAIL']._serialized_start=1299
+  _globals['_BLANKDETAIL']._serialized_end=1391
+  _globals['_GENERATERESPONSE']._serialized_start=1394
+  _globals['_GENERATERESPONSE']._serialized_end=1748
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1751
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2050
+  _globals['_TOKENIZEREQUEST']._serialized_start=2052
+  _globals['_TOKENIZEREQUEST']._serialized_end=2100
+  _globals['_TOKENIZERESPONSE']._serialized_start=2102
+  _globals['_TOKENIZERESPONSE']._serialized_end=2155
+  _globals['_LISTMODELSREQUEST']._serialized_start=2157
+  _globals['_LISTMODELSREQUEST']._serialized_end=2176
+  _globals['_MODELSPEC']._serialized_start=2179
+  _globals['_MODELSPEC']._serialized_end=2377
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2379
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2434
+  _globals['_MODELINFOREQUEST']._serialized_start=2436
+  _globals['_MODELINFOREQUEST']._serialized_end=2469
+  _globals['_TEXTGENERATION']._serialized_start=2472
+  _globals['_TEXTGENERATION']._serialized_end=2818
 # @@protoc_insertion_point(module_scope)

@@ -55,7 +55,7 @@ class BeamSearchOptions(_message.Message):
     def __init__(self, num_beams: _Optional[int] = ..., length_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., deterministic: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("index", "text", "token_ids", "finish_reason", "score", "seed", "output_text", "generated_tokens")
+    __slots__ = ("index", "text", "token_ids", "finish_reason", "score", "seed", "output_text", "generated_tokens", "tokens")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class Candidate(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TEXT_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     index: int
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -72,7 +73,8 @@ class Candidate(_message.Message):
     seed: int
     output_text: str
     generated_tokens: int
-    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., score: _Optional[float] = ..., seed: _Optional[int] = ..., output_text: _Optional[str] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
+    tokens: _containers.RepeatedCompositeFieldContainer[GeneratedToken]
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., score: _Optional[float] = ..., seed: _Optional[int] = ..., output_text: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[GeneratedToken, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "prompt_token_ids", "request_id", "sampling", "stopping", "output", "n", "beam_search")
