@@ -180,7 +180,7 @@ class Scheduler:
         if lim.mode is BatchingMode.STATIC:
             return 0 if self._requests else lim.max_batch_size
         view = self._running
-        rows = view.rows if view else 0
+        rows = sum(v.rows for v in self.decode_batches())     # the running rows and those just prefilled
         free = lim.max_batch_size - rows - sum(_beams(s) for s in self._waiting)
         if view is not None and not self.paged:
             per_row = padded_kv_slots(1, view.width, self._longest_remaining(view.row_ids))
@@ -343,9 +343,13 @@ class Scheduler:
     def prefilled(self, op: PrefillOp, gens: Sequence[Gen], view: BatchView | None,
                   failed: Sequence[tuple[int, str]] = ()) -> StepOutput:
         """The workers prefilled ``op``: ``gens`` per row, ``failed`` (row id, message) rows
-        that failed on their own and left the batch."""
+        that failed on their own and left the batch. Paged, with nothing running, the new batch
+        is the running one at once: the next plan's filter and admission count its rows."""
         self._steps_since_prefill = 0
-        self._fresh = view
+        if self.paged and self._running is None:
+            self._running = view
+        else:
+            self._fresh = view
         return self._rows_failed(failed).merge(self._apply(gens))
 
     def prefill_refused(self, op: PrefillOp, code: str, message: str,
