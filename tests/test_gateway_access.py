@@ -167,6 +167,12 @@ def test_cli_client(start, pools, tokenizer, capsys):
     assert reply["text"] == "Hello world" and reply["seed"] == "4"
     assert main(["client", "--address", gateway.address, "--prompt", "Hi", "--top-p", "3"]) == 1
     assert "INVALID_ARGUMENT: sampling.top_p" in capsys.readouterr().err
+    assert main(["client", "--address", gateway.address, "--prompt", "Say [MASK]", "--n", "2", "--seed", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["[0]", "[1]"] and lines[0].endswith("\tHello world")
+    assert "seed=4\t" in lines[0]
+    assert main(["client", "--address", gateway.address, "--prompt", "Hi", "--num-beams", "2", "--n", "2"]) == 1
+    assert "INVALID_ARGUMENT: n:" in capsys.readouterr().err
 
 
 def serving(address) -> bool:

@@ -157,8 +157,10 @@ def test_requests_join_and_leave_between_steps(pool, model):
 
 
 def test_over_capacity_prefill_is_refused(pool):
-    long = [20000 + i % 300 for i in range(299)] + [150001]             # 300 tokens + sop: 19 blocks
-    big = pb.Batch(id=30, requests=[request(i, long, 8) for i in range(31, 51)])   # 380 blocks > 262
+    def long(i):                                                        # 300 tokens + sop: 19 blocks
+        return [20000 + (i + j) % 300 for j in range(299)] + [150001]    # distinct: no prompt shared
+
+    big = pb.Batch(id=30, requests=[request(i, long(i), 8) for i in range(31, 51)])   # 380 blocks > 262
 
     async def scenario(c):
         with pytest.raises(ShardCallError) as err:

@@ -37,7 +37,8 @@ def generation_options(args) -> dict:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed, logprobs=args.logprobs,
-        top_logprobs=args.top_logprobs)
+        top_logprobs=args.top_logprobs, n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, beam_deterministic=args.beam_deterministic)
 
 
 def run(args, out=None) -> int:
@@ -62,11 +63,20 @@ def run(args, out=None) -> int:
         options = generation_options(args)
         if not args.stream:
             reply = client.generate(args.prompt, **options)
-            print(_to_json(reply) if args.json else reply.text, file=out)
+            if args.json:
+                print(_to_json(reply), file=out)
+            elif reply.candidates:                        # samples or beams: one line each
+                for c in reply.candidates:
+                    print(f"[{c.index}] score={c.score:.4f} seed={c.seed}\t{c.text}", file=out)
+            else:
+                print(reply.text, file=out)
             return 0
         for message in client.generate_stream(args.prompt, **options):
             if args.json:
                 print(_to_json(message), file=out, flush=True)
+            elif args.n > 1:
+                if message.text:
+                    print(f"[{message.candidate}] {message.text}", file=out, flush=True)
             else:
                 print(message.text, end="", file=out, flush=True)
         if not args.json:
