@@ -10,11 +10,22 @@ oneDNN's packed bf16 inner product reads 18–24 GB/s here while this reads 40�
 Built on first use by ``kernels.cbuild``; only where the compiler targets AVX-512-BF16
 (``-march=native`` on such a CPU) does the library report itself usable (``glm_gemv_ok``).
 Elsewhere, or with ``ENABLED`` False, ``supports`` is False and the head keeps its dense op.
+
+Whether it is faster depends on the CPU: on an Intel Xeon with AMX, oneDNN's AMX inner product
+reads the same head faster than this kernel does at one and two rows (1.8–1.9 ms against
+2.3–3.2 and 5.5 ms), and the forward around it gets slower too (docs/benchmarks.md, "GEMV at
+batch 1"). So the head measures it on its own weight when the model is prepared
+(``rows_faster``) and takes it only at the row counts where it wins; ``GLM_CPU_GEMV=on`` or
+``off`` skips the measurement (``on``: every row count up to ``MAX_ROWS``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import statistics
+import time
+from typing import Callable
 
 import torch
 
@@ -22,6 +33,8 @@ from kernels import cbuild
 
 MAX_ROWS = 2                 # rows up to which the head takes this kernel
 ENABLED = True
+WIN = 0.9                    # the kernel is taken where its median time is below WIN x the dense op's
+ROUNDS = 7                   # alternating timed calls of each, after two untimed ones
 
 SOURCE = cbuild.FAN_OUT + r"""
 #include <stdint.h>
@@ -117,3 +130,31 @@ def matmul_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                              torch.get_num_threads()) != 0:
             raise RuntimeError("the bf16 GEMV kernel is not usable on this CPU")
     return y.reshape(*lead, n)
+
+
+def rows_faster(weight: torch.Tensor, dense: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """The most rows (0 to ``MAX_ROWS``) up to which ``matmul_t(x, weight)`` beats ``dense(x)``
+    here: each row count timed on the real weight, the two alternating (``ROUNDS`` calls each,
+    medians), the kernel kept while it takes less than ``WIN`` of the dense time. 0 when the
+    kernel does not serve ``weight``; ``GLM_CPU_GEMV`` = ``on`` / ``off`` answers without timing."""
+    if not supports(weight):
+        return 0
+    forced = os.environ.get("GLM_CPU_GEMV", "auto").lower()
+    if forced in ("on", "off"):
+        return MAX_ROWS if forced == "on" else 0
+    best = 0
+    with torch.inference_mode():
+        for rows in range(1, MAX_ROWS + 1):
+            x = torch.randn((rows, weight.shape[1]), dtype=torch.bfloat16)
+            times: dict[str, list[float]] = {"kernel": [], "dense": []}
+            calls = {"kernel": lambda: matmul_t(x, weight), "dense": lambda: dense(x)}
+            for round_ in range(ROUNDS + 2):
+                for name, call in calls.items():
+                    start = time.perf_counter()
+                    call()
+                    if round_ >= 2:
+                        times[name].append(time.perf_counter() - start)
+            if statistics.median(times["kernel"]) >= WIN * statistics.median(times["dense"]):
+                break
+            best = rows
+    return best

@@ -194,6 +194,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = ctx.rank * self.vocab_local
         self.weight = _empty((self.vocab_local, hidden_size), dtype, device)
         self.head: CpuDenseLinear | None = None
+        # Rows up to which the head takes ``kernels.cpu_gemv`` (measured by ``prepare``; None:
+        # not prepared, the kernel wherever it serves the weight).
+        self.gemv_rows: int | None = None
 
     def prepare(self) -> None:
         """Give the tied LM head its measured CPU layout (once, after loading): fp32 stores the
@@ -205,6 +208,7 @@ class VocabParallelEmbedding(nn.Module):
         if head.layout == "transposed":
             self.weight.data = head.weight.t()
         self.head = head
+        self.gemv_rows = cpu_gemv.rows_faster(self.weight.detach(), head)
 
     @property
     def head_nbytes(self) -> int:
@@ -221,10 +225,12 @@ class VocabParallelEmbedding(nn.Module):
         return self.ctx.all_reduce(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied LM head: ``hidden @ E^T`` gathered to the full vocabulary on every rank. At one
-        or two rows of bf16 on a CPU with AVX-512-BF16 it is ``kernels.cpu_gemv`` over the
-        embedding itself (twice oneDNN's speed there), else the head's dense op."""
-        if (hidden.dtype == torch.bfloat16 and hidden.numel() <= cpu_gemv.MAX_ROWS * hidden.shape[-1]
+        """Tied LM head: ``hidden @ E^T`` gathered to the full vocabulary on every rank. At the
+        few rows of bf16 where ``prepare`` measured it faster (``gemv_rows``; twice oneDNN's
+        speed on AVX-512-BF16 without AMX) it is ``kernels.cpu_gemv`` over the embedding
+        itself, else the head's dense op."""
+        rows = cpu_gemv.MAX_ROWS if self.gemv_rows is None else self.gemv_rows
+        if (hidden.dtype == torch.bfloat16 and hidden.numel() <= rows * hidden.shape[-1]
                 and cpu_gemv.supports(self.weight)):
             local = cpu_gemv.matmul_t(hidden, self.weight)
         else:

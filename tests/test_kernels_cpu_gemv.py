@@ -34,28 +34,43 @@ def test_the_gemv_equals_f_linear(rows):
     assert cpu_gemv.matmul_t(x[:0], w).shape == (0, 1000)
 
 
-@needs_bf16_gemv
-def test_the_head_takes_it_at_one_or_two_rows(monkeypatch):
+def _tiny_bf16_head(monkeypatch, choice: str):
     from model.config import GLMConfig
     from model.glm import GLMModel
 
+    monkeypatch.setenv("GLM_CPU_GEMV", choice)
     model = GLMModel(GLMConfig.from_name("glm-tiny"), dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():                        # the constructor leaves the weights uninitialised
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    model = model.eval().prepare()
-    embedding = model.transformer.word_embeddings
-    assert cpu_gemv.supports(embedding.weight)
+    return model, model.eval().prepare().transformer.word_embeddings
+
+
+def _kernel_rows(monkeypatch, embedding, hidden: int) -> list[int]:
+    """The row counts (of 1, 2, 3) at which the head called the kernel."""
     calls = []
     real = cpu_gemv.matmul_t
-    monkeypatch.setattr(cpu_gemv, "matmul_t", lambda x, w: calls.append(x.shape) or real(x, w))
-    h = torch.randn(3, 1, model.config.hidden_size).bfloat16()
+    monkeypatch.setattr(cpu_gemv, "matmul_t", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    h = torch.randn(3, 1, hidden).bfloat16()
     with torch.inference_mode():
         one, three = embedding.logits(h[:1]), embedding.logits(h)
         embedding.logits(h[:2])
-    assert calls == [(1, 1, model.config.hidden_size), (2, 1, model.config.hidden_size)]
     within_one_rounding(one, three[:1])
+    return sorted(calls)
+
+
+@needs_bf16_gemv
+def test_the_head_takes_it_where_it_was_measured_faster(monkeypatch):
+    model, embedding = _tiny_bf16_head(monkeypatch, "on")
+    assert cpu_gemv.supports(embedding.weight) and embedding.gemv_rows == cpu_gemv.MAX_ROWS == 2
+    assert _kernel_rows(monkeypatch, embedding, model.config.hidden_size) == [1, 2]
+    embedding.gemv_rows = 1                                   # measured faster at one row only
+    assert _kernel_rows(monkeypatch, embedding, model.config.hidden_size) == [1]
+    model, embedding = _tiny_bf16_head(monkeypatch, "off")
+    assert embedding.gemv_rows == 0 and _kernel_rows(monkeypatch, embedding, model.config.hidden_size) == []
+    model, embedding = _tiny_bf16_head(monkeypatch, "auto")   # timed here: any answer in range
+    assert 0 <= embedding.gemv_rows <= cpu_gemv.MAX_ROWS
 
 
 def test_unsupported_weights_are_refused():
