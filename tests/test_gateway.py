@@ -264,6 +264,23 @@ def test_client_leaving_a_stream_sets_the_cancel_key(start, pools, rdb):
         stall.set()
 
 
+def test_leaving_a_stream_of_samples_cancels_every_sample(start, pools, rdb):
+    gateway = start()
+    stall = threading.Event()
+    tokens = [Event(EVENT_TOKENS, i, index=i, token_ids=(20005,), text="a") for i in range(3)]
+    pools(gateway.model, lambda q: [tokens[0], 0.2, tokens[1], 0.2, tokens[2], stall])
+    request_id = f"leave-n-{gateway.model}"
+    try:
+        with GLMClient(gateway.address, timeout=CALL_S) as client:
+            for message in client.generate_stream("Say [MASK]", request_id=request_id, n=3, seed=1):
+                assert message.text == "a" and message.candidate in (0, 1, 2)
+                break  # closing the iterator cancels the call
+            for i in range(3):
+                assert wait_for(lambda: rdb.get(keys.cancel(internal_id(f"{request_id}#{i}"))) == b"1")
+    finally:
+        stall.set()
+
+
 def test_deadline_sets_the_cancel_key(start, rdb):
     gateway = start()  # no pool: nothing ever answers
     request_id = f"late-{gateway.model}"
