@@ -45,7 +45,7 @@ from model.config import END_IDS
 from model.glm import GLMModel
 from model.kv_cache import DecodeCache
 from model.kv_footprint import padded_kv_slots
-from model.paged_kv import BlockPool, PagedCache, PagedStep, PoolExhausted, blocks_for
+from model.paged_kv import BlockPool, PagedCache, PagedStep, PoolExhausted, PromptCache, blocks_for
 from model.prompt import Blank
 from model.sampling import Sampler, SamplingParams
 
@@ -329,13 +329,25 @@ class Engine:
     """
 
     def __init__(self, model: GLMModel, new_cache: CacheFactory | None = None,
-                 pool: BlockPool | None = None) -> None:
+                 pool: BlockPool | None = None, prompt_cache: bool = False) -> None:
         self.model = model
         self.ctx = model.ctx
         self.device = model.device
         self.new_cache: CacheFactory = new_cache or model.new_cache
         self.graphs = None   # a model.cuda_graphs.PagedDecodeGraphs over ``pool``: decode at bucketed shapes
         self.pool = pool     # set: batches live in this block pool, every step is one packed forward
+        self.prompt_cache = prompt_cache   # keep recent contexts in the pool (``prompts``)
+        self._prompts: PromptCache | None = None
+
+    @property
+    def prompts(self) -> PromptCache | None:
+        """The pool's recent contexts (``model.paged_kv.PromptCache``); None without a pool or
+        with ``prompt_cache`` off."""
+        if self.pool is None or not self.prompt_cache:
+            return None
+        if self._prompts is None or self._prompts.pool is not self.pool:
+            self._prompts = PromptCache(self.pool)
+        return self._prompts
 
     # -- forward primitives (beam search uses them too) -------------------------------------
     def prefill_logits(self, batch: Batch) -> torch.Tensor:
@@ -375,14 +387,41 @@ class Engine:
         logits = self.decode_logits(batch.cache, batch.pending, batch.decode_positions(self.device))
         return self.step(batch, logits)
 
+    def _plan_admission(self, new: Sequence[RequestState]) -> tuple[dict[int, tuple], list[int], list[int], list[int]]:
+        """How ``mixed`` takes the admitted rows ``new`` (nothing changes): ``hits`` (row -> the
+        prompt cache's blocks and tokens) read their context from the cache and feed ``sop``
+        alone; the other rows (``misses``) prefill, once per distinct prompt (``unique``
+        indexes ``misses``; ``source[m]`` is miss ``m``'s place among them)."""
+        prompts, hits = self.prompts, {}
+        for i, r in enumerate(new):
+            if not r.generated and prompts is not None:
+                entry = prompts.entries.get(PromptCache.key(r.blank))
+                if entry is not None:
+                    hits[i] = entry
+        misses = [i for i in range(len(new)) if i not in hits]
+        unique, source = shared_prefills([new[i] for i in misses])
+        return hits, misses, unique, source
+
     def blocks_needed(self, running: Batch | None, admit: Batch | None) -> int:
-        """Fresh blocks of ``self.pool`` that ``mixed(running, admit)`` takes (admitted rows
-        with the same prompt prefill it once, ``shared_prefills``)."""
+        """Fresh blocks of ``self.pool`` that ``mixed(running, admit)`` takes: a cached context
+        takes one (its first write copies the shared last block, or opens the next), admitted
+        rows with the same prompt prefill it once (``shared_prefills``)."""
         need = running.cache.blocks_to_append([1] * len(running.requests)) if running is not None else 0
         if admit is not None:
-            unique, _ = shared_prefills(admit.requests)
-            need += sum(blocks_for(len(admit.requests[i].prefill_ids), self.pool.block_size) for i in unique)
+            hits, misses, unique, _ = self._plan_admission(admit.requests)
+            need += len(hits) + sum(blocks_for(len(admit.requests[misses[u]].prefill_ids), self.pool.block_size)
+                                    for u in unique)
         return need
+
+    def free_for(self, need: int, admit: Batch | None) -> int:
+        """The pool's free blocks once the prompt cache gave back what a step that takes ``need``
+        blocks and admits ``admit`` lacks (never a context that step reads)."""
+        if self.prompts is None:
+            return self.pool.free_blocks
+        keep = []
+        if admit is not None:
+            keep = [PromptCache.key(admit.requests[i].blank) for i in self._plan_admission(admit.requests)[0]]
+        return self.prompts.make_room(need, keep)
 
     def mixed(self, running: Batch | None, admit: Batch | None) -> StepOutput:
         """One step of the ``running`` rows (each feeds its pending token) and the ``admit`` rows
@@ -398,21 +437,31 @@ class Engine:
             kept = [p.batch for p in parts if p.batch is not None]
             return StepOutput(type(kept[0]).concatenate(kept) if kept else None,
                               [t for p in parts for t in p.tokens], [f for p in parts for f in p.failed])
-        need, free = self.blocks_needed(running, admit), self.pool.free_blocks
+        need = self.blocks_needed(running, admit)
+        free = self.free_for(need, admit)
         if need > free:
             raise PoolExhausted(f"KV pool: this step needs {need} blocks, {free} of {self.pool.num_blocks} free")
         decode_rows = len(running.requests) if running is not None else 0
         new = admit.requests if admit is not None else []
-        unique, source = shared_prefills(new)
-        prefilled = [new[i] for i in unique]
+        hits, misses, unique, source = self._plan_admission(new)
+        cached = sorted(hits)                     # they feed sop as decode rows, after the running ones
+        prefilled = [new[misses[u]] for u in unique]
+        for i in cached:
+            self.prompts.lookup(PromptCache.key(new[i].blank))
+        reused = PagedCache(self.pool, [list(hits[i][0]) for i in cached], [hits[i][1] for i in cached])
+        for table in reused.tables:
+            self.pool.share(table)
         fresh = PagedCache(self.pool)
         fresh.add_rows(len(prefilled))
-        cache = PagedCache.concatenate([running.cache, fresh] if running is not None else [fresh])
+        cache = PagedCache.concatenate(([running.cache] if running is not None else []) + [reused, fresh])
         ids, pos = [], []
         if running is not None:
             ids.append(running.pending.to(self.device))
             pos.append(running.decode_positions(self.device).view(-1))
-        if new:
+        if cached:
+            ids.append(torch.tensor([new[i].prefill_ids[-1] for i in cached], device=self.device))
+            pos.append(torch.tensor([new[i].prefill_positions[-1] for i in cached], device=self.device))
+        if prefilled:
             ids.append(torch.tensor([t for r in prefilled for t in r.prefill_ids], device=self.device))
             pos.append(torch.tensor([p for r in prefilled for p in r.prefill_positions], device=self.device))
         samplers = [running.sampler] if running is not None else []
@@ -424,11 +473,16 @@ class Engine:
             if not new and self.graphs is not None:
                 logits = self.graphs.decode(cache, ids[0], pos[0])         # None: run eagerly
             if logits is None:
-                step = PagedStep.build(cache, decode_rows, [(len(r.prefill_ids), r.blank.context_length)
-                                                            for r in prefilled])
+                step = PagedStep.build(cache, decode_rows + len(cached),
+                                       [(len(r.prefill_ids), r.blank.context_length) for r in prefilled])
                 logits = self.model.step_logits(torch.cat(ids), torch.cat(pos), step)
-            if len(prefilled) < len(new):         # the rows that share a prompt share its blocks and logits
-                rows = list(range(decode_rows)) + [decode_rows + s for s in source]
+            first_prefill = decode_rows + len(cached)
+            for u, r in enumerate(prefilled if self.prompts is not None else ()):   # kept for the next
+                self.prompts.insert(PromptCache.key(r.blank), cache.tables[first_prefill + u], r.blank.context_length)
+            place = {i: decode_rows + k for k, i in enumerate(cached)}
+            place.update({i: first_prefill + source[m] for m, i in enumerate(misses)})
+            rows = list(range(decode_rows)) + [place[i] for i in range(len(new))]
+            if rows != list(range(len(rows))):    # back to admission order; shared prompts share blocks
                 cache = cache.select(rows)
                 logits = logits[torch.tensor(rows, device=logits.device)]
             batch = type(first)(first.id, (running.requests if running is not None else []) + new, cache,

@@ -245,6 +245,71 @@ class PagedCache:
                             dtype=torch.long)
 
 
+class PromptCache:
+    """The contexts this pool prefilled lately, kept for the next row with the same one.
+
+    GLM's context attends bidirectionally, so a context token's key and value depend on the
+    whole context: what can be reused is a whole context, never a prefix (docs/model.md,
+    "Masks"). An entry, keyed by the context's ids and its blank (``key``), holds one
+    reference to each block of the context's ``length`` tokens; a row admitted with the same
+    key and nothing generated starts from those blocks (shared; its first write copies the
+    last, partly filled one) and feeds only ``sop``, as a decode row does. Entries are
+    dropped least recently used first when a step needs their blocks (``make_room``) and at
+    most ``max_entries`` are kept. Every rank runs the same calls, so every rank holds the
+    same entries."""
+
+    def __init__(self, pool: BlockPool, max_entries: int = 256) -> None:
+        self.pool, self.max_entries = pool, max_entries
+        self.entries: dict[tuple, tuple[list[int], int]] = {}     # insertion order = least recent first
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(blank) -> tuple:
+        return (tuple(blank.context), blank.mask_pos, blank.use_gmask)
+
+    def lookup(self, key: tuple) -> tuple[list[int], int] | None:
+        """The blocks and token count of ``key``'s context (now the most recent), or None."""
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.entries[key] = entry
+        self.hits += 1
+        return entry
+
+    def insert(self, key: tuple, table: Sequence[int], length: int) -> None:
+        """Keep the blocks of a row's first ``length`` tokens (its context) under ``key``."""
+        if key in self.entries or length < 1:
+            return
+        blocks = list(table[:blocks_for(length, self.pool.block_size)])
+        self.pool.share(blocks)
+        self.entries[key] = (blocks, length)
+        while len(self.entries) > self.max_entries:
+            self._drop(next(iter(self.entries)))
+
+    def make_room(self, need: int, keep: Sequence[tuple] = ()) -> int:
+        """Drop the least recent entries (not those of ``keep``) while fewer than ``need`` blocks
+        are free; the free blocks then."""
+        for key in [k for k in self.entries if k not in set(keep)]:
+            if self.pool.free_blocks >= need:
+                break
+            self._drop(key)
+        return self.pool.free_blocks
+
+    def _drop(self, key: tuple) -> None:
+        blocks, _ = self.entries.pop(key)
+        self.pool.release(blocks)
+
+    def clear(self) -> None:
+        for key in list(self.entries):
+            self._drop(key)
+
+    @property
+    def blocks(self) -> int:
+        """Block references the entries hold."""
+        return sum(len(b) for b, _ in self.entries.values())
+
+
 DECODE_CHUNK_BYTES = 2 << 20   # bytes of gathered keys one chunk of paged decode attention reads
 
 

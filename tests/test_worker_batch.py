@@ -66,9 +66,12 @@ def test_requests_join_and_leave_without_changing_tokens(shard, model):
         assert req.id == 2 or got == want
 
 
-def test_filter_and_concatenate_move_block_tables_not_kv(shard):
+def test_filter_and_concatenate_move_block_tables_not_kv(model):
     """Paged: a join concatenates block tables and a leave gives its blocks back; no key or
-    value moves (the pool's contents are the same before and after)."""
+    value moves (the pool's contents are the same before and after). Without the prompt
+    cache, so that a row's blocks are its own."""
+    shard = Shard(model, model_name="tiny", kv_memory_gib=KV_GIB, prompt_cache=False)
+    shard.warmup(pb.WarmupRequest(max_batch_size=2, max_input_tokens=16, max_total_tokens=32))
     shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[
         request(1, PROMPTS["mask"], 9), request(2, PROMPTS["long_gmask"], 9)])))
     shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=2, requests=[request(3, PROMPTS["gmask"], 9)])))

@@ -86,7 +86,7 @@ def test_beams_in_a_running_batch_equal_glm_generate(shard, model, beam):
         assert [ids for ids, _ in got.candidates[req.id]] == [ids for ids, _ in want]
         # fp32 rounding apart: the packed paged forward sums in another order than the dense one
         assert [s for _, s in got.candidates[req.id]] == pytest.approx([s for _, s in want], rel=2e-5)
-    assert shard.pool.used_blocks == 0                                       # every block came back
+    assert shard.pool.used_blocks == shard.engine.prompts.blocks             # only the recent contexts stay
 
 
 def test_forked_beams_share_the_context_blocks(shard):
@@ -94,13 +94,16 @@ def test_forked_beams_share_the_context_blocks(shard):
     cached = shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[
         beam_request(1, ids, 8, num_beams=4, deterministic=True)]))).batch
     pool, tables = shard.pool, shard.batches[cached.id].cache.tables          # forked by the prefill's step
-    assert len(tables) == 4 and pool.used_blocks == 2 and pool.refs[tables[0][1]] == 4
+    assert len(tables) == 4 and pool.used_blocks == 2
+    assert pool.refs[tables[0][1]] == 4 + 1                                  # and the prompt cache's
     cached = shard.decode(pb.DecodeRequest(batches=[cached])).batch           # each beam writes its token
     tables = shard.batches[cached.id].cache.tables
     assert len(tables) == 4 and len({t[0] for t in tables}) == 1             # the full first block: shared
-    assert pool.refs[tables[0][0]] == 4
-    assert pool.used_blocks == 1 + 4                                         # the written last block: one each
+    assert pool.refs[tables[0][0]] == 4 + 1                                  # four beams and the prompt cache
+    assert pool.used_blocks == 1 + 4 + 1           # the written last block: one each, and the cached one
     assert shard.filter_batch(pb.FilterBatchRequest(batch_id=cached.id, keep_request_ids=[])).batch.size == 0
+    assert pool.used_blocks == shard.engine.prompts.blocks == 2              # the context, for a next request
+    shard.clear_cache(pb.ClearCacheRequest())
     assert pool.used_blocks == 0
 
 
@@ -134,4 +137,4 @@ def test_samples_of_one_prompt_share_its_blocks_and_equal_single_requests(shard,
     for req, tokens in zip(samples, streams):
         assert tokens == reference(model, req)
     assert len({tuple(t) for t in streams}) > 1                  # the seeds do differ
-    assert shard.pool.used_blocks == 0
+    assert shard.pool.used_blocks == shard.engine.prompts.blocks == 2

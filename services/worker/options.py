@@ -65,6 +65,9 @@ class RankOptions(Options):
                                       help="fraction of forwards that record a span per layer (0-1)")
     threads: int | None = option(None, type=positive_int, to=("worker",),
                                  help="torch CPU threads per rank (default: CPUs / tp in a pool)")
+    prompt_cache: bool = option(True, to=("worker",),
+                                help="keep the KV of recent contexts: a request with the same one skips its "
+                                     "prefill (--no-prompt-cache: prefill every request)")
     cuda_graphs: bool = option(True, to=("worker",),
                                help="on cuda, capture the decode forward as CUDA graphs at bucketed batch "
                                     "sizes at Warmup (--no-cuda-graphs: decode eagerly; no effect on cpu)")

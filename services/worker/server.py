@@ -227,7 +227,8 @@ def load_shard(opts: WorkerOptions, tracer) -> Shard:
     return Shard(model, model_name=model_name(opts),
                  quantization=spec.name if spec else "none", kv_memory_gib=opts.kv_memory_gib, tracer=tracer,
                  layer_trace_ratio=opts.layer_trace_ratio,
-                 decode_graphs=opts.cuda_graphs and device.type == "cuda", kv_block_size=opts.kv_block_size)
+                 decode_graphs=opts.cuda_graphs and device.type == "cuda", kv_block_size=opts.kv_block_size,
+                 prompt_cache=opts.prompt_cache)
 
 
 async def serve(opts: WorkerOptions) -> None:

@@ -58,10 +58,10 @@ class Shard:
     def __init__(self, model: GLMModel, *, model_name: str, quantization: str = "none",
                  kv_memory_gib: float | None = None, tracer: trace.Tracer | None = None,
                  layer_trace_ratio: float = 0.0, decode_graphs: bool = False,
-                 kv_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                 kv_block_size: int = DEFAULT_BLOCK_SIZE, prompt_cache: bool = True) -> None:
         self.model, self.ctx, self.config = model, model.ctx, model.config
         self.decode_graphs = decode_graphs  # Warmup builds model.cuda_graphs.PagedDecodeGraphs (captured on CUDA)
-        self.engine = Engine(model)
+        self.engine = Engine(model, prompt_cache=prompt_cache)
         self.device = model.device
         self.model_name, self.quantization = model_name, quantization
         self.kv_memory_gib = kv_memory_gib
@@ -234,10 +234,11 @@ class Shard:
             return
         need = sum(self.engine.blocks_needed(b, None) for b in running)
         need += self.engine.blocks_needed(None, admit) if admit is not None else 0
-        if need > self.pool.free_blocks:
+        free = self.engine.free_for(need, admit)                 # the prompt cache gives way first
+        if need > free:
             raise ResourceExhausted(
                 f"KV pool: the step needs {need} blocks of {self.pool.block_size} tokens, "
-                f"{self.pool.free_blocks} of {self.pool.num_blocks} are free")
+                f"{free} of {self.pool.num_blocks} are free")
 
     def _admitted(self, msg: pb.Batch) -> ShardBatch:
         """A new batch to prefill, validated against the cached ones."""
@@ -331,6 +332,8 @@ class Shard:
         dropped = [self.batches.pop(req.batch_id, None)] if req.HasField("batch_id") else list(self.batches.values())
         if not req.HasField("batch_id"):
             self.batches.clear()
+            if self.engine.prompts is not None:      # every cache: the recent contexts too
+                self.engine.prompts.clear()
         for batch in dropped:
             if batch is not None:
                 batch.release()

@@ -110,7 +110,8 @@ class ShardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClearCache(self, request, context):
-        """Drops one cached batch, or every one when no id is given.
+        """Drops one cached batch, or every one when no id is given (and then the KV of the
+        recent contexts kept for later requests with the same one, the prompt cache).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
