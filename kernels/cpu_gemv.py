@@ -15,14 +15,13 @@ Whether it is faster depends on the CPU: on an Intel Xeon with AMX, oneDNN's AMX
 reads the same head faster than this kernel does at one and two rows (1.8–1.9 ms against
 2.3–3.2 and 5.5 ms), and the forward around it gets slower too (docs/benchmarks.md, "GEMV at
 batch 1"). So the head measures it on its own weight when the model is prepared
-(``rows_faster``) and takes it only at the row counts where it wins; ``GLM_CPU_GEMV=on`` or
-``off`` skips the measurement (``on``: every row count up to ``MAX_ROWS``).
+(``rows_faster``) and takes it only at the row counts where it wins; ``CHOICE`` = "on" or
+"off" skips the measurement (benchmarks compare both; "on": every row count up to ``MAX_ROWS``).
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import statistics
 import time
 from typing import Callable
@@ -33,6 +32,7 @@ from kernels import cbuild
 
 MAX_ROWS = 2                 # rows up to which the head takes this kernel
 ENABLED = True
+CHOICE = "auto"              # "auto": measured by rows_faster; "on" / "off": without measuring
 WIN = 0.9                    # the kernel is taken where its median time is below WIN x the dense op's
 ROUNDS = 7                   # alternating timed calls of each, after two untimed ones
 
@@ -136,12 +136,11 @@ def rows_faster(weight: torch.Tensor, dense: Callable[[torch.Tensor], torch.Tens
     """The most rows (0 to ``MAX_ROWS``) up to which ``matmul_t(x, weight)`` beats ``dense(x)``
     here: each row count timed on the real weight, the two alternating (``ROUNDS`` calls each,
     medians), the kernel kept while it takes less than ``WIN`` of the dense time. 0 when the
-    kernel does not serve ``weight``; ``GLM_CPU_GEMV`` = ``on`` / ``off`` answers without timing."""
+    kernel does not serve ``weight``; ``CHOICE`` "on" / "off" answers without timing."""
     if not supports(weight):
         return 0
-    forced = os.environ.get("GLM_CPU_GEMV", "auto").lower()
-    if forced in ("on", "off"):
-        return MAX_ROWS if forced == "on" else 0
+    if CHOICE in ("on", "off"):
+        return MAX_ROWS if CHOICE == "on" else 0
     best = 0
     with torch.inference_mode():
         for rows in range(1, MAX_ROWS + 1):

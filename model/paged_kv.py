@@ -253,7 +253,11 @@ class PromptCache:
     "Masks"). An entry, keyed by the context's ids and its blank (``key``), holds one
     reference to each block of the context's ``length`` tokens; a row admitted with the same
     key and nothing generated starts from those blocks (shared; its first write copies the
-    last, partly filled one) and feeds only ``sop``, as a decode row does. Entries are
+    last, partly filled one) and feeds only ``sop``, as a decode row does. The full blocks are
+    shared with the row that prefilled them (it never writes into them again); the last,
+    partly filled one is copied for the entry, so that row never copies a block because of
+    the cache: the blocks the cache adds to what the rows hold are its own, and
+    ``make_room`` can always give them back. Entries are
     dropped least recently used first when a step needs their blocks (``make_room``) and at
     most ``max_entries`` are kept. Every rank runs the same calls, so every rank holds the
     same entries."""
@@ -278,11 +282,19 @@ class PromptCache:
         return entry
 
     def insert(self, key: tuple, table: Sequence[int], length: int) -> None:
-        """Keep the blocks of a row's first ``length`` tokens (its context) under ``key``."""
+        """Keep the blocks of a row's first ``length`` tokens (its context) under ``key``: its
+        full blocks shared, the partly filled last one copied (skipped when no block is free)."""
         if key in self.entries or length < 1:
             return
-        blocks = list(table[:blocks_for(length, self.pool.block_size)])
-        self.pool.share(blocks)
+        full, partial = divmod(length, self.pool.block_size)
+        blocks = list(table[:full])
+        if partial:
+            if self.pool.free_blocks < 1:
+                return
+            [copy] = self.pool.allocate(1)
+            self.pool.copy_block(table[full], copy)
+            blocks.append(copy)
+        self.pool.share(blocks[:full])
         self.entries[key] = (blocks, length)
         while len(self.entries) > self.max_entries:
             self._drop(next(iter(self.entries)))

@@ -38,7 +38,7 @@ def _tiny_bf16_head(monkeypatch, choice: str):
     from model.config import GLMConfig
     from model.glm import GLMModel
 
-    monkeypatch.setenv("GLM_CPU_GEMV", choice)
+    monkeypatch.setattr(cpu_gemv, "CHOICE", choice)
     model = GLMModel(GLMConfig.from_name("glm-tiny"), dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():                        # the constructor leaves the weights uninitialised

@@ -94,8 +94,8 @@ def test_forked_beams_share_the_context_blocks(shard):
     cached = shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[
         beam_request(1, ids, 8, num_beams=4, deterministic=True)]))).batch
     pool, tables = shard.pool, shard.batches[cached.id].cache.tables          # forked by the prefill's step
-    assert len(tables) == 4 and pool.used_blocks == 2
-    assert pool.refs[tables[0][1]] == 4 + 1                                  # and the prompt cache's
+    assert len(tables) == 4 and pool.used_blocks == 2 + 1                    # and the prompt cache's copy
+    assert pool.refs[tables[0][1]] == 4 and pool.refs[tables[0][0]] == 4 + 1  # the full block: the cache's too
     cached = shard.decode(pb.DecodeRequest(batches=[cached])).batch           # each beam writes its token
     tables = shard.batches[cached.id].cache.tables
     assert len(tables) == 4 and len({t[0] for t in tables}) == 1             # the full first block: shared
@@ -130,7 +130,7 @@ def test_samples_of_one_prompt_share_its_blocks_and_equal_single_requests(shard,
     got = Collected()
     cached = got.add(shard.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=samples))))
     tables = shard.batches[cached.id].cache.tables
-    assert shard.pool.used_blocks == 2 and all(t == tables[0] for t in tables)
+    assert shard.pool.used_blocks == 2 + 1 and all(t == tables[0] for t in tables)   # + the cache's copy
     while cached is not None:
         cached = got.add(shard.decode(pb.DecodeRequest(batches=[cached])))
     streams = [got.ids[r.id] for r in samples]
