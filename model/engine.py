@@ -2,7 +2,8 @@
 
 ``glm generate`` (``model.generation.Generator``) and the worker's Prefill/Decode
 (``services.worker.shard``) both decode through ``Engine``; the worker only
-translates protobuf to and from the types here. The rules live here once:
+translates protobuf to and from the row types (``model.rows``, re-exported here). The
+rules live here once:
 
 * a row may generate ``allowed_new_tokens`` tokens in all (its ``max_new_tokens``,
   cut to what fits in ``max_sequence_length`` after ``context + sop``);
@@ -35,7 +36,7 @@ so another dense cache can plug in without touching the decoding rules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -44,46 +45,36 @@ from model.beam_search import BeamSearch
 from model.config import END_IDS
 from model.glm import GLMModel
 from model.kv_cache import DecodeCache
-from model.kv_footprint import padded_kv_slots
 from model.paged_kv import BlockPool, PagedCache, PagedStep, PoolExhausted, PromptCache, blocks_for
-from model.prompt import Blank
-from model.sampling import Sampler, SamplingParams
+from model.rows import (FAILED, LENGTH, STOP, Batch, BeamOptions, RequestState, RowFailure, StepOutput, StepToken,
+                        UnknownRequest, allowed_new_tokens, beam_groups, shared_prefills)
+from model.sampling import Sampler
 
-STOP = "stop"        # the row chose eop or eos
-LENGTH = "length"    # the row generated every token it is allowed
-FAILED = -1          # the id rank 0 broadcasts for a row whose sampling failed
+# The rows and batches live in ``model.rows``; callers take them from here with the engine.
+__all__ = ["FAILED", "LENGTH", "STOP", "AdmissionPlan", "Batch", "BeamGroup", "BeamOptions", "CacheFactory", "Engine", "RequestState",
+           "RowFailure", "StepOutput", "StepToken", "UnknownRequest", "allowed_new_tokens", "ban_end_tokens",
+           "beam_groups", "shared_prefills"]
 
 CacheFactory = Callable[[int, int], DecodeCache]   # (rows, capacity in slots) -> empty cache
 
 
-def allowed_new_tokens(blank: Blank, max_new_tokens: int, max_sequence_length: int) -> int:
-    """Tokens a blank may generate in all: ``max_new_tokens`` cut to the room left in
-    ``max_sequence_length`` after ``context + sop`` (never below 0)."""
-    return max(0, min(max_new_tokens, max_sequence_length - len(blank.input_ids)))
-
-
-class UnknownRequest(ValueError):
-    """``Batch.filter`` was asked to keep a request id the batch does not hold."""
-
-
 @dataclass(frozen=True)
-class BeamOptions:
-    """A request decoded by the official ``BeamSearchStrategy`` (``model.beam_search``) with
-    ``consider_end`` as ``generate.py``: ``num_beams`` (>= 2) rows, ``length_penalty`` (GNMT,
-    over the full length), ``no_repeat_ngram_size``; ``deterministic``: candidates by top-k of
-    the scores (the official evaluation), else drawn by multinomial seeded with ``seed``."""
+class AdmissionPlan:
+    """How one step takes its admitted rows ``new``: ``hits`` (row -> the prompt cache's
+    blocks and tokens, under ``keys``) read their context from the cache and feed ``sop``
+    alone; the other rows (``misses``) prefill, once per distinct prompt (``unique`` indexes
+    ``misses``; ``source[m]`` is miss ``m``'s place among the prefilled prompts)."""
 
-    num_beams: int
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    deterministic: bool = False
-    seed: int | None = None
+    new: Sequence[RequestState]
+    hits: dict[int, tuple[list[int], int]]
+    keys: list[tuple]
+    misses: list[int]
+    unique: list[int]
+    source: list[int]
 
-    def __post_init__(self) -> None:
-        if self.num_beams < 2:
-            raise ValueError(f"beam search needs num_beams >= 2, got {self.num_beams}")
-        if self.no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+    @property
+    def prefilled(self) -> list[RequestState]:
+        return [self.new[self.misses[u]] for u in self.unique]
 
 
 class BeamGroup:
@@ -103,201 +94,6 @@ class BeamGroup:
         self.tokens = torch.tensor([state.blank.input_ids], dtype=torch.long)[None]
         self.steps = 0
         self.start = len(state.blank.input_ids)     # generated tokens begin here in ``tokens``
-
-
-@dataclass
-class RequestState:
-    """One row of a batch: its blank, how it samples, and what it generated so far.
-
-    ``allowed`` counts every token the row may generate, ``generated`` included (a
-    resumed row arrives with some); ``logprobs``: whether it wants the log-prob of each
-    chosen token; ``top_n``: how many top log-probs it wants (either costs a log-softmax
-    over the vocabulary for this row, on rank 0 only; without them a step costs a greedy
-    row one argmax). ``beam``: the request is a beam search; its rows share ``group`` and
-    carry each beam's own ``generated`` (they choose no token of their own: the group does).
-    """
-
-    id: int
-    blank: Blank
-    params: SamplingParams
-    allowed: int
-    min_new: int = 0
-    top_n: int = 0
-    generated: list[int] = field(default_factory=list)
-    logprobs: bool = True
-    beam: BeamOptions | None = None     # set: the request is a beam search (``BeamGroup``)
-    group: "BeamGroup | None" = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if any(t in END_IDS for t in self.generated):
-            raise ValueError("generated ids hold an end token (eop/eos): nothing left to generate")
-        if len(self.generated) >= self.allowed:
-            raise ValueError(f"nothing left to generate: {len(self.generated)} generated ids, {self.allowed} "
-                             "allowed by max_new_tokens within max_sequence_length")
-
-    @property
-    def prefill_ids(self) -> list[int]:
-        """``context + sop + generated``: what the row's prefill reads."""
-        return self.blank.input_ids + self.generated
-
-    @property
-    def prefill_positions(self) -> list[int]:
-        """The 2-D GLM positions of ``prefill_ids``, flattened as ``Blank`` gives them."""
-        return self.blank.context_positions() + [self.blank.position(k) for k in range(len(self.generated) + 1)]
-
-    @property
-    def remaining(self) -> int:
-        """Tokens still to be fed to the model (an upper bound on KV slots it will claim)."""
-        return self.allowed - len(self.generated)
-
-
-@dataclass
-class Batch:
-    """Rows decoded together plus, once prefilled, their cache rows, their samplers and
-    the token each row chose last (``pending``: chosen, returned, not yet fed).
-
-    Rows stay aligned: row ``i`` of the cache, the sampler and ``pending`` is
-    ``requests[i]``. ``filter``, ``rows`` and ``concatenate`` return the caller's own
-    subclass, so a service can add its edge (protobuf) without copying the batch logic.
-    """
-
-    id: int
-    requests: list[RequestState]
-    cache: DecodeCache | None = None     # None until prefilled
-    sampler: Sampler | None = None
-    pending: torch.Tensor | None = None  # [b] last chosen token of each row, not yet in the cache
-
-    # -- accounting ----------------------------------------------------------------------
-    @property
-    def request_ids(self) -> list[int]:
-        """Each request once, in row order (a beam search holds several consecutive rows)."""
-        return list(dict.fromkeys(r.id for r in self.requests))
-
-    @property
-    def width(self) -> int:
-        """Slots every row holds now (cache length), or the padded prefill width."""
-        if self.cache is not None:
-            return self.cache.length
-        return max(len(r.prefill_ids) for r in self.requests)
-
-    @property
-    def max_remaining(self) -> int:
-        return max(r.remaining for r in self.requests)
-
-    @property
-    def max_tokens(self) -> int:
-        """KV slots the batch holds: a paged cache's blocks now, a dense one's once every row
-        runs to its limit (``model.kv_footprint.padded_kv_slots``)."""
-        if isinstance(self.cache, PagedCache):
-            return self.cache.blocks * self.cache.pool.block_size
-        return padded_kv_slots(len(self.requests), self.width, self.max_remaining)
-
-    def release(self) -> None:
-        """Give a paged cache's blocks back (the batch is dropped); a dense cache is freed
-        with the batch."""
-        if isinstance(self.cache, PagedCache):
-            self.cache.release()
-
-    # -- rows ------------------------------------------------------------------------------
-    def filter(self, keep_ids: Sequence[int]) -> "Batch | None":
-        """The batch with only the rows of ``keep_ids`` (in this batch's row order); None if none is kept."""
-        held = set(r.id for r in self.requests)
-        unknown = [i for i in keep_ids if i not in held]
-        if unknown:
-            raise UnknownRequest(f"batch {self.id}: unknown request id(s) {unknown} (holds {self.request_ids})")
-        keep = set(keep_ids)
-        rows = [i for i, r in enumerate(self.requests) if r.id in keep]   # every row of a kept request
-        if not rows:
-            self.release()
-            return None
-        return self.rows(rows)
-
-    def rows(self, rows: list[int]) -> "Batch":
-        """The batch of ``rows`` (indices, in that order); the cache is grown exactly to
-        ``length + longest remaining`` so decoding never triggers its doubling growth."""
-        if rows == list(range(len(self.requests))):
-            return self
-        requests = [self.requests[i] for i in rows]
-        if self.cache is None:
-            return type(self)(self.id, requests)
-        index = torch.tensor(rows, dtype=torch.long, device=self.pending.device)
-        cache = self.cache.select(index)
-        cache.reserve(max(r.remaining for r in requests))
-        return type(self)(self.id, requests, cache, self.sampler.rows(rows), self.pending[index])
-
-    @classmethod
-    def concatenate(cls, batches: Sequence["Batch"]) -> "Batch":
-        """Rows of ``batches`` in order, under the first batch's id (caches concatenated by
-        their own rule: the dense cache left-pads the shorter ones)."""
-        if not batches:
-            raise ValueError("nothing to concatenate")
-        if len(batches) == 1:
-            return batches[0]
-        if any(b.cache is None for b in batches):
-            raise ValueError("only prefilled batches can be concatenated")
-        requests = [r for b in batches for r in b.requests]
-        cache = type(batches[0].cache).concatenate([b.cache for b in batches])
-        cache.reserve(max(r.remaining for r in requests))
-        return cls(batches[0].id, requests, cache, Sampler.concatenate([b.sampler for b in batches]),
-                   torch.cat([b.pending for b in batches]))
-
-    # -- model inputs ----------------------------------------------------------------------
-    def prefill_inputs(self, device: torch.device):
-        """Left-padded ``ids``, ``positions`` ``[b, w]`` and slot flags ``valid``, ``prefix``
-        ``[b, w]`` (``w = width``; a row of ``n`` tokens fills its last ``n`` slots)."""
-        b, w = len(self.requests), self.width
-        ids = torch.zeros((b, w), dtype=torch.long)
-        pos = torch.zeros((b, w), dtype=torch.long)
-        valid = torch.zeros((b, w), dtype=torch.bool)
-        prefix = torch.zeros((b, w), dtype=torch.bool)
-        for row, req in enumerate(self.requests):
-            seq = req.prefill_ids
-            pad = w - len(seq)
-            ids[row, pad:] = torch.tensor(seq)
-            pos[row, pad:] = torch.tensor(req.prefill_positions)
-            valid[row, pad:] = True
-            prefix[row, pad: pad + req.blank.context_length] = True
-        return ids.to(device), pos.to(device), valid.to(device), prefix.to(device)
-
-    def decode_positions(self, device: torch.device) -> torch.Tensor:
-        """Position of each row's pending token ``[b, 1]``."""
-        pos = [r.blank.position(len(r.generated)) for r in self.requests]
-        return torch.tensor(pos, dtype=torch.long, device=device)[:, None]
-
-
-@dataclass(frozen=True)
-class StepToken:
-    """What one row got from a step: the token (as broadcast), its raw fp32 log-softmax,
-    the top log-probs it asked for, and why it finished (None while it goes on)."""
-
-    request: RequestState
-    token_id: int
-    logprob: float
-    generated_tokens: int             # tokens the row has generated, this one included
-    finish_reason: str | None
-    top_tokens: tuple[tuple[int, float], ...] = ()
-    # A beam search that finished (rank 0 only): every candidate, best first, as
-    # (generated ids, the end token included when it ended on one; score).
-    candidates: tuple[tuple[tuple[int, ...], float], ...] = ()
-
-
-@dataclass(frozen=True)
-class RowFailure:
-    """A row that failed on its own in a step and left the batch: why (rank 0 only knows
-    the message; the other ranks see ``FAILED`` broadcast and say so)."""
-
-    request: RequestState
-    message: str
-
-
-@dataclass
-class StepOutput:
-    """One step of a batch: a ``StepToken`` per row that chose a token (in row order), the
-    rows that failed, and the batch of the rows that go on (None when none does)."""
-
-    batch: Batch | None
-    tokens: list[StepToken]
-    failed: list[RowFailure] = field(default_factory=list)
 
 
 def ban_end_tokens(logits: torch.Tensor, ban: Sequence[bool]) -> torch.Tensor:
@@ -387,41 +183,38 @@ class Engine:
         logits = self.decode_logits(batch.cache, batch.pending, batch.decode_positions(self.device))
         return self.step(batch, logits)
 
-    def _plan_admission(self, new: Sequence[RequestState]) -> tuple[dict[int, tuple], list[int], list[int], list[int]]:
-        """How ``mixed`` takes the admitted rows ``new`` (nothing changes): ``hits`` (row -> the
-        prompt cache's blocks and tokens) read their context from the cache and feed ``sop``
-        alone; the other rows (``misses``) prefill, once per distinct prompt (``unique``
-        indexes ``misses``; ``source[m]`` is miss ``m``'s place among them)."""
-        prompts, hits = self.prompts, {}
+    def plan_admission(self, admit: Batch | None) -> "AdmissionPlan":
+        """How ``mixed`` takes the admitted rows of ``admit`` (nothing changes; see
+        ``AdmissionPlan``): computed once per step and handed to ``blocks_needed``/``free_for``."""
+        new = admit.requests if admit is not None else []
+        prompts, hits, keys = self.prompts, {}, []
         for i, r in enumerate(new):
             if not r.generated and prompts is not None:
-                entry = prompts.entries.get(PromptCache.key(r.blank))
+                key = PromptCache.key(r.blank)
+                entry = prompts.entries.get(key)
                 if entry is not None:
                     hits[i] = entry
+                    keys.append(key)
         misses = [i for i in range(len(new)) if i not in hits]
         unique, source = shared_prefills([new[i] for i in misses])
-        return hits, misses, unique, source
+        return AdmissionPlan(new, hits, keys, misses, unique, source)
 
-    def blocks_needed(self, running: Batch | None, admit: Batch | None) -> int:
+    def blocks_needed(self, running: Batch | None, admit: Batch | None, plan: "AdmissionPlan | None" = None) -> int:
         """Fresh blocks of ``self.pool`` that ``mixed(running, admit)`` takes: a cached context
         takes one (its first write copies the shared last block, or opens the next), admitted
         rows with the same prompt prefill it once (``shared_prefills``)."""
         need = running.cache.blocks_to_append([1] * len(running.requests)) if running is not None else 0
         if admit is not None:
-            hits, misses, unique, _ = self._plan_admission(admit.requests)
-            need += len(hits) + sum(blocks_for(len(admit.requests[misses[u]].prefill_ids), self.pool.block_size)
-                                    for u in unique)
+            plan = plan or self.plan_admission(admit)
+            need += len(plan.hits) + sum(blocks_for(len(r.prefill_ids), self.pool.block_size) for r in plan.prefilled)
         return need
 
-    def free_for(self, need: int, admit: Batch | None) -> int:
+    def free_for(self, need: int, plan: "AdmissionPlan | None" = None) -> int:
         """The pool's free blocks once the prompt cache gave back what a step that takes ``need``
-        blocks and admits ``admit`` lacks (never a context that step reads)."""
+        blocks lacks (never a context the step's ``plan`` reads)."""
         if self.prompts is None:
             return self.pool.free_blocks
-        keep = []
-        if admit is not None:
-            keep = [PromptCache.key(admit.requests[i].blank) for i in self._plan_admission(admit.requests)[0]]
-        return self.prompts.make_room(need, keep)
+        return self.prompts.make_room(need, plan.keys if plan is not None else ())
 
     def mixed(self, running: Batch | None, admit: Batch | None) -> StepOutput:
         """One step of the ``running`` rows (each feeds its pending token) and the ``admit`` rows
@@ -437,17 +230,16 @@ class Engine:
             kept = [p.batch for p in parts if p.batch is not None]
             return StepOutput(type(kept[0]).concatenate(kept) if kept else None,
                               [t for p in parts for t in p.tokens], [f for p in parts for f in p.failed])
-        need = self.blocks_needed(running, admit)
-        free = self.free_for(need, admit)
+        plan = self.plan_admission(admit)
+        need = self.blocks_needed(running, admit, plan)
+        free = self.free_for(need, plan)
         if need > free:
             raise PoolExhausted(f"KV pool: this step needs {need} blocks, {free} of {self.pool.num_blocks} free")
         decode_rows = len(running.requests) if running is not None else 0
-        new = admit.requests if admit is not None else []
-        hits, misses, unique, source = self._plan_admission(new)
+        new, hits, misses, source, prefilled = plan.new, plan.hits, plan.misses, plan.source, plan.prefilled
         cached = sorted(hits)                     # they feed sop as decode rows, after the running ones
-        prefilled = [new[misses[u]] for u in unique]
-        for i in cached:
-            self.prompts.lookup(PromptCache.key(new[i].blank))
+        for key in plan.keys:
+            self.prompts.touch(key)
         reused = PagedCache(self.pool, [list(hits[i][0]) for i in cached], [hits[i][1] for i in cached])
         for table in reused.tables:
             self.pool.share(table)
@@ -573,9 +365,8 @@ class Engine:
         while row < len(batch.requests):
             req = batch.requests[row]
             if row in groups:
-                size = groups[row]
-                self._beam_rows(batch, row, size, beams[row], out, failed, index, pending, requests)
-                row += size
+                self._beam_rows(batch, row, beams[row], out, failed, index, pending, requests)
+                row += groups[row]
                 continue
             tok = token_list[row]
             if tok == FAILED:
@@ -602,8 +393,9 @@ class Engine:
     def _beam_step(self, batch: Batch, logits: torch.Tensor, groups: dict[int, int]) -> dict[int, tuple]:
         """Rank 0 steps every beam search of the batch over its rows' logits and broadcasts,
         per group, ``[status, new token of each beam, source row of each beam]`` (status 1:
-        the search is done, -1: it failed); every rank returns ``{first row: (status, tokens,
-        sources, candidates, message)}`` (candidates and message: rank 0 only)."""
+        the search is done, -1: it failed); every rank returns ``{first row: (failure, done,
+        tokens, sources, candidates)}`` (failure: None, or why it failed; done: finished now, by
+        the search or its length; candidates: rank 0 only, once done)."""
         layout = []
         for first, size in groups.items():
             req = batch.requests[first]
@@ -611,7 +403,7 @@ class Engine:
                 req.group = BeamGroup(req)
             layout.append((first, size, req.group))
         payload = torch.zeros(sum(1 + 2 * g.num_beams for _, _, g in layout), dtype=torch.long)
-        local: dict[int, tuple] = {}
+        errors: dict[int, str] = {}
         if self.ctx.rank == 0:
             at = 0
             for first, size, group in layout:
@@ -622,10 +414,9 @@ class Engine:
                     payload[at] = 1 if group.search.is_done else 0
                     payload[at + 1: at + 1 + k] = new_tokens[0, :, -1]
                     payload[at + 1 + k: at + 1 + 2 * k] = source[0]
-                    local[first] = ("", new_tokens)
                 except Exception as exc:  # noqa: BLE001 - this request's own failure, reported to its caller
                     payload[at] = -1
-                    local[first] = (f"beam search failed: {type(exc).__name__}: {exc}", None)
+                    errors[first] = f"beam search failed: {type(exc).__name__}: {exc}"
                 at += 1 + 2 * k
         payload = self.ctx.broadcast(payload.to(self.device)).cpu().tolist()
         result, at = {}, 0
@@ -633,68 +424,36 @@ class Engine:
             k = group.num_beams
             status, new, src = payload[at], payload[at + 1: at + 1 + k], payload[at + 1 + k: at + 1 + 2 * k]
             at += 1 + 2 * k
-            message, candidates = local.get(first, ("", None))[0], ()
-            if status >= 0:
-                group.tokens = torch.cat([group.tokens[:, src], torch.tensor(new, dtype=torch.long).view(1, k, 1)],
-                                         dim=-1)
-                group.steps += 1
-                if (status == 1 or group.steps >= batch.requests[first].allowed) and self.ctx.rank == 0:
-                    candidates = tuple((tuple(seq.tolist()[group.start:]), float(score))
-                                       for seq, score in group.search.finalize(group.tokens)[0])
-            result[first] = (status, new, src, candidates, message)
+            if status < 0:
+                result[first] = (errors.get(first, "beam search failed on rank 0"), False, new, src, ())
+                continue
+            group.tokens = torch.cat([group.tokens[:, src], torch.tensor(new, dtype=torch.long).view(1, k, 1)], dim=-1)
+            group.steps += 1
+            done, candidates = status == 1 or group.steps >= batch.requests[first].allowed, ()
+            if done and self.ctx.rank == 0:
+                candidates = tuple((tuple(seq.tolist()[group.start:]), float(score))
+                                   for seq, score in group.search.finalize(group.tokens)[0])
+            result[first] = (None, done, new, src, candidates)
         return result
 
-    def _beam_rows(self, batch: Batch, first: int, size: int, stepped: tuple, out: list, failed: list,
+    def _beam_rows(self, batch: Batch, first: int, stepped: tuple, out: list, failed: list,
                    index: list, pending: list, requests: list) -> None:
         """The next rows of one beam search (new beam ``j`` continues row ``first + source[j]``
         with its new token), or its end: a ``StepToken`` with every candidate on rank 0."""
-        status, new, src, candidates, message = stepped
+        failure, done, new, src, candidates = stepped
         req = batch.requests[first]
         group = req.group
-        if status < 0:
-            failed.append(RowFailure(req, message or "beam search failed on rank 0"))
+        if failure is not None:
+            failed.append(RowFailure(req, failure))
             return
-        done = status == 1 or group.steps >= req.allowed
         if done:
             best = candidates[0][0] if candidates else ()
             reason = STOP if best and best[-1] in END_IDS else LENGTH
             out.append(StepToken(req, new[0], 0.0, group.steps, reason, (), candidates))
             return
-        for j, (tok, s) in enumerate(zip(new, src)):
+        for tok, s in zip(new, src):
             parent = batch.requests[first + s]
             index.append(first + s)
             pending.append(tok)
             requests.append(replace(parent, generated=parent.generated + [tok], group=group))
         out.append(StepToken(req, new[0], 0.0, group.steps, None))
-
-
-def shared_prefills(requests: Sequence[RequestState]) -> tuple[list[int], list[int]]:
-    """Rows admitted together with the same prompt (``n`` samples of one, or any repeat:
-    the same ids at the same positions) are prefilled once and share its KV blocks until
-    they write: the rows to prefill, and for every row the index among them of its prompt."""
-    first: dict[tuple, int] = {}
-    unique, source = [], []
-    for i, r in enumerate(requests):
-        key = (tuple(r.prefill_ids), r.blank.mask_pos, r.blank.use_gmask, len(r.generated))
-        if key not in first:
-            first[key] = len(unique)
-            unique.append(i)
-        source.append(first[key])
-    return unique, source
-
-
-def beam_groups(requests: Sequence[RequestState]) -> dict[int, int]:
-    """``{first row: rows}`` of every beam search among ``requests`` (its rows are consecutive)."""
-    groups: dict[int, int] = {}
-    row = 0
-    while row < len(requests):
-        req = requests[row]
-        if req.beam is None:
-            row += 1
-            continue
-        size = 1
-        while row + size < len(requests) and requests[row + size].id == req.id:
-            size += 1
-        groups[row] = size
-        row += size
-    return groups

@@ -265,21 +265,16 @@ class PromptCache:
     def __init__(self, pool: BlockPool, max_entries: int = 256) -> None:
         self.pool, self.max_entries = pool, max_entries
         self.entries: dict[tuple, tuple[list[int], int]] = {}     # insertion order = least recent first
-        self.hits = self.misses = 0
+        self.hits = 0                                                # rows that read an entry
 
     @staticmethod
     def key(blank) -> tuple:
         return (tuple(blank.context), blank.mask_pos, blank.use_gmask)
 
-    def lookup(self, key: tuple) -> tuple[list[int], int] | None:
-        """The blocks and token count of ``key``'s context (now the most recent), or None."""
-        entry = self.entries.pop(key, None)
-        if entry is None:
-            self.misses += 1
-            return None
-        self.entries[key] = entry
+    def touch(self, key: tuple) -> None:
+        """A step reads ``key``'s entry: it becomes the most recent (and counts as a hit)."""
+        self.entries[key] = self.entries.pop(key)
         self.hits += 1
-        return entry
 
     def insert(self, key: tuple, table: Sequence[int], length: int) -> None:
         """Keep the blocks of a row's first ``length`` tokens (its context) under ``key``: its
@@ -302,7 +297,8 @@ class PromptCache:
     def make_room(self, need: int, keep: Sequence[tuple] = ()) -> int:
         """Drop the least recent entries (not those of ``keep``) while fewer than ``need`` blocks
         are free; the free blocks then."""
-        for key in [k for k in self.entries if k not in set(keep)]:
+        keep = set(keep)
+        for key in [k for k in self.entries if k not in keep]:
             if self.pool.free_blocks >= need:
                 break
             self._drop(key)

@@ -232,9 +232,10 @@ class Shard:
         """Refuse a paged step the pool's free blocks cannot hold (before any collective)."""
         if self.pool is None:
             return
+        plan = self.engine.plan_admission(admit)
         need = sum(self.engine.blocks_needed(b, None) for b in running)
-        need += self.engine.blocks_needed(None, admit) if admit is not None else 0
-        free = self.engine.free_for(need, admit)                 # the prompt cache gives way first
+        need += self.engine.blocks_needed(None, admit, plan) if admit is not None else 0
+        free = self.engine.free_for(need, plan)                  # the prompt cache gives way first
         if need > free:
             raise ResourceExhausted(
                 f"KV pool: the step needs {need} blocks of {self.pool.block_size} tokens, "
