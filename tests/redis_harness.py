@@ -24,6 +24,7 @@ DATABASES = {
     "test_gateway_tenants": 5,
     "test_edges_gateway": 12,
     "test_isolation": 11,
+    "test_serving_beam_failover": 13,
 }
 
 

@@ -245,38 +245,25 @@ def test_error_event_maps_to_its_code(start, pools, code):
 
 # ---- cancellation ------------------------------------------------------------------------
 
-def test_client_leaving_a_stream_sets_the_cancel_key(start, pools, rdb):
+@pytest.mark.parametrize("n", [1, 3], ids=["one", "samples"])
+def test_client_leaving_a_stream_sets_the_cancel_key(start, pools, rdb, n):
+    """Of the request, or of every sample of a call with ``n`` samples ({id}#i)."""
     gateway = start()
     stall = threading.Event()
     # grpc.aio may notice a cancel that races with a write only at the next write: the
     # pool goes on producing tokens, as a real one does, then stalls.
     tokens = [Event(EVENT_TOKENS, i, index=i, token_ids=(20005,), text="a") for i in range(3)]
     pools(gateway.model, lambda q: [tokens[0], 0.2, tokens[1], 0.2, tokens[2], stall])
-    request_id = f"leave-{gateway.model}"
+    request_id = f"leave-{n}-{gateway.model}"
+    ids = [request_id] if n == 1 else [f"{request_id}{keys.SAMPLE_SEPARATOR}{i}" for i in range(n)]
     try:
         with GLMClient(gateway.address, timeout=CALL_S) as client:
-            for message in client.generate_stream("Say [MASK]", request_id=request_id):
-                assert message.text == "a"
+            for message in client.generate_stream("Say [MASK]", request_id=request_id, n=n, seed=1):
+                assert message.text == "a" and message.candidate in range(n)
                 break  # closing the iterator cancels the call
-            assert wait_for(lambda: rdb.get(keys.cancel(internal_id(request_id))) == b"1")
-        assert 0 < rdb.ttl(keys.cancel(internal_id(request_id))) <= keys.CANCEL_TTL_S
-    finally:
-        stall.set()
-
-
-def test_leaving_a_stream_of_samples_cancels_every_sample(start, pools, rdb):
-    gateway = start()
-    stall = threading.Event()
-    tokens = [Event(EVENT_TOKENS, i, index=i, token_ids=(20005,), text="a") for i in range(3)]
-    pools(gateway.model, lambda q: [tokens[0], 0.2, tokens[1], 0.2, tokens[2], stall])
-    request_id = f"leave-n-{gateway.model}"
-    try:
-        with GLMClient(gateway.address, timeout=CALL_S) as client:
-            for message in client.generate_stream("Say [MASK]", request_id=request_id, n=3, seed=1):
-                assert message.text == "a" and message.candidate in (0, 1, 2)
-                break  # closing the iterator cancels the call
-            for i in range(3):
-                assert wait_for(lambda: rdb.get(keys.cancel(internal_id(f"{request_id}#{i}"))) == b"1")
+            for rid in ids:
+                assert wait_for(lambda: rdb.get(keys.cancel(internal_id(rid))) == b"1")
+                assert 0 < rdb.ttl(keys.cancel(internal_id(rid))) <= keys.CANCEL_TTL_S
     finally:
         stall.set()
 

@@ -5,7 +5,7 @@ for the two-pool stack).
 
 32 concurrent greedy streams equal `glm generate`; a cancelled request ends
 `cancelled`; backpressure admits exactly the queue limit; two pools share one
-queue; `kill -9` of the pool holding a long generation (or a beam search) → the other pool finishes
+queue; `kill -9` of the pool holding a long generation → the other pool finishes
 it and the client's stream has no gap and no duplicate; gateway restart; Redis
 unreachable → UNAVAILABLE (not a hang).
 
@@ -459,57 +459,3 @@ def test_kill_9_of_a_pool_mid_generation_is_invisible_to_the_client(two_pools, s
     assert indexes == list(range(len(ids)))                 # no gap, no duplicate
     assert ids == expected and finish in ("length", "stop")
 
-
-@pytest.fixture(scope="module")
-def two_beam_pools(tiny, tmp_path_factory, redis_db):
-    options = ServeOptions.from_flat(dtype="float32",
-        checkpoint=tiny, model_name=f"e2e3-{uuid.uuid4().hex[:8]}", port=free_port(), tp=1, pools=2,
-        redis_url=MACHINE_REDIS, scheduler_args=("--claim-idle-ms", "2000"),
-        workdir=str(tmp_path_factory.mktemp("logs3")))
-    s = LocalStack(options).start()
-    yield s
-    s.stop()
-
-
-def test_kill_9_of_the_pool_holding_a_beam_search_restarts_it_elsewhere(two_beam_pools, tiny):
-    """A beam search publishes nothing before its blank ends: killed with its pool, it is
-    claimed by the other pool, restarted from its blank (its draws are seeded), and the caller
-    gets the very candidates `glm generate --num-beams` gives, once. Both pools' workers are
-    held (SIGSTOP) while a scheduler takes the request, so the kill comes before any of its
-    steps whatever the machine's load; the survivor's worker is released after the kill."""
-    stack, r = two_beam_pools, redis.Redis.from_url(MACHINE_REDIS)
-    model, prompt, request_id = stack.options.model_name, PROMPTS[1], f"beams-{uuid.uuid4().hex}"
-    want = beam_reference(tiny, prompt, 40, min_new_tokens=40, num_beams=3, length_penalty=0.8, beam_seed=77)
-    internal = keys.namespaced(keys.ANONYMOUS, request_id)
-    result: dict = {}
-
-    def call():
-        with GLMClient(stack.address) as client:
-            result["reply"] = client.generate(prompt, model=model, max_new_tokens=40, min_new_tokens=40,
-                                              num_beams=3, length_penalty=0.8, seed=77, request_id=request_id,
-                                              timeout=CALL_S)
-
-    workers = [pid for pool in stack.pools for pid in pool.pids]
-    for pid in workers:
-        os.kill(pid, signal.SIGSTOP)
-    caller = threading.Thread(target=call)
-    try:
-        caller.start()
-        owner = wait_until(lambda: [n for n, k in pending_by_consumer(r, model).items() if k > 0], "a pool takes it")
-        index = next(i for i, p in enumerate(stack.pools) if owner[0].endswith(f"-{p.pids[0]}"))
-        for pid in [stack.schedulers[index].pid] + stack.pools[index].pids:
-            os.kill(pid, signal.SIGKILL)
-        assert r.xlen(keys.events(internal)) == 0        # nothing of it was computed, nor published
-    finally:
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-    caller.join(CALL_S)
-    reply = result["reply"]
-    assert [list(c.token_ids) for c in reply.candidates] == [ids for ids, _ in want]
-    assert [c.score for c in reply.candidates] == pytest.approx([s for _, s in want], rel=2e-5)
-    assert list(reply.token_ids) == want[0][0] and len(reply.token_ids) == 40
-    assert [Event.from_json(f[keys.FIELD.encode()]).type for _, f in r.xrange(keys.events(internal))] == \
-        ["tokens", "blank", "final"]                     # one publication, by the pool that resumed it

@@ -62,6 +62,7 @@ CLAIM_IDLE_MS = 10_000       # a pending entry idle this long belongs to a dead 
 
 ANONYMOUS = "anonymous"      # the one tenant of a gateway without API keys
 TENANT_SEPARATOR = "/"       # never in a tenant name: ``namespaced`` is one-to-one
+SAMPLE_SEPARATOR = "#"       # sample i of request r (GenerateRequest.n) is r#i: never in a caller's request_id
 SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _ALL_SAFE = re.compile(r"[A-Za-z0-9._-]*")
 

@@ -54,19 +54,11 @@ from services.common.messages import Event, QueuedRequest
 from services.gateway.reader import StreamReader
 
 log = logging.getLogger("glm.gateway")
+# The requests of one call (one, or the n samples of GenerateRequest.n), all or none: KEYS[1]
+# is the queue, KEYS[1 + i] request i's record; ARGV: ttl, depth limit, group, field, then the
+# fingerprint and document of each request. Every request already recorded is a retry (its
+# fingerprint is checked by the caller); the others are appended only if they all fit in the queue.
 SUBMIT_SCRIPT = """
-local existing = redis.call('GET', KEYS[1])
-if existing then return {'attached', existing} end
-if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return {'full', ''} end
-redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
-redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
-return {'queued', redis.call('XADD', KEYS[2], '*', ARGV[6], ARGV[3])}
-"""
-# The samples of one call (GenerateRequest.n), all or none: KEYS[1] is the queue, KEYS[1 + i]
-# sample i's record; ARGV: ttl, depth limit, group, field, then fingerprint and document of
-# each sample. Every sample already recorded is a retry (its fingerprint is checked by the
-# caller); the others are appended only if they all fit in the queue.
-SUBMIT_ALL_SCRIPT = """
 local out, new = {}, 0
 for i = 2, #KEYS do
   local existing = redis.call('GET', KEYS[i])
@@ -143,7 +135,6 @@ class Broker:
         # A blocking XREAD must return before the socket read timeout fires.
         self.block_ms = max(10, min(1000, int(timeout_s * 500)))
         self._submit = client.register_script(SUBMIT_SCRIPT)
-        self._submit_all = client.register_script(SUBMIT_ALL_SCRIPT)
         self.reader = StreamReader(client, block_ms=self.block_ms, count=READ_COUNT,
                                    retry_s=min(1.0, self.block_ms / 1000.0))
         self._on_failure = on_failure or (lambda exc: None)   # e.g. flip health
@@ -165,46 +156,32 @@ class Broker:
             raise self._unavailable(exc) from None
 
     async def submit(self, queued: QueuedRequest, fingerprint: str) -> Submitted:
-        try:
-            status, value = await self._submit(
-                keys=[keys.request(queued.id), keys.queue(queued.model)],
-                args=[fingerprint, keys.ACTIVE_TTL_S, queued.to_json(), self.max_queue_depth,
-                      keys.GROUP, keys.FIELD])
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from None
-        status, value = status.decode(), value.decode()
-        if status == "full":
-            raise ResourceExhausted(f"the queue of model {queued.model!r} is full "
-                                    f"({self.max_queue_depth} requests waiting); retry later")
-        if status == "attached":
-            if value != fingerprint:
-                raise AlreadyExists(f"request_id: {keys.caller_id(queued.id)!r} is already used by "
-                                    "a different request; use a new id")
-            return Submitted(queued.id, attached=True)
-        return Submitted(queued.id, attached=False, entry_id=value)
+        return (await self.submit_all([queued], [fingerprint]))[0]
 
-    async def submit_all(self, samples: Sequence[QueuedRequest], fingerprints: Sequence[str]) -> list[Submitted]:
-        """``submit`` for the samples of one call, atomically: every new one is enqueued, or
-        (the queue lacks room for them all) none is; a retry re-attaches to those recorded."""
-        if len(samples) == 1:
-            return [await self.submit(samples[0], fingerprints[0])]
+    async def submit_all(self, requests: Sequence[QueuedRequest], fingerprints: Sequence[str]) -> list[Submitted]:
+        """Enqueue the requests of one call (one, or its samples) atomically: every new one is
+        enqueued, or (the queue lacks room for them all) none is; a retry re-attaches to those
+        recorded, and a recorded id with another fingerprint is ALREADY_EXISTS."""
         args: list = [keys.ACTIVE_TTL_S, self.max_queue_depth, keys.GROUP, keys.FIELD]
-        for queued, print_ in zip(samples, fingerprints):
+        for queued, print_ in zip(requests, fingerprints):
             args += [print_, queued.to_json()]
+        model = requests[0].model
         try:
-            reply = await self._submit_all(keys=[keys.queue(samples[0].model), *(keys.request(q.id) for q in samples)],
-                                           args=args)
+            reply = await self._submit(keys=[keys.queue(model), *(keys.request(q.id) for q in requests)], args=args)
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from None
         if reply[0].decode() == "full":
-            raise ResourceExhausted(f"the queue of model {samples[0].model!r} has no room for {len(samples)} "
+            if len(requests) == 1:
+                raise ResourceExhausted(f"the queue of model {model!r} is full "
+                                        f"({self.max_queue_depth} requests waiting); retry later")
+            raise ResourceExhausted(f"the queue of model {model!r} has no room for {len(requests)} "
                                     f"samples ({self.max_queue_depth} requests at most); retry later")
         out = []
-        for queued, print_, status, value in zip(samples, fingerprints, reply[1::2], reply[2::2]):
+        for queued, print_, status, value in zip(requests, fingerprints, reply[1::2], reply[2::2]):
             if status.decode() == "attached":
                 if value.decode() != print_:
-                    raise AlreadyExists(f"request_id: {keys.caller_id(queued.id).split('#')[0]!r} is already used by a "
-                                        "different request; use a new id")
+                    raise AlreadyExists(f"request_id: {keys.caller_id(queued.id).split(keys.SAMPLE_SEPARATOR)[0]!r} is already used by "
+                                        "a different request; use a new id")
                 out.append(Submitted(queued.id, attached=True))
             else:
                 out.append(Submitted(queued.id, attached=False, entry_id=value.decode()))

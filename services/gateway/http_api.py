@@ -264,17 +264,18 @@ def _usage(usage: pb.Usage) -> dict:
             "total_tokens": usage.prompt_tokens + usage.generated_tokens}
 
 
-def completion_response(reply: pb.GenerateResponse, logprobs: int | None, created: int, n: int = 1) -> dict:
-    """The completion of ``reply``: one choice, or ``n`` of its candidates (the first ``n``:
-    samples in order, beams best first; of ``best_of`` > ``n`` samples the ``n`` best by summed
-    log-probability, best first)."""
+def completion_response(reply: pb.GenerateResponse, logprobs: int | None, created: int, n: int = 1,
+                        beams: bool = False) -> dict:
+    """The completion of ``reply``: one choice, or ``n`` of its candidates (``beams``: the
+    first ``n``, best first; samples: in order, or of ``best_of`` > ``n`` the ``n`` best by
+    summed log-probability, best first)."""
     if not reply.candidates:
         choices = [{"text": reply.text, "index": 0, "finish_reason": reply.finish_reason or None,
                     "logprobs": _logprobs(reply.tokens, 0) if logprobs is not None else None,
                     "blanks": list(reply.blanks), "output_text": reply.output_text}]
     else:
         chosen = list(reply.candidates)
-        if len(chosen) > n and len({c.seed for c in chosen}) > 1:             # best_of samples
+        if not beams and len(chosen) > n:                                    # best_of samples
             chosen = sorted(chosen, key=lambda c: -c.score)
         choices = [_choice(c, i, logprobs) for i, c in enumerate(chosen[:n])]
         choices[0]["blanks"] = list(reply.blanks) if chosen[0].index == 0 else []
@@ -389,7 +390,8 @@ class OpenAIFront:
                 reply = await self.service.Generate(message, call)
             except Aborted as exc:
                 return _json(*_grpc_error(exc))
-            return _json(200, completion_response(reply, logprobs, int(time.time()), n))
+            return _json(200, completion_response(reply, logprobs, int(time.time()), n,
+                                                  beams=message.beam_search.num_beams >= 2))
         finally:
             call.done()        # the servicer's done-callback: cancel a generation left behind
 

@@ -168,12 +168,14 @@ class Relay:
 
 
 class Samples:
-    """The relays of one call's ``n`` samples (``GenerateRequest.n``), merged: relay ``i``
-    gets sample ``i``'s events; the reply's top-level fields are sample 0's, ``candidates``
-    every sample's, and ``usage`` counts the prompt once and every sample's tokens."""
+    """The relays of one call: its one request, or its ``n`` samples (``GenerateRequest.n``)
+    merged: relay ``i`` gets sample ``i``'s events; with several, the reply's top-level fields
+    are sample 0's, ``candidates`` every sample's, and ``usage`` counts the prompt once and
+    every sample's tokens. With one, the replies are that relay's own."""
 
     def __init__(self, relays: list[Relay]) -> None:
         self.relays = relays
+        self.several = len(relays) > 1
 
     @property
     def ended(self) -> bool:
@@ -196,33 +198,15 @@ class Samples:
         if message is None:
             return None
         message.candidate = index
-        if event.type == EVENT_FINAL and self.ended:
+        if event.type == EVENT_FINAL and self.several and self.ended:
             message.candidates.extend(self.candidates())
             message.usage.CopyFrom(self._usage())
         return message
 
     def response(self) -> pb.GenerateResponse:
         response = self.relays[0].response()
-        response.candidates.extend(self.candidates())
-        response.usage.CopyFrom(self._usage())
+        if self.several:
+            response.candidates.extend(self.candidates())
+            response.usage.CopyFrom(self._usage())
         return response
 
-
-class One:
-    """The one relay of a call without samples, with ``Samples``' interface."""
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    @property
-    def ended(self) -> bool:
-        return self.relay.ended
-
-    def accept(self, index: int, event: Event) -> bool:
-        return self.relay.accept(event)
-
-    def stream_message(self, index: int, event: Event) -> pb.GenerateStreamResponse | None:
-        return self.relay.stream_message(event)
-
-    def response(self) -> pb.GenerateResponse:
-        return self.relay.response()

@@ -40,7 +40,7 @@ from services.gateway.auth import bearer_key, tenant_of
 from services.gateway.broker import Broker, Submitted, cancel_quietly
 from services.gateway.catalog import Catalog
 from services.gateway.metrics import OK, Call, GatewayMetrics, outcome_of
-from services.gateway.relay import One, Relay, Samples
+from services.gateway.relay import Relay, Samples
 from services.gateway.validation import Admission, admit, request_id_of
 from services.proto_gen.glm.v1 import generation_pb2 as pb
 from services.proto_gen.glm.v1 import generation_pb2_grpc as pb_grpc
@@ -202,8 +202,7 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
                         prompt_tokens=len(q.prompt_ids), seed=q.sampling.seed) for q in samples]
         for q, relay in zip(samples, relays):
             self._cancel_if_abandoned(context, q.id, relay)
-        relay = Samples(relays) if len(relays) > 1 else One(relays[0])
-        return replace(admission, queued=queued, samples=samples), relay
+        return replace(admission, queued=queued, samples=samples), Samples(relays)
 
     def _cancel_if_abandoned(self, context, request_id: str, relay: Relay) -> None:
         """When the call ends before the request did (the caller went away, its

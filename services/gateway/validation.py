@@ -20,6 +20,7 @@ from model.config import MASK_IDS
 from model.limits import (PENALTY_RANGE, TOP_P_RANGE, blanks_problem, range_problem, repetition_penalty_problem,
                           temperature_problem)
 from model.prompt import generation_mask, prepare_text_ids
+from services.common import redis_keys as keys
 from services.common.errors import InvalidArgument
 from services.common.messages import Beam, QueuedRequest, Sampling, sample_seed
 from services.gateway.catalog import ServedModel
@@ -31,7 +32,6 @@ SEED_BITS = 64                       # a drawn seed: any uint64, as a caller may
 
 MAX_NGRAM = 16
 LENGTH_PENALTY_RANGE = (-10.0, 10.0)
-SAMPLE_SEPARATOR = "#"               # sample i of request r is r#i: never in a caller's request_id
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def admit(request: pb.GenerateRequest, served: ServedModel, request_id: str) -> 
         return Admission(queued, fingerprint(queued, drawn), drawn, (queued,), (fingerprint(queued, drawn),),
                          logprobs)
     # Each sample's log-probs are computed (its candidate's score), shown only when asked for.
-    samples = tuple(replace(queued, id=f"{request_id}{SAMPLE_SEPARATOR}{i}", logprobs=True,
+    samples = tuple(replace(queued, id=f"{request_id}{keys.SAMPLE_SEPARATOR}{i}", logprobs=True,
                             sampling=replace(sampling, seed=sample_seed(sampling.seed, i))) for i in range(n))
     prints = tuple(fingerprint(s, drawn) + f"/{i}/{n}" for i, s in enumerate(samples))
     return Admission(samples[0], prints[0], drawn, samples, prints, logprobs)

@@ -65,12 +65,11 @@ def request_from_pb(msg: pb.Request, config: GLMConfig) -> RequestState:
     blank = blank_of(msg, ids)
     allowed = allowed_new_tokens(blank, stop.max_new_tokens, config.max_sequence_length)
     beam = beam_from_pb(msg) if msg.HasField("beam") else None
-    if beam is not None:                    # its rows choose no token of their own: an argmax, no log-probs
-        params = SamplingParams(greedy=True)
+    if beam is not None:                    # its rows choose no token of their own: an argmax
+        params = SamplingParams(greedy=True)    # (and beam_from_pb refused log-probs for it)
     try:                                    # the engine refuses rows with nothing left to generate
-        return RequestState(msg.id, blank, params, allowed, stop.min_new_tokens,
-                            0 if beam else msg.top_logprobs, generated, logprobs=msg.logprobs and beam is None,
-                            beam=beam)
+        return RequestState(msg.id, blank, params, allowed, stop.min_new_tokens, msg.top_logprobs, generated,
+                            logprobs=msg.logprobs, beam=beam)
     except ValueError as exc:
         raise InvalidArgument(f"{where}: {exc}", request_id=msg.id) from None
 
