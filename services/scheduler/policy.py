@@ -246,6 +246,12 @@ class Scheduler:
         counts each beam's whole sequence: an upper bound, its beams share the context)."""
         return sum(self._row_beams.get(r, 1) * blocks_for(self._row_tokens[r] + 1, self.block_size) for r in rows)
 
+    def _forget_row(self, row: int) -> None:
+        """A worker row left: forget what is counted of it (remaining tokens, KV tokens, beams)."""
+        self._row_remaining.pop(row, None)
+        self._row_tokens.pop(row, None)
+        self._row_beams.pop(row, None)
+
     def _worker_rows(self, rows: Sequence[int]) -> int:
         """The workers' rows of ``rows`` (a beam search holds one per beam)."""
         return sum(self._row_beams.get(r, 1) for r in rows)
@@ -261,9 +267,7 @@ class Scheduler:
             row = max(keep)                              # row ids grow with admission
             keep.remove(row)
             state = self._by_row.pop(row)
-            self._row_remaining.pop(row, None)
-            self._row_tokens.pop(row, None)
-            self._row_beams.pop(row, None)
+            self._forget_row(row)
             self._enqueue(state)
             self.preempted += 1
         out.filter = FilterOp(self._running.id, tuple(keep))
@@ -335,9 +339,7 @@ class Scheduler:
         if self._running is not None:
             for row in self._running.row_ids:
                 if view is None or row not in view.row_ids:
-                    self._row_remaining.pop(row, None)
-                    self._row_tokens.pop(row, None)
-                    self._row_beams.pop(row, None)
+                    self._forget_row(row)
         self._running = view
 
     def prefilled(self, op: PrefillOp, gens: Sequence[Gen], view: BatchView | None,
@@ -360,9 +362,7 @@ class Scheduler:
         out = StepOutput()
         states = [self._by_row.pop(r.row_id) for r in op.requests if r.row_id in self._by_row]
         for state in states:
-            self._row_remaining.pop(state.row_id, None)
-            self._row_tokens.pop(state.row_id, None)
-            self._row_beams.pop(state.row_id, None)
+            self._forget_row(state.row_id)
             if code == "INVALID_ARGUMENT" and (state.row_id == refused_row_id or len(states) == 1):
                 self._fail(state, code, f"the workers rejected the request: {message}", dead=True, out=out)
             elif code == "RESOURCE_EXHAUSTED" and self._running is None:
@@ -390,9 +390,7 @@ class Scheduler:
         """End the requests of rows that failed on the workers: an error, then the dead letters."""
         out = StepOutput()
         for row_id, message in failed:
-            self._row_remaining.pop(row_id, None)
-            self._row_tokens.pop(row_id, None)
-            self._row_beams.pop(row_id, None)
+            self._forget_row(row_id)
             state = self._by_row.get(row_id)
             if state is None or state.status is not RequestStatus.RUNNING:
                 continue                                   # it had left already (a stop text)
@@ -414,9 +412,7 @@ class Scheduler:
             if gen.row_id in self._row_remaining:
                 self._row_remaining[gen.row_id] -= 1
                 if gen.finished:
-                    del self._row_remaining[gen.row_id]
-                    self._row_tokens.pop(gen.row_id, None)
-                    self._row_beams.pop(gen.row_id, None)
+                    self._forget_row(gen.row_id)
             state = self._by_row.get(gen.row_id)
             if state is None or state.status is not RequestStatus.RUNNING:
                 continue                                   # left on a stop text; filtered next step

@@ -67,9 +67,12 @@ class BlankDone:
 
     @property
     def content_ids(self) -> list[int]:
-        if self.token_ids and self.token_ids[-1] in END_IDS:
-            return self.token_ids[:-1]
-        return list(self.token_ids)
+        return content_of(self.token_ids)
+
+
+def content_of(ids: Sequence[int]) -> list[int]:
+    """A blank's generated ids without the end token it stopped on (what fills the blank)."""
+    return list(ids[:-1]) if ids and ids[-1] in END_IDS else list(ids)
 
 
 @dataclass
@@ -197,9 +200,9 @@ class RequestState:
             raise ValueError(f"row {gen.row_id}: a finished beam search came without its candidates")
         best = list(gen.candidates[0][0])
         self.tokens, self.logprobs, self.tops = best, [0.0] * len(best), [()] * len(best)
-        has_end = bool(best) and best[-1] in END_IDS
         self._candidates = tuple(self._candidate(ids, score) for ids, score in gen.candidates)
-        content = best[:-1] if has_end else best
+        content = content_of(best)
+        has_end = len(content) < len(best)
         text = "".join(self.text.push(t).text for t in content)       # no stop texts with a beam search
         text += self.text.finish(content).text
         reason = FinishReason.STOP if has_end else FinishReason.LENGTH
@@ -207,20 +210,19 @@ class RequestState:
 
     def _candidate(self, ids: Sequence[int], score: float) -> dict:
         """One beam candidate as the events carry it: its text, and the output with it spliced."""
-        ended = bool(ids) and ids[-1] in END_IDS
-        content = list(ids[:-1]) if ended else list(ids)
-        output = self.blank.splice(content)
-        if output and output[-1] == EOS_ID:
-            output = output[:-1]
+        content = content_of(ids)
         return {"token_ids": list(ids), "text": self.decode(content), "score": float(score),
-                "finish_reason": (FinishReason.STOP if ended else FinishReason.LENGTH).value,
-                "output_text": self.decode(output)}
+                "finish_reason": (FinishReason.STOP if len(content) < len(ids) else FinishReason.LENGTH).value,
+                "output_text": self._output_text(self.blank.splice(content))}
+
+    def _output_text(self, output: Sequence[int]) -> str:
+        """The text of the prompt with its blanks filled, a trailing eos dropped."""
+        return self.decode(output[:-1] if output and output[-1] == EOS_ID else output)
 
     def end_blank(self, reason: FinishReason, end_token_new: bool = False) -> list[Event]:
         """The blank ended on an end token or its length: publish what was held, then the blank."""
         start = self.text.emitted_tokens
-        has_end = bool(self.tokens) and self.tokens[-1] in END_IDS
-        release = self.text.finish(self.tokens[:-1] if has_end else self.tokens)
+        release = self.text.finish(content_of(self.tokens))
         n = release.tokens + (1 if end_token_new else 0)
         return self._tokens_event(start, n, release.text) + self._blank_event(reason)
 
@@ -242,14 +244,11 @@ class RequestState:
 
     def final(self) -> Event:
         last = self.done[-1] if self.done else BlankDone([], "", FinishReason.LENGTH)
-        output = list(self.context)
-        if output and output[-1] == EOS_ID:
-            output = output[:-1]
         self.status = RequestStatus.DONE
         return self._event(
             EVENT_FINAL, finish_reason=last.finish_reason, stop_sequence=last.stop_sequence,
             text="".join(b.text for b in self.done), blanks=tuple(b.text for b in self.done),
-            output_text=self.decode(output), prompt_tokens=len(self.req.prompt_ids),
+            output_text=self._output_text(self.context), prompt_tokens=len(self.req.prompt_ids),
             generated_tokens=sum(len(b.token_ids) for b in self.done), seed=self.req.sampling.seed,
             candidates=self._final_candidates(last))
 
