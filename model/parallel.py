@@ -11,7 +11,8 @@ built from it by ``kernels.prepare`` (repacked once, never on the hot path).
 
 On CPU, ``prepare()`` also gives each dense linear and the tied LM head the weight layout that
 ``kernels.cpu_dense.choose_layout`` picks for its dtype (measured: ``glm bench gemv``): fp32
-weights are stored column-major (the ``[in, out]`` copy *is* the parameter, so nothing is added);
+weights are stored column-major (the ``[in, out]`` copy *is* the parameter, so nothing is added),
+but the tied head keeps a micro-panel copy for ``kernels.cpu_gemm_f32`` where that measures faster;
 bf16 weights on CPUs with native bf16 go to oneDNN's packed layout, which replaces a linear's
 weight (``state_dict()`` rebuilds the plain one) and sits beside the embedding as one extra copy
 of the vocab slice, since lookups need the rows (``model/plan.py`` counts it).
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels import cpu_gemv
+from kernels import cpu_gemm_f32, cpu_gemv
 from kernels.cpu_dense import CpuDenseLinear, prepare_dense
 from model.quantization import QuantSpec
 
@@ -199,12 +200,17 @@ class VocabParallelEmbedding(nn.Module):
         self.gemv_rows: int | None = None
 
     def prepare(self) -> None:
-        """Give the tied LM head its measured CPU layout (once, after loading): fp32 stores the
-        embedding column-major (no copy; lookups read it strided), bf16 with native bf16 adds a
-        packed copy for the head (``head_nbytes``)."""
+        """Give the tied LM head its measured CPU layout (once, after loading): fp32 adds the
+        micro-panel copy of ``kernels.cpu_gemm_f32`` where that measures faster than MKL, else
+        stores the embedding column-major for MKL (no copy; lookups then read it strided); bf16
+        with native bf16 adds a packed copy for the head. ``head_nbytes`` counts the copy."""
         if self.head is not None or self.weight.device.type != "cpu":
             return
         head = prepare_dense(self.weight.detach())
+        if head.layout == "transposed" and cpu_gemm_f32.supports(self.weight):
+            panels = cpu_gemm_f32.Panels(self.weight.detach())
+            if cpu_gemm_f32.faster(panels, head):
+                head = panels
         if head.layout == "transposed":
             self.weight.data = head.weight.t()
         self.head = head
@@ -213,7 +219,7 @@ class VocabParallelEmbedding(nn.Module):
     @property
     def head_nbytes(self) -> int:
         """Bytes the head holds beside the embedding (0 unless it keeps a packed copy)."""
-        return self.head.nbytes if self.head is not None and self.head.layout == "packed" else 0
+        return self.head.nbytes if self.head is not None and self.head.layout in ("packed", "panels") else 0
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.ctx.distributed:
@@ -228,7 +234,8 @@ class VocabParallelEmbedding(nn.Module):
         """Tied LM head: ``hidden @ E^T`` gathered to the full vocabulary on every rank. At the
         few rows of bf16 where ``prepare`` measured it faster (``gemv_rows``; twice oneDNN's
         speed on AVX-512-BF16 without AMX) it is ``kernels.cpu_gemv`` over the embedding
-        itself, else the head's dense op."""
+        itself, else the head's dense op (in fp32 where it measured faster, ``kernels.cpu_gemm_f32``
+        at every row count)."""
         rows = cpu_gemv.MAX_ROWS if self.gemv_rows is None else self.gemv_rows
         if (hidden.dtype == torch.bfloat16 and hidden.numel() <= rows * hidden.shape[-1]
                 and cpu_gemv.supports(self.weight)):

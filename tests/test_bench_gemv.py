@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu_gemv
+from kernels.cpu_dense import native_bf16
 from services.bench.gemv import GEMV_NAME, model_choice, run_case
 
 
@@ -16,7 +17,9 @@ def test_a_head_case_marks_the_models_op_and_the_fastest():
     for batch in (1, 4):
         rows = [r for r in results if r.batch == batch]
         timed = [r for r in rows if not r.note]
-        assert len(timed) >= 4 and all(r.ms > 0 and r.bytes > 0 for r in timed)
+        # oneDNN's packed bf16 needs native bf16 (or AVX-512): on an AVX2-only CPU it says so
+        assert len(timed) >= (4 if native_bf16() else 3) and all(r.ms > 0 and r.bytes > 0 for r in timed)
+        assert all(r.note.startswith("unavailable") for r in rows if r.note)
         assert sum(r.winner for r in rows) == 1
         marked = [r.impl for r in rows if r.model]
         assert marked == [model_choice(torch.bfloat16, "none", batch, "lm_head")]

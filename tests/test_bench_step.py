@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from kernels import cpu_gemm_f32
 from kernels.cpu_dense import choose_layout
 
 from model.config import dummy_config
@@ -42,8 +43,13 @@ def test_plan_weights_equal_the_bytes_a_shard_holds(dtype, quant, tp):
     model = build_dummy_model(config, ctx, dtype=dtype, quant=None if quant == "none" else quant)
     size = torch.empty((), dtype=dtype).element_size()
     bf16 = dtype == torch.bfloat16
+    head = model.transformer.word_embeddings.head
+    if head.layout == "panels":              # fp32 where kernels.cpu_gemm_f32 measured faster
+        assert dtype == torch.float32 and cpu_gemm_f32.kernel() is not None
+    else:
+        assert head.layout == choose_layout(dtype)
     predicted = weight_bytes(config, quant=quant, tp=tp, dtype_bytes=size, cpu_kernels=bf16,
-                             head_copy=bf16 and choose_layout(dtype) == "packed")
+                             head_copy=head.layout in ("packed", "panels"))
     assert predicted == held_bytes(model)
 
 

@@ -275,7 +275,8 @@ def bench_rank(ctx, bench: StepBench) -> dict:
             "threads": torch.get_num_threads(), "bytes": shard_bytes(model), "linear_params": _linear_params(model),
             "vocab_local": c.vocab_size // ctx.world_size, "hidden_local": c.hidden_size // ctx.world_size,
             "dtype_bytes": torch.empty((), dtype=model.dtype).element_size(), "config": c.to_json_dict(),
-            "quant": model.quant.name if model.quant else "none", "decode": decode, "prefill": prefill}
+            "quant": model.quant.name if model.quant else "none", "decode": decode, "prefill": prefill,
+            "head_copy": model.transformer.word_embeddings.head_nbytes > 0}
 
 
 def run(bench: StepBench) -> dict:

@@ -71,9 +71,6 @@ def prefill_row(rank: dict, prefill: dict, tp: int) -> dict:
 
 def memory_rows(bench, ranks: list[dict]) -> list[dict]:
     """Per rank: resident memory before and after building, against ``glm plan``'s weights."""
-    import torch
-
-    from kernels.cpu_dense import choose_layout
     from model.plan import weight_bytes
     from services.bench.step import config_of
 
@@ -82,7 +79,7 @@ def memory_rows(bench, ranks: list[dict]) -> list[dict]:
     bf16 = dtype_bytes == 2 and bench.dtype in ("bfloat16", "auto")
     predicted = weight_bytes(config, quant=ranks[0]["quant"].split("-")[0], tp=bench.tp, dtype_bytes=dtype_bytes,
                              group_size=None, cpu_kernels=bf16,
-                             head_copy=bf16 and choose_layout(torch.bfloat16) == "packed")
+                             head_copy=ranks[0]["head_copy"])   # as the head was prepared
     rows = []
     for rank in ranks:
         built = rank["rss_after_build"] - rank["rss_before_build"]
