@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import cpu_argmax
 from model.limits import (PENALTY_RANGE, TOP_P_RANGE, range_problem, repetition_penalty_problem,
                           temperature_problem)
 
@@ -193,7 +194,10 @@ def first_argmax(x: Tensor) -> tuple[Tensor, Tensor]:
     torch's max-with-indices reduction is a slow path for bf16 while ``amax`` is
     vectorised: the maxima of blocks of ``ARGMAX_BLOCK`` columns are taken with ``amax``,
     then the first index is searched only in the first block that holds the row's maximum.
-    A NaN makes its row's value NaN (the caller sends such rows down the full rule)."""
+    A NaN makes its row's value NaN (the caller sends such rows down the full rule). fp32
+    logits on an AVX2 CPU take ``kernels.cpu_argmax`` instead: one pass, the same result."""
+    if cpu_argmax.supports(x):
+        return cpu_argmax.first_max(x)
     b, vocab = x.shape
     full = vocab // ARGMAX_BLOCK * ARGMAX_BLOCK
     if full == 0 or not x.is_contiguous():

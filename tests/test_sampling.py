@@ -297,9 +297,10 @@ def test_choose_takes_shortcuts_only_where_they_equal_the_full_rule():
     assert got[3] != logits[3].argmax() and got[5] != logits[5].argmax()   # penalised rows took the full rule
 
 
-@pytest.mark.parametrize("vocab", [7, 1024, 3000, 150528])
+@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 1024, 3000, 150528])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_first_argmax_equals_torch_max_ties_and_infinities_included(vocab, dtype):
+def test_first_argmax_equals_torch_max_ties_and_infinities_included(vocab, dtype, monkeypatch):
+    from kernels import cpu_argmax
     from model.sampling import first_argmax
 
     gen = torch.Generator().manual_seed(vocab)
@@ -309,8 +310,25 @@ def test_first_argmax_equals_torch_max_ties_and_infinities_included(vocab, dtype
     x[3, -1] = 1e4                                           # the max in the tail block
     x[4, vocab // 2:] = x[4].max() + 1                        # a tie across blocks: the first
     x[5, 0] = 1e4
-    values, indices = first_argmax(x)
     expected = torch.max(x, dim=-1)
-    assert torch.equal(indices, expected.indices) and torch.equal(values, expected.values)
-    x[0, vocab // 3] = math.nan
-    assert torch.isnan(first_argmax(x)[0][0])
+    for kernel in (True, False):             # fp32 on an AVX2 CPU: kernels.cpu_argmax; else torch
+        monkeypatch.setattr(cpu_argmax, "ENABLED", kernel)
+        values, indices = first_argmax(x)
+        assert torch.equal(indices, expected.indices) and torch.equal(values, expected.values)
+        y = x.clone()
+        y[0, vocab // 3] = math.nan
+        assert torch.isnan(first_argmax(y)[0][0]) and not torch.isnan(first_argmax(y)[0][1:]).any()
+        assert torch.equal(first_argmax(y[1:])[1], expected.indices[1:])
+
+
+def test_the_argmax_kernel_shares_rows_among_threads_and_agrees_with_torch_max():
+    from kernels import cpu_argmax
+
+    if not cpu_argmax.supports(torch.zeros(1, 8)):
+        pytest.skip("no AVX2 (or no C compiler): first_argmax keeps its torch path")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 5001, generator=gen).round()        # ties in every row
+    values, indices = cpu_argmax.first_max(x)
+    expected = torch.max(x, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    assert cpu_argmax.first_max(x[:0])[1].shape == (0,)
