@@ -5,6 +5,8 @@ this CPU) into ``CACHE`` (``~/.cache/glm/kernels``) under a name that hashes the
 compiler, the flags and the CPU's flags, and loads it with ctypes. Concurrent builders agree
 (the library is moved into place atomically); a later process loads the cached file. Where no
 compiler or no build works it returns None and logs why: every caller has a torch path.
+``Kernel`` is how a kernel module holds its library (built on first call, its signature set);
+``median_times`` times a kernel against the op it may replace, alternating.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import hashlib
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 log = logging.getLogger("glm.kernels")
 
@@ -83,3 +88,39 @@ def build(name: str, source: str, what: str) -> ctypes.CDLL | None:
     except OSError as exc:
         log.warning("%s: cannot load %s (%s); the torch path is used", what, target, exc)
         return None
+
+
+class Kernel:
+    """A kernel library built and loaded on first call, once per process: ``kernel()`` is the
+    loaded library with ``function``'s ctypes signature set, or None where it does not build or
+    its ``ok`` function (when named) says this CPU cannot run it."""
+
+    def __init__(self, name: str, source: str, what: str, function: str, argtypes: Sequence,
+                 ok: str | None = None) -> None:
+        self.name, self.source, self.what = name, source, what
+        self.function, self.argtypes, self.ok = function, list(argtypes), ok
+        self._lib: ctypes.CDLL | None | bool = False      # False: not tried yet
+
+    def __call__(self) -> ctypes.CDLL | None:
+        if self._lib is False:
+            lib = build(self.name, self.source, self.what)
+            if lib is not None and self.ok is not None and getattr(lib, self.ok)() != 1:
+                lib = None
+            if lib is not None:
+                fn = getattr(lib, self.function)
+                fn.restype, fn.argtypes = ctypes.c_int, self.argtypes
+            self._lib = lib
+        return self._lib
+
+
+def median_times(calls: dict[str, Callable[[], object]], rounds: int, untimed: int = 2) -> dict[str, float]:
+    """The median seconds of each of ``calls``, called in turn for ``untimed + rounds`` rounds
+    (the first ``untimed`` not timed), so that a burst of other load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(untimed + rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_ >= untimed:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

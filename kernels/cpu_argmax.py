@@ -105,22 +105,10 @@ int glm_argmax(const float *x, int64_t rows, int64_t n, float *values, int64_t *
 }
 """
 
-_LIB: ctypes.CDLL | None | bool = False        # False: not tried yet
-
-
-def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel when this CPU runs it (built once per process, cached on disk)."""
-    global _LIB
-    if _LIB is False:
-        lib = cbuild.build("argmax_f32", SOURCE, "fp32 argmax kernel")
-        if lib is not None and lib.glm_argmax_ok() != 1:
-            lib = None
-        if lib is not None:
-            lib.glm_argmax.restype = ctypes.c_int
-            lib.glm_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                       ctypes.c_void_p, ctypes.c_int]
-        _LIB = lib
-    return _LIB
+# The compiled kernel when this CPU runs it (built once per process, cached on disk).
+kernel = cbuild.Kernel("argmax_f32", SOURCE, "fp32 argmax kernel", "glm_argmax",
+                       [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                        ctypes.c_int], ok="glm_argmax_ok")
 
 
 def supports(x: torch.Tensor) -> bool:

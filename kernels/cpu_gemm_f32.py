@@ -23,8 +23,6 @@ prepared; ``CHOICE`` = "on" / "off" answers without measuring.
 from __future__ import annotations
 
 import ctypes
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -155,21 +153,9 @@ int glm_gemm_f32(const float *x, const float *w, float *y, int64_t panels, int k
 }
 """
 
-_LIB: ctypes.CDLL | None | bool = False        # False: not tried yet
-
-
-def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel when this CPU runs it (built once per process, cached on disk)."""
-    global _LIB
-    if _LIB is False:
-        lib = cbuild.build("gemm_f32", SOURCE, "fp32 head GEMM kernel")
-        if lib is not None and lib.glm_gemm_f32_ok() != 1:
-            lib = None
-        if lib is not None:
-            lib.glm_gemm_f32.restype = ctypes.c_int
-            lib.glm_gemm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_int] * 3
-        _LIB = lib
-    return _LIB
+# The compiled kernel when this CPU runs it (built once per process, cached on disk).
+kernel = cbuild.Kernel("gemm_f32", SOURCE, "fp32 head GEMM kernel", "glm_gemm_f32",
+                       [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_int] * 3, ok="glm_gemm_f32_ok")
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -224,14 +210,7 @@ def faster(op: Panels, dense: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     with torch.inference_mode():
         for rows in PROBE_ROWS:
             x = torch.randn((rows, op.in_features))
-            times: dict[str, list[float]] = {"kernel": [], "dense": []}
-            calls = {"kernel": lambda: op(x), "dense": lambda: dense(x)}
-            for round_ in range(ROUNDS + 2):
-                for name, call in calls.items():
-                    start = time.perf_counter()
-                    call()
-                    if round_ >= 2:
-                        times[name].append(time.perf_counter() - start)
-            if statistics.median(times["kernel"]) >= WIN * statistics.median(times["dense"]):
+            median = cbuild.median_times({"kernel": lambda: op(x), "dense": lambda: dense(x)}, ROUNDS)
+            if median["kernel"] >= WIN * median["dense"]:
                 return False
     return True

@@ -22,8 +22,6 @@ batch 1"). So the head measures it on its own weight when the model is prepared
 from __future__ import annotations
 
 import ctypes
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -95,21 +93,9 @@ int glm_gemv(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t n, int k
 }
 """
 
-_LIB: ctypes.CDLL | None | bool = False        # False: not tried yet
-
-
-def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel when this CPU runs it (built once per process, cached on disk)."""
-    global _LIB
-    if _LIB is False:
-        lib = cbuild.build("gemv_bf16", SOURCE, "bf16 GEMV kernel")
-        if lib is not None and lib.glm_gemv_ok() != 1:
-            lib = None
-        if lib is not None:
-            lib.glm_gemv.restype = ctypes.c_int
-            lib.glm_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_int] * 3
-        _LIB = lib
-    return _LIB
+# The compiled kernel when this CPU runs it (built once per process, cached on disk).
+kernel = cbuild.Kernel("gemv_bf16", SOURCE, "bf16 GEMV kernel", "glm_gemv",
+                       [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_int] * 3, ok="glm_gemv_ok")
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -145,15 +131,8 @@ def rows_faster(weight: torch.Tensor, dense: Callable[[torch.Tensor], torch.Tens
     with torch.inference_mode():
         for rows in range(1, MAX_ROWS + 1):
             x = torch.randn((rows, weight.shape[1]), dtype=torch.bfloat16)
-            times: dict[str, list[float]] = {"kernel": [], "dense": []}
-            calls = {"kernel": lambda: matmul_t(x, weight), "dense": lambda: dense(x)}
-            for round_ in range(ROUNDS + 2):
-                for name, call in calls.items():
-                    start = time.perf_counter()
-                    call()
-                    if round_ >= 2:
-                        times[name].append(time.perf_counter() - start)
-            if statistics.median(times["kernel"]) >= WIN * statistics.median(times["dense"]):
+            median = cbuild.median_times({"kernel": lambda: matmul_t(x, weight), "dense": lambda: dense(x)}, ROUNDS)
+            if median["kernel"] >= WIN * median["dense"]:
                 break
             best = rows
     return best

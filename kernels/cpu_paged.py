@@ -114,26 +114,10 @@ ENABLED = True                                   # False: every caller takes the
 THREAD_WORK = 400_000      # keys read per thread (elements) below which a call runs on fewer threads
 
 
-def _build() -> ctypes.CDLL | None:
-    lib = cbuild.build("paged_decode", SOURCE, "paged decode kernel")
-    if lib is None:
-        return None
-    fn = lib.glm_paged_decode
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_int64] + [ctypes.c_int] * 3 + \
-                  [ctypes.c_void_p, ctypes.c_int]
-    return lib
-
-
-_LIB: ctypes.CDLL | None | bool = False        # False: not tried yet
-
-
-def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per process, cached on disk), or None."""
-    global _LIB
-    if _LIB is False:
-        _LIB = _build()
-    return _LIB
+# The compiled kernel (built once per process, cached on disk), or None.
+kernel = cbuild.Kernel("paged_decode", SOURCE, "paged decode kernel", "glm_paged_decode",
+                       [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_int64] + [ctypes.c_int] * 3
+                       + [ctypes.c_void_p, ctypes.c_int])
 
 
 def supports(pool_dtype: torch.dtype) -> bool:
