@@ -195,7 +195,8 @@ def first_argmax(x: Tensor) -> tuple[Tensor, Tensor]:
     vectorised: the maxima of blocks of ``ARGMAX_BLOCK`` columns are taken with ``amax``,
     then the first index is searched only in the first block that holds the row's maximum.
     A NaN makes its row's value NaN (the caller sends such rows down the full rule). fp32
-    logits on an AVX2 CPU take ``kernels.cpu_argmax`` instead: one pass, the same result."""
+    and bf16 logits on an AVX2 CPU take ``kernels.cpu_argmax`` instead: one pass, the same
+    result."""
     if cpu_argmax.supports(x):
         return cpu_argmax.first_max(x)
     b, vocab = x.shape
