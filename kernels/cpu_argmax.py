@@ -7,8 +7,9 @@ eight lanes (bf16 widened to fp32 as loaded, exact), each lane keeping its maxim
 index, then the first index among the lanes holding the row's maximum: what ``torch.max(x,
 dim=-1)`` returns, ties and infinities included. A row holding a NaN gets the value NaN (its
 index is then unspecified; the sampler sends such rows down its full rule). Rows are shared
-among the threads. Measured with ``first_argmax`` (docs/benchmarks.md, "Zen 4 again: attention and the argmax"):
-on a Zen 4, one bf16 row 24 µs against the torch path's 142, 32 rows 0.31 ms against 0.85-1.5.
+among the threads. ``python bench/argmax_ab.py`` on a Zen 4 (docs/benchmarks.md, "Zen 4
+again: attention and the argmax"): one bf16 row 33 µs against the torch path's 144, 32 rows
+0.49 ms against 1.17.
 
 Built on first use by ``kernels.cbuild``; only where the compiler targets AVX2
 (``-march=native``) does the library report itself usable; elsewhere ``supports`` is False and
