@@ -3,14 +3,17 @@
     OMP_WAIT_POLICY=PASSIVE python bench/threads_ab.py        # the workers' policy
 
 The rules it backs (docs/benchmarks.md, "Threads"): a dense linear of fewer than
-``kernels.cpu_dense.SERIAL_MACS`` multiply-adds runs on one thread, and the paged decode kernel
-takes one thread per ``kernels.cpu_paged.THREAD_WORK`` keys. Both rules are switched off here
-(every call runs on the thread count under test), and the sides alternate twice.
+``kernels.cpu_dense.SERIAL_MACS`` multiply-adds runs on one thread, the paged decode kernel
+takes one thread per ``kernels.cpu_paged.THREAD_WORK`` keys, and a forward whose element-wise
+operands stay below ``kernels.threads.SERIAL_ELEMENTS`` runs them on one thread (LayerNorm,
+GELU and a product over rows x width, in bf16 and fp32). The rules are switched off here (every
+call runs on the thread count under test), and the sides alternate twice.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import kernels.cpu_dense as cpu_dense
 from kernels import cpu_paged
@@ -19,6 +22,8 @@ from services.bench.step import _timed
 
 LINEARS = (((768, 256), 1), ((768, 256), 32), ((1376, 256), 64), ((4096, 1024), 32), ((150528, 256), 1))
 ATTENTION = ((1, 100), (32, 220))          # rows x cached tokens, heads 8 x 32, bf16 pool
+# rows x width of the element-wise ops: the demo's hidden and GeGLU widths, GLM-130B's
+ELEMENTWISE = ((32, 256), (64, 688), (8, 12288), (32, 12288), (64, 12288), (32, 32768), (128, 32768))
 
 
 def median_us(fn, calls: int) -> float:
@@ -54,6 +59,14 @@ def main() -> None:
         print(f"paged decode kernel, {rows} row(s) x {context} tokens: "
               f"{sides(lambda: cpu_paged.paged_decode(q, pool.keys[0], pool.values[0], tables, lens, 16), 200)}")
         cache.release()
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows, width in ELEMENTWISE:
+            x = torch.randn(rows, width).to(dtype)
+            w, b = torch.randn(width).to(dtype), torch.randn(width).to(dtype)
+            name = f"{str(dtype).removeprefix('torch.')} {rows} x {width} ({rows * width} elements)"
+            print(f"LayerNorm {name}: {sides(lambda: F.layer_norm(x, (width,), w, b, 1e-5), 200)}")
+            print(f"GELU {name}: {sides(lambda: F.gelu(x), 200)}")
+            print(f"product {name}: {sides(lambda: x * x, 200)}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ eight lanes (bf16 widened to fp32 as loaded, exact), each lane keeping its maxim
 index, then the first index among the lanes holding the row's maximum: what ``torch.max(x,
 dim=-1)`` returns, ties and infinities included. A row holding a NaN gets the value NaN (its
 index is then unspecified; the sampler sends such rows down its full rule). Rows are shared
-among the threads. ``python bench/argmax_ab.py`` on a Zen 4 (docs/benchmarks.md, "Zen 4
-again: attention and the argmax"): one bf16 row 33 µs against the torch path's 144, 32 rows
-0.49 ms against 1.17.
+among the threads. ``python bench/argmax_ab.py`` on a Zen 4 (docs/benchmarks.md, "Paged KV",
+its part "Zen 4 again"): one bf16 row 33 µs against the torch path's 144, 32 rows 0.49 ms
+against 1.17.
 
 Built on first use by ``kernels.cbuild``; only where the compiler targets AVX2
 (``-march=native``) does the library report itself usable; elsewhere ``supports`` is False and
@@ -22,7 +22,7 @@ import ctypes
 
 import torch
 
-from kernels import cbuild
+from kernels import cbuild, threads
 
 ENABLED = True
 ROWS_PER_THREAD = 4           # rows below which a call stays on one thread (a thread start costs ~30 µs)
@@ -168,8 +168,8 @@ def first_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.empty(rows, dtype=torch.float32)
     indices = torch.empty(rows, dtype=torch.int64)
     if rows:
-        threads = max(1, min(torch.get_num_threads(), rows // ROWS_PER_THREAD))
-        if kernel().glm_argmax(x.data_ptr(), rows, n, values.data_ptr(), indices.data_ptr(), threads,
+        count = max(1, min(threads.outer(), rows // ROWS_PER_THREAD))
+        if kernel().glm_argmax(x.data_ptr(), rows, n, values.data_ptr(), indices.data_ptr(), count,
                                int(x.dtype == torch.bfloat16)) != 0:
             raise RuntimeError("the argmax kernel is not usable on this CPU")
     return (values if x.dtype == torch.float32 else values.to(x.dtype)), indices

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import threads
+
 LAYOUTS = ("linear", "transposed", "packed")
 # Multiply-adds below which a linear runs on one thread: a sleeping OpenMP thread (the workers'
 # OMP_WAIT_POLICY=PASSIVE) takes ~100 us to wake, more than a second thread saves on such a
@@ -87,14 +89,11 @@ class CpuDenseLinear:
         return self.weight.t() if self.layout == "transposed" else self.weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        threads = torch.get_num_threads()
-        if threads > 1 and x.numel() * self.out_features < SERIAL_MACS:
-            torch.set_num_threads(1)           # waking a second thread costs more than it saves
-            try:
+        if x.numel() * self.out_features < SERIAL_MACS:
+            with threads.serial():             # waking a second thread costs more than it saves
                 return self._apply(x)
-            finally:
-                torch.set_num_threads(threads)
-        return self._apply(x)
+        with threads.parallel():               # every thread, inside a serial forward too
+            return self._apply(x)
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "linear":

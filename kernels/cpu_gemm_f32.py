@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from kernels import cbuild
+from kernels import cbuild, threads
 
 ENABLED = True
 CHOICE = "auto"               # "auto": measured by ``faster``; "on" / "off": without measuring
@@ -191,7 +191,7 @@ class Panels:
         y = torch.empty((x2.shape[0], panels * NR), dtype=torch.float32)
         if x2.shape[0]:
             if kernel().glm_gemm_f32(x2.data_ptr(), self.weight.data_ptr(), y.data_ptr(), panels, k,
-                                     x2.shape[0], torch.get_num_threads()) != 0:
+                                     x2.shape[0], threads.outer()) != 0:
                 raise RuntimeError("the fp32 GEMM kernel is not usable on this CPU")
         if panels * NR != self.out_features:
             y = y[:, : self.out_features].contiguous()

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from kernels import cbuild
+from kernels import cbuild, threads
 
 MAX_ROWS = 2                 # rows up to which the head takes this kernel
 ENABLED = True
@@ -113,7 +113,7 @@ def matmul_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     y = torch.empty((x2.shape[0], n), dtype=torch.bfloat16)
     if x2.shape[0]:
         if kernel().glm_gemv(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), n, k, x2.shape[0],
-                             torch.get_num_threads()) != 0:
+                             threads.outer()) != 0:
             raise RuntimeError("the bf16 GEMV kernel is not usable on this CPU")
     return y.reshape(*lead, n)
 

@@ -26,7 +26,7 @@ import ctypes
 
 import torch
 
-from kernels import cbuild
+from kernels import cbuild, threads
 
 SOURCE = cbuild.FAN_OUT + r"""
 #include <math.h>
@@ -297,4 +297,4 @@ def threads_for(lens: torch.Tensor, heads: int, dim: int) -> int:
     one below ``THREAD_WORK`` per thread, since starting a thread costs more than such a share
     (docs/benchmarks.md, "Paged KV"), else up to torch's thread count."""
     work = int(lens.sum()) * heads * dim
-    return max(1, min(torch.get_num_threads(), work // THREAD_WORK))
+    return max(1, min(threads.outer(), work // THREAD_WORK))

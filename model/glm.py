@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import threads
+
 from model.config import GLMConfig
 from model.kv_cache import KVCache
 from model.paged_kv import PagedStep
@@ -302,6 +304,10 @@ class GLMModel(nn.Module):
         self.transformer = Transformer(config, ctx, dtype=dtype, device=device, quant=quant)
         self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base, device=device)
         self.layer_observer: LayerObserver | None = None
+        # The widest element-wise operand per token on this rank (qkv, the GeGLU halves, the
+        # hidden state): a forward of few tokens runs those ops on one thread (``_serial``).
+        tp = ctx.world_size
+        self._widest = max(config.hidden_size, 3 * config.hidden_size // tp, 2 * config.inner_hidden_size // tp)
 
     def prepare(self) -> "GLMModel":
         """Build the matmul ops once the weights are loaded: the quantized kernels, and on CPU the
@@ -314,6 +320,14 @@ class GLMModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.transformer.word_embeddings.weight.device
+
+    def _serial(self, tokens: int):
+        """A CPU forward of ``tokens`` whose element-wise operands stay below
+        ``kernels.threads.SERIAL_ELEMENTS`` runs them on one thread (waking a second costs more
+        than it saves); its linears, head and C kernels still take every thread where their work
+        pays for it (``kernels/threads.py``)."""
+        small = self.device.type == "cpu" and tokens * self._widest < threads.SERIAL_ELEMENTS
+        return threads.serial(small)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         heads_local = self.config.num_attention_heads // self.ctx.world_size
@@ -335,18 +349,19 @@ class GLMModel(nn.Module):
         (True = a real token), given for a left-padded prefill, makes the layers skip the
         padding (``Packing``); the logits at padded positions are then those of zeros.
         """
-        x = self.transformer.word_embeddings(input_ids)                        # [b, s, h]
-        cos, sin = self.rotary(position_ids, x.dtype)                           # [b, s, hn]
-        packing = Packing.of(valid) if valid is not None else None
-        if packing is not None:
-            x = packing.pack(x)                                                 # [1, n, h]
-        x = self._layers(x, cos, sin, attention_mask, cache, packing)
-        if packing is not None:
-            x = packing.unpack(x)                                               # [b, s, h]
-        if last_only:
-            x = x[:, -1:]
-        x = self.transformer.final_layernorm(x)
-        logits = self.transformer.word_embeddings.logits(x)                    # [b, s, V]
+        with self._serial(input_ids.numel()):
+            x = self.transformer.word_embeddings(input_ids)                    # [b, s, h]
+            cos, sin = self.rotary(position_ids, x.dtype)                       # [b, s, hn]
+            packing = Packing.of(valid) if valid is not None else None
+            if packing is not None:
+                x = packing.pack(x)                                             # [1, n, h]
+            x = self._layers(x, cos, sin, attention_mask, cache, packing)
+            if packing is not None:
+                x = packing.unpack(x)                                           # [b, s, h]
+            if last_only:
+                x = x[:, -1:]
+            x = self.transformer.final_layernorm(x)
+            logits = self.transformer.word_embeddings.logits(x)                # [b, s, V]
         return logits.float() if float_logits else logits
 
 
@@ -364,11 +379,12 @@ class GLMModel(nn.Module):
         """One packed forward over a paged batch (``model.paged_kv``): ``input_ids`` and
         ``position_ids`` ``[n]``, the tokens of every row back to back; the logits ``[rows, V]``
         of each row's last token, in the compute dtype."""
-        x = self.transformer.word_embeddings(input_ids[None])                  # [1, n, h]
-        cos, sin = self.rotary(position_ids[None], x.dtype)                     # [1, n, hn]
-        x = self._layers(x, cos, sin, None, step, None)
-        x = self.transformer.final_layernorm(x[0].index_select(0, step.last))  # [rows, h]
-        return self.transformer.word_embeddings.logits(x[None])[0]              # [rows, V]
+        with self._serial(input_ids.numel()):
+            x = self.transformer.word_embeddings(input_ids[None])              # [1, n, h]
+            cos, sin = self.rotary(position_ids[None], x.dtype)                 # [1, n, hn]
+            x = self._layers(x, cos, sin, None, step, None)
+            x = self.transformer.final_layernorm(x[0].index_select(0, step.last))   # [rows, h]
+            return self.transformer.word_embeddings.logits(x[None])[0]          # [rows, V]
 
 
 def _timed(layer: GLMBlock, observer: LayerObserver, *args) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels import cpu_gemm_f32, cpu_gemv
+from kernels import cpu_gemm_f32, cpu_gemv, threads
 from kernels.cpu_dense import CpuDenseLinear, prepare_dense
 from model.quantization import QuantSpec
 
@@ -139,7 +139,8 @@ class _ShardLinear(nn.Module):
             return self.dense(x)
         if self.op is None:
             raise RuntimeError("quantized linear used before prepare() (load the model first)")
-        return self.op(x)
+        with threads.parallel():          # every thread, inside a serial forward too (kernels/threads.py)
+            return self.op(x)
 
 
 class ColumnParallelLinear(_ShardLinear):
