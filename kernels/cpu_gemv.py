@@ -33,6 +33,7 @@ ENABLED = True
 CHOICE = "auto"              # "auto": measured by rows_faster; "on" / "off": without measuring
 WIN = 0.9                    # the kernel is taken where its median time is below WIN x the dense op's
 ROUNDS = 7                   # alternating timed calls of each, after two untimed ones
+THREAD_WORK = 2_000_000      # weight elements per thread below which a call runs on fewer threads
 
 SOURCE = cbuild.FAN_OUT + r"""
 #include <stdint.h>
@@ -112,8 +113,8 @@ def matmul_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()
     y = torch.empty((x2.shape[0], n), dtype=torch.bfloat16)
     if x2.shape[0]:
-        if kernel().glm_gemv(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), n, k, x2.shape[0],
-                             threads.outer()) != 0:
+        count = max(1, min(threads.outer(), n * k // THREAD_WORK))   # a thread start costs ~30 µs
+        if kernel().glm_gemv(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), n, k, x2.shape[0], count) != 0:
             raise RuntimeError("the bf16 GEMV kernel is not usable on this CPU")
     return y.reshape(*lead, n)
 

@@ -15,7 +15,10 @@ weights are stored column-major (the ``[in, out]`` copy *is* the parameter, so n
 but the tied head keeps a micro-panel copy for ``kernels.cpu_gemm_f32`` where that measures faster;
 bf16 weights on CPUs with native bf16 go to oneDNN's packed layout, which replaces a linear's
 weight (``state_dict()`` rebuilds the plain one) and sits beside the embedding as one extra copy
-of the vocab slice, since lookups need the rows (``model/plan.py`` counts it).
+of the vocab slice, since lookups need the rows (``model/plan.py`` counts it). A packed bf16 linear
+of at most ``GEMV_MAX_BYTES`` also keeps its plain rows for ``kernels.cpu_gemv`` at the row counts
+where that measures faster (one or two rows: oneDNN's per-call cost is most of such a product;
+docs/benchmarks.md, "GEMV at batch 1").
 """
 
 from __future__ import annotations
@@ -77,6 +80,11 @@ class ParallelContext:
         return n // self.world_size
 
 
+# A packed bf16 linear up to this size keeps its plain rows for ``kernels.cpu_gemv`` too (the
+# demo's 131-704 KB; GLM-130B's shards are hundreds of MB and keep the packed copy only).
+GEMV_MAX_BYTES = 8 * 1024 * 1024
+
+
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> nn.Parameter:
     # Weights are always loaded from a checkpoint, so no initialisation is spent here.
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
@@ -89,6 +97,8 @@ class _ShardLinear(nn.Module):
                      quant: QuantSpec | None, what: str) -> None:
         self.quant, self.dtype, self.in_local = quant, dtype, in_local
         self.op = None
+        self.gemv_weight: torch.Tensor | None = None   # plain rows for kernels.cpu_gemv (prepare)
+        self.gemv_rows = 0                             # rows up to which it serves (measured)
         if quant is None:
             self.weight = _empty((out_local, in_local), dtype, device)
             return
@@ -119,6 +129,11 @@ class _ShardLinear(nn.Module):
         if op.layout == "transposed":
             self.weight.data = op.weight.t()  # the op's [in, out] copy is now the parameter's storage
         elif op.layout == "packed":
+            plain = self.weight.detach()
+            if plain.nbytes <= GEMV_MAX_BYTES and cpu_gemv.supports(plain):
+                bare = CpuDenseLinear(plain, layout="packed") if self.fuse_bias else op
+                self.gemv_rows = cpu_gemv.rows_faster(plain, bare)      # measured without the bias
+                self.gemv_weight = plain.contiguous() if self.gemv_rows else None
             del self.weight  # the packed copy replaces it; state_dict() rebuilds the plain matrix
             self.register_parameter("weight", None)
         self.op = op
@@ -130,6 +145,9 @@ class _ShardLinear(nn.Module):
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T``, plus the bias where it is fused (column-parallel)."""
+        if self.gemv_rows and x.numel() <= self.gemv_rows * self.in_local and x.dtype == torch.bfloat16:
+            y = cpu_gemv.matmul_t(x, self.gemv_weight)
+            return y.add_(self.bias) if self.fuse_bias else y
         if self.op is not None:
             return self.op(x)
         return F.linear(x, self.weight, self.bias if self.fuse_bias else None)

@@ -77,3 +77,47 @@ def test_unsupported_weights_are_refused():
     assert not cpu_gemv.supports(torch.randn(64, 256))                      # fp32
     assert not cpu_gemv.supports(torch.randn(64, 48).bfloat16())            # k not a multiple of 32
     assert not cpu_gemv.supports(torch.randn(256, 64).bfloat16().t())       # not contiguous
+
+
+@needs_bf16_gemv
+def test_small_packed_layer_linears_take_it_at_their_measured_rows(monkeypatch):
+    """A packed bf16 linear of at most GEMV_MAX_BYTES keeps its plain rows and takes the kernel
+    at one or two rows (the column-parallel bias added after it), oneDNN's packed op above; a
+    larger one keeps the packed copy only; the state dict holds the plain weight either way."""
+    from kernels import cpu_dense
+    from model import parallel
+    from model.parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear
+
+    if not cpu_dense.native_bf16():
+        pytest.skip("no native bf16 in oneDNN: the layers are not packed here")
+    monkeypatch.setattr(cpu_gemv, "CHOICE", "on")
+    gen = torch.Generator().manual_seed(4)
+    calls = []
+    real = cpu_gemv.matmul_t
+    monkeypatch.setattr(cpu_gemv, "matmul_t", lambda x, w: calls.append(x.reshape(-1, x.shape[-1]).shape[0])
+                        or real(x, w))
+    for cls in (ColumnParallelLinear, RowParallelLinear):
+        layer = cls(256, 384, ParallelContext(), dtype=torch.bfloat16, what="test")
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+        layer.prepare()
+        assert layer.gemv_rows == 2 and layer.gemv_weight is not None
+        assert torch.equal(layer.state_dict()["weight"], w)
+        calls.clear()
+        with torch.inference_mode():
+            for rows in (1, 2, 3):
+                x = torch.randn(1, rows, 256, generator=gen).bfloat16()
+                got = layer(x)
+                want = F.linear(x.float(), w.float(), b.float())
+                err = (got.float() - want).abs()
+                assert torch.all(err <= 3 * torch.finfo(torch.bfloat16).eps * want.abs().clamp_min(1e-2) + 1e-3), err.max()
+        assert calls == [1, 2]
+    monkeypatch.setattr(parallel, "GEMV_MAX_BYTES", 1000)
+    big = ColumnParallelLinear(256, 384, ParallelContext(), dtype=torch.bfloat16, what="test")
+    with torch.no_grad():
+        for p in big.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    big.prepare()
+    assert big.gemv_rows == 0 and big.gemv_weight is None
