@@ -60,7 +60,7 @@ def test_a_large_linear_inside_a_serial_forward_takes_every_thread(two_threads, 
 def test_a_few_token_forward_runs_serial_and_a_long_prefill_does_not(two_threads, monkeypatch):
     """The model's element-wise ops (its LayerNorms here) see one thread at a decode step's
     size and the process's count once the widest operand passes SERIAL_ELEMENTS; the logits
-    are the same either way."""
+    agree either way."""
     from model.config import PRESETS
     from model.glm import GLMModel
     from model.paged_kv import prefill_mask
@@ -80,4 +80,4 @@ def test_a_few_token_forward_runs_serial_and_a_long_prefill_does_not(two_threads
     monkeypatch.setattr(threads, "SERIAL_ELEMENTS", 0)
     plain = model(ids, pos, mask)
     assert seen == [1, 2] and torch.get_num_threads() == 2
-    torch.testing.assert_close(serial, plain, rtol=0, atol=0)
+    torch.testing.assert_close(serial, plain)        # the same arithmetic (a library may split sums)
