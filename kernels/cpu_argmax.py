@@ -168,7 +168,7 @@ def first_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.empty(rows, dtype=torch.float32)
     indices = torch.empty(rows, dtype=torch.int64)
     if rows:
-        count = max(1, min(threads.outer(), rows // ROWS_PER_THREAD))
+        count = threads.for_work(rows, ROWS_PER_THREAD)
         if kernel().glm_argmax(x.data_ptr(), rows, n, values.data_ptr(), indices.data_ptr(), count,
                                int(x.dtype == torch.bfloat16)) != 0:
             raise RuntimeError("the argmax kernel is not usable on this CPU")

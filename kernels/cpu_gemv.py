@@ -113,7 +113,7 @@ def matmul_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()
     y = torch.empty((x2.shape[0], n), dtype=torch.bfloat16)
     if x2.shape[0]:
-        count = max(1, min(threads.outer(), n * k // THREAD_WORK))   # a thread start costs ~30 µs
+        count = threads.for_work(n * k, THREAD_WORK)                 # a thread start costs ~30 µs
         if kernel().glm_gemv(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), n, k, x2.shape[0], count) != 0:
             raise RuntimeError("the bf16 GEMV kernel is not usable on this CPU")
     return y.reshape(*lead, n)

@@ -297,4 +297,4 @@ def threads_for(lens: torch.Tensor, heads: int, dim: int) -> int:
     one below ``THREAD_WORK`` per thread, since starting a thread costs more than such a share
     (docs/benchmarks.md, "Paged KV"), else up to torch's thread count."""
     work = int(lens.sum()) * heads * dim
-    return max(1, min(threads.outer(), work // THREAD_WORK))
+    return threads.for_work(work, THREAD_WORK)

@@ -10,7 +10,7 @@ GELU over 64 × 688 68 against 26; docs/benchmarks.md, "Threads", its part on el
 ``serial()`` runs a block on one torch thread; inside it ``parallel()`` gives a block back the
 thread count the process had outside (``outer()``), for the ops whose work pays for more: the
 dense linears above ``kernels.cpu_dense.SERIAL_MACS``, the quantized linears, and the C kernels,
-which start their own POSIX threads (``outer()`` is their count). Outside ``serial()`` both are
+which start their own POSIX threads (at most ``outer()``: ``for_work``). Outside ``serial()`` both are
 no-ops. The regions are per thread (a worker runs its forwards on one model thread).
 """
 
@@ -33,6 +33,12 @@ _state = threading.local()
 def outer() -> int:
     """The torch thread count outside any ``serial()`` region of this thread."""
     return getattr(_state, "outer", None) or torch.get_num_threads()
+
+
+def for_work(work: int, per_thread: int) -> int:
+    """POSIX threads for a C kernel call of ``work`` units: one per ``per_thread`` of them (a
+    thread start costs more than a smaller share), at least one, at most ``outer()``."""
+    return max(1, min(outer(), work // per_thread))
 
 
 @contextmanager

@@ -81,3 +81,10 @@ def test_a_few_token_forward_runs_serial_and_a_long_prefill_does_not(two_threads
     plain = model(ids, pos, mask)
     assert seen == [1, 2] and torch.get_num_threads() == 2
     torch.testing.assert_close(serial, plain)        # the same arithmetic (a library may split sums)
+
+
+def test_a_c_kernel_takes_one_thread_per_share_of_work_up_to_the_outer_count(two_threads):
+    assert threads.for_work(0, 100) == 1 and threads.for_work(199, 100) == 1
+    assert threads.for_work(200, 100) == 2 and threads.for_work(10**9, 100) == 2
+    with threads.serial():                           # the C kernels' count is the outer one
+        assert threads.for_work(10**9, 100) == 2
