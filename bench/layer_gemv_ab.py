@@ -10,13 +10,11 @@ Needs a CPU with AVX-512-BF16 (elsewhere the layers keep their dense op and both
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from model.engine import Batch, Engine
-from model.paged_kv import PagedStep
+from kernels import cbuild
+from model.engine import Engine
 from model.parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear
 from services.bench import step as bench_step
 from services.common.malloc import tune_malloc
@@ -37,25 +35,23 @@ def main() -> None:
     print(f"rows each layer linear takes the kernel at (measured by prepare): {measured}; "
           f"median ms of {args.rounds} forwards each, alternating")
     engine = Engine(model)
+
+    def with_gemv(on: bool, forward):
+        def call():
+            for m, r in zip(linears, measured):
+                m.gemv_rows = r if on else 0
+            return forward()
+        return call
+
     for rows in (int(b) for b in args.batch.split(",")):
-        budget = 2 * args.rounds + 10
-        engine.pool = bench_step._pool(model, rows, args.context_tokens + budget + 1, 16)
-        batch = engine.prefill(Batch(0, bench_step._decode_rows(rows, args.context_tokens, budget))).batch
-        positions = batch.decode_positions(engine.device).view(-1)
-        times: dict[str, list[float]] = {"gemv": [], "packed": []}
+        batch, forward = bench_step.paged_decode(engine, rows, args.context_tokens, 2 * args.rounds + 10)
         with torch.inference_mode():
-            for round_ in range(args.rounds + 5):
-                for name in times:
-                    for m, r in zip(linears, measured):
-                        m.gemv_rows = r if name == "gemv" else 0
-                    start = time.perf_counter()
-                    model.step_logits(batch.pending, positions, PagedStep.build(batch.cache, rows, []))
-                    if round_ >= 5:
-                        times[name].append(time.perf_counter() - start)
+            med = cbuild.median_times({"gemv": with_gemv(True, forward), "packed": with_gemv(False, forward)},
+                                      args.rounds, untimed=5)
         for m, r in zip(linears, measured):
             m.gemv_rows = r
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        print(f"batch {rows:3d}  gemv {med['gemv']:.2f}  packed {med['packed']:.2f}  ratio {med['gemv'] / med['packed']:.2f}")
+        print(f"batch {rows:3d}  gemv {med['gemv'] * 1e3:.2f}  packed {med['packed'] * 1e3:.2f}  "
+              f"ratio {med['gemv'] / med['packed']:.2f}")
         batch.release()
 
 

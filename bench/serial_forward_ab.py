@@ -10,14 +10,11 @@ The demo's shape (dummy glm-small weights), the workers' thread policy when run 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from kernels import threads
-from model.engine import Batch, Engine
-from model.paged_kv import PagedStep
+from kernels import cbuild, threads
+from model.engine import Engine
 from model.parallel import ParallelContext
 from services.bench import step as bench_step
 from services.common.malloc import tune_malloc
@@ -38,23 +35,20 @@ def main() -> None:
     rule = threads.SERIAL_ELEMENTS
     print(f"dtype {model.dtype}, torch threads {torch.get_num_threads()}, context {args.context_tokens} "
           f"tokens; median ms of {args.rounds} forwards each, alternating")
+
+    def with_rule(value: int, forward):
+        def call():
+            threads.SERIAL_ELEMENTS = value
+            return forward()
+        return call
+
     for rows in (int(b) for b in args.batch.split(",")):
-        budget = 2 * args.rounds + 10
-        engine.pool = bench_step._pool(model, rows, args.context_tokens + budget + 1, 16)
-        batch = engine.prefill(Batch(0, bench_step._decode_rows(rows, args.context_tokens, budget))).batch
-        positions = batch.decode_positions(engine.device).view(-1)
-        times: dict[str, list[float]] = {"serial": [], "rule off": []}
+        batch, forward = bench_step.paged_decode(engine, rows, args.context_tokens, 2 * args.rounds + 10)
         with torch.inference_mode():
-            for round_ in range(args.rounds + 5):
-                for name, value in (("serial", rule), ("rule off", 0)):
-                    threads.SERIAL_ELEMENTS = value
-                    start = time.perf_counter()
-                    model.step_logits(batch.pending, positions, PagedStep.build(batch.cache, rows, []))
-                    if round_ >= 5:
-                        times[name].append(time.perf_counter() - start)
+            med = cbuild.median_times({"serial": with_rule(rule, forward), "rule off": with_rule(0, forward)},
+                                      args.rounds, untimed=5)
         threads.SERIAL_ELEMENTS = rule
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        print(f"batch {rows:3d}  serial {med['serial']:.2f}  rule off {med['rule off']:.2f}  "
+        print(f"batch {rows:3d}  serial {med['serial'] * 1e3:.2f}  rule off {med['rule off'] * 1e3:.2f}  "
               f"ratio {med['serial'] / med['rule off']:.2f}")
         batch.release()
 

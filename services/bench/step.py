@@ -216,6 +216,20 @@ def _pool(model, rows: int, tokens: int, block_size: int):
                      device=model.device)
 
 
+def paged_decode(engine, rows: int, context_tokens: int, calls: int, block_size: int = 16):
+    """``rows`` greedy rows of ``context_tokens`` prefilled into a pool of their own (room for
+    ``calls`` more tokens each), given to ``engine``; the batch (release it after) and the packed
+    forward of its decode step alone (each call claims the rows' next slots, as a step does)."""
+    from model.engine import Batch
+    from model.paged_kv import PagedStep
+
+    model = engine.model
+    engine.pool = _pool(model, rows, context_tokens + calls + 1, block_size)
+    batch = engine.prefill(Batch(0, _decode_rows(rows, context_tokens, calls))).batch
+    positions = batch.decode_positions(engine.device).view(-1)
+    return batch, lambda: model.step_logits(batch.pending, positions, PagedStep.build(batch.cache, rows, []))
+
+
 def _prefill_forward(engine, rows):
     """The prefill forward alone (no sampling) of a new batch of ``rows``."""
     from model.engine import Batch
