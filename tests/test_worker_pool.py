@@ -156,6 +156,48 @@ def test_requests_join_and_leave_between_steps(pool, model):
     assert health[0].token_digest == health[1].token_digest and health[0].cached_batches == 0
 
 
+def test_steps_sent_ahead_run_in_their_order_and_skip_an_emptied_batch(pool, model):
+    """A Decode sent ahead (step 2) that reaches the ranks before the one it follows (step 1)
+    waits for it; the following ones chain on the batch each returns, the rows that finished
+    leave, and the one after the last row finished gets an empty reply. Every request gets
+    the tokens of ``Generator``."""
+    a = pb.Batch(id=30, requests=[request(31, PROMPTS["mask"], 3), request(32, PROMPTS["gmask"], 5),
+                                  request(33, PROMPTS["mid_mask"], 4, **SAMPLED)])
+
+    async def scenario(c):
+        tokens = Tokens()
+        await c.clear_cache()                                  # a new caller numbers its steps from 1
+        running = tokens.add(await c.prefill(a))
+        ahead = asyncio.ensure_future(c.decode([pb.CachedBatch(id=running.id)], step=2, ahead=True))
+        await asyncio.sleep(0.3)                               # on the ranks first, it waits there
+        assert not ahead.done()
+        replies = [await c.decode([running], step=1)]
+        step = 2
+        while True:
+            following = asyncio.ensure_future(c.decode([pb.CachedBatch(id=running.id)], step=step + 1, ahead=True))
+            replies.append(await ahead)
+            ahead, step = following, step + 1
+            if not replies[-1].HasField("batch"):
+                break
+        replies.append(await ahead)
+        for reply in replies:
+            tokens.add(reply)
+        refused = None
+        try:
+            await c.decode([pb.CachedBatch(id=running.id)], step=step + 2, ahead=True, admit=a)
+        except ShardCallError as exc:
+            refused = exc
+        return tokens, replies, refused, await c.health()
+
+    tokens, replies, refused, health = drive(pool.addresses, scenario)
+    for req in a.requests:
+        assert tokens.ids[req.id] == reference(model, req), req.id
+    assert [len(r.generations) for r in replies] == [3, 3, 2, 1, 0]     # rows leave at 3, 4 and 5 tokens
+    assert not replies[-1].HasField("batch") and not replies[-2].HasField("batch") and replies[-1].total_ns
+    assert refused is not None and refused.code == grpc.StatusCode.INVALID_ARGUMENT and "ahead" in refused.details
+    assert health[0].token_digest == health[1].token_digest and health[0].cached_batches == 0
+
+
 def test_over_capacity_prefill_is_refused(pool):
     def long(i):                                                        # 300 tokens + sop: 19 blocks
         return [20000 + (i + j) % 300 for j in range(299)] + [150001]    # distinct: no prompt shared

@@ -164,9 +164,11 @@ class ShardClient:
         return await self.call("Prefill", pb.PrefillRequest(batch=batch), timeout_s)
 
     async def decode(self, batches: list[pb.CachedBatch], timeout_s: float | None = None, *,
-                     admit: pb.Batch | None = None) -> pb.DecodeResponse:
-        """One step of ``batches`` (and, paged, the new requests of ``admit`` in the same forward)."""
-        return await self.call("Decode", pb.DecodeRequest(batches=batches, admit=admit), timeout_s)
+                     admit: pb.Batch | None = None, step: int = 0, ahead: bool = False) -> pb.DecodeResponse:
+        """One step of ``batches`` (and, paged, the new requests of ``admit`` in the same forward);
+        ``step`` numbers it, ``ahead`` sends it before the reply of step ``step - 1``."""
+        req = pb.DecodeRequest(batches=batches, admit=admit, step=step, ahead=ahead)
+        return await self.call("Decode", req, timeout_s)
 
     async def filter_batch(self, batch_id: int, keep_request_ids: list[int]) -> pb.FilterBatchResponse:
         req = pb.FilterBatchRequest(batch_id=batch_id, keep_request_ids=keep_request_ids)

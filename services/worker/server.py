@@ -43,7 +43,7 @@ from services.proto_gen.glm.v1 import shard_pb2_grpc
 from services.worker.client import TOKEN_METADATA, read_token
 from services.worker.metrics import BROKEN, WorkerMetrics, failure_reason
 from services.worker.options import WorkerOptions
-from services.worker.shard import OutOfMemory, Shard
+from services.worker.shard import OutOfMemory, Shard, ahead_problem
 
 log = logging.getLogger("glm.worker")
 MAX_MESSAGE = 256 * 1024 * 1024
@@ -60,6 +60,8 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                                                 rank=self.rank)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"shard-{self.rank}")
         self.broken: str | None = None
+        self.handed_step = 0                        # the last numbered Decode handed to the model thread
+        self._handed = asyncio.Event()              # set when it moves (for a Decode sent ahead)
 
     def _execute(self, method, request, parent, collective: bool):
         """On the model thread. Marks the rank broken here, not in the handler: a
@@ -116,14 +118,39 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         return reply
 
     async def Decode(self, request, context):
+        if request.ahead:
+            await self._turn_of(request, context)
+        if request.step:
+            self.handed_step = request.step         # handed to the model thread now, in this order
+            self._handed.set()
         reply = await self._run(context, self.shard.decode, request, collective=True)
-        self.metrics.decode.observe(reply.forward_ns / 1e9)
+        if reply.forward_ns:                        # an ahead step with nothing left ran no forward
+            self.metrics.decode.observe(reply.forward_ns / 1e9)
         return reply
+
+    async def _turn_of(self, request, context: grpc.aio.ServicerContext) -> None:
+        """A Decode sent ahead runs after the one before it (numbered ``step - 1``): it waits
+        until that one was handed to the model thread. Two calls on one connection normally
+        arrive in order; this makes the order a guarantee, within the call's deadline."""
+        problem = ahead_problem(request)
+        if problem:                                 # refused before it waits
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        step = request.step
+        while self.handed_step < step - 1:
+            self._handed.clear()
+            remaining = context.time_remaining()
+            try:
+                await asyncio.wait_for(self._handed.wait(), remaining if remaining is not None else None)
+            except asyncio.TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"decode step {step} sent ahead: step {step - 1} never came")
 
     async def FilterBatch(self, request, context):
         return await self._run(context, self.shard.filter_batch, request, collective=False)
 
     async def ClearCache(self, request, context):
+        if not request.HasField("batch_id"):
+            self.handed_step = 0                    # a new scheduler numbers its steps from 1
         return await self._run(context, self.shard.clear_cache, request, collective=False)
 
 

@@ -38,6 +38,15 @@ from services.worker.kv_budget import kv_bytes_per_token, kv_memory_bytes
 
 log = logging.getLogger("glm.worker")
 
+
+def ahead_problem(req: pb.DecodeRequest) -> str:
+    """What makes ``req``, a Decode sent ahead, malformed ("" if nothing)."""
+    if req.step < 1:
+        return "decode: a step sent ahead needs its step number (step >= 1)"
+    if req.HasField("admit") or not req.batches or any(b.request_ids for b in req.batches):
+        return "decode: a step sent ahead lists batches by id only and admits nothing"
+    return ""
+
 WARMUP_TOKEN = 20100  # any text id
 
 
@@ -270,10 +279,18 @@ class Shard:
 
     def decode(self, req: pb.DecodeRequest, parent: Context | None = None) -> pb.DecodeResponse:
         start = time.perf_counter_ns()
-        if not req.batches and not req.HasField("admit"):
+        listed_batches = list(req.batches)
+        if req.ahead:
+            problem = ahead_problem(req)
+            if problem:
+                raise InvalidArgument(problem)
+            listed_batches = [b for b in listed_batches if b.id in self.batches]   # the others finished
+            if not listed_batches:
+                return pb.DecodeResponse(total_ns=time.perf_counter_ns() - start)
+        if not listed_batches and not req.HasField("admit"):
             raise InvalidArgument("decode: no batches listed and none admitted")
-        ids = [b.id for b in req.batches]
-        for listed in req.batches:
+        ids = [b.id for b in listed_batches]
+        for listed in listed_batches:
             if ids.count(listed.id) > 1:
                 raise InvalidArgument(f"decode: batch {listed.id} is listed twice")
             held = self.batches.get(listed.id)

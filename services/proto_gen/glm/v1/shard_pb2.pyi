@@ -233,12 +233,16 @@ class PrefillResponse(_message.Message):
     def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., batch: _Optional[_Union[CachedBatch, _Mapping]] = ..., forward_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., failed: _Optional[_Iterable[_Union[RowFailure, _Mapping]]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("batches", "admit")
+    __slots__ = ("batches", "admit", "step", "ahead")
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     ADMIT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_FIELD_NUMBER: _ClassVar[int]
     batches: _containers.RepeatedCompositeFieldContainer[CachedBatch]
     admit: Batch
-    def __init__(self, batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ..., admit: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
+    step: int
+    ahead: bool
+    def __init__(self, batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ..., admit: _Optional[_Union[Batch, _Mapping]] = ..., step: _Optional[int] = ..., ahead: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("generations", "batch", "forward_ns", "total_ns", "concat_ns", "failed")
