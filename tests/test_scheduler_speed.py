@@ -143,7 +143,7 @@ def test_a_steps_events_go_out_while_the_next_decode_runs(pool, server, monkeypa
         class Client(ShardClient):
             """The pool's client, ordering the second Decode against the first one's events."""
 
-            async def decode(self, batches, timeout_s=None, *, admit=None):
+            async def decode(self, batches, timeout_s=None, **kw):
                 state["decodes"] += 1
                 if state["decodes"] == 1:             # from now on a publish waits for Decode 2
                     real = loop.queue.publish
@@ -156,7 +156,7 @@ def test_a_steps_events_go_out_while_the_next_decode_runs(pool, server, monkeypa
                     second_decode_sent.set()
                     # seq 0 came from the prefill, seq 1 from Decode 1: both must be in Redis
                     await until(lambda: published_through(1), "Decode 1's events in Redis during Decode 2")
-                return await super().decode(batches, timeout_s, admit=admit)
+                return await super().decode(batches, timeout_s, **kw)
 
         monkeypatch.setattr(loop_module, "ShardClient", Client)
         task = asyncio.ensure_future(loop.run())

@@ -24,7 +24,8 @@ import redis
 
 from services.common import redis_keys as keys
 
-COUNTERS = ("decode_steps", "decode_rows", "prefill_steps", "prefill_rows", "preempted", "shard_ms", "busy_ms")
+COUNTERS = ("decode_steps", "decode_rows", "prefill_steps", "prefill_rows", "preempted", "ahead_steps", "shard_ms",
+            "busy_ms")
 _OWN = ("config|resetstat", "config", "info")   # what this module sends between the two reads
 
 
@@ -113,7 +114,8 @@ def format_line(mode: str, load: dict) -> str:
     ratio_text = "" if ratio is None else (f"; stack tokens/s x{ratio:.2f} the workers' own "
                                            f"({load['workers_tok_s']:.0f} tokens/s in their calls)")
     return (f"{mode}: Redis {load['per_token']:.2f} commands/token ({top}); "
-            f"rows per forward {rows_text} over {load['steps']['decode_steps']:.0f} decode steps, "
+            f"rows per forward {rows_text} over {load['steps']['decode_steps']:.0f} decode steps "
+            f"({load['steps'].get('ahead_steps', 0):.0f} sent ahead), "
             f"{load['steps']['prefill_steps']:.0f} prefills, {load['steps'].get('preempted', 0):.0f} rows preempted; "
             f"workers busy {busy_text} of the pools' busy time"
             f"{ratio_text}")

@@ -8,9 +8,12 @@ Decode that also admits the new phases, over dense ones a Prefill then a Decode 
 running + new batches). The step's events (and the previous step's)
 wait in the outbox; one flusher task publishes them, in one script call, while
 the next Decode runs (``outbox.Flusher``), so the workers do not wait on Redis;
-when there is no next Decode they are published at once. The cancel keys are read
-before the step is planned, so a request whose flag was read runs no further step:
-the next plan ends it (``PoolLoop.cancel_marks`` records both step numbers). Between steps,
+when there is no next Decode they are published at once. Over paged workers the next
+Decode is often sent ahead, before the reply of the one running (``steps``: the workers
+never wait on this loop), so the poll and the events run while they compute. The cancel
+keys are read before the step is planned, so once a request's flag was read no step is
+sent with it: the next plan ends it (``PoolLoop.cancel_marks`` records both step numbers);
+only a step sent ahead before the read still runs with it. Between steps,
 on timers: XAUTOCLAIM a dead pool's entries and resume them from their events,
 the heartbeat hash, a Health call while idle.
 
@@ -74,11 +77,12 @@ log = logging.getLogger("glm.scheduler")
 
 @dataclass(frozen=True)
 class CancelMark:
-    """A cancelled request, in step numbers (``PoolLoop.steps`` counts the steps done).
+    """A cancelled request, in step numbers (``PoolLoop.sent`` counts the steps sent).
 
-    ``seen_before_step``: steps done when the loop read the request's cancel flag;
-    ``left_in_step``: the step whose plan ended it. The protocol guarantees they are
-    equal: no step runs with a request after its flag was read."""
+    ``seen_before_step``: steps sent when the loop read the request's cancel flag;
+    ``left_in_step``: steps sent when it ended. The protocol guarantees they are equal:
+    no step is sent with a request after its flag was read (a step sent ahead before
+    the read still runs with it: its token is the last one)."""
 
     request_id: str
     seen_before_step: int
@@ -139,14 +143,17 @@ class PoolLoop(ShardSteps):
         self.spans: dict[str, trace.Span] = {}
         self.raw: dict[str, str] = {}             # request id -> its queue document (for the dead letter)
         self.steps = 0                            # steps done
+        self.sent = 0                             # forward calls sent (they number the Decodes)
+        self.ahead = None                         # the Decode sent ahead, in flight (steps.Sent)
         # steps and rows sent, and the time the shard calls took out of the busy time (from a
         # busy period's first step to its last step's end): in the heartbeat, for glm bench
         self.counters = dict.fromkeys(("decode_steps", "decode_rows", "prefill_steps", "prefill_rows",
-                                       "preempted", "shard_ms", "busy_ms"), 0)
+                                       "preempted", "ahead_steps", "shard_ms", "busy_ms"), 0)
+        self.shard_until = 0.0                    # the last shard call's end (steps._count_shard_time)
         self._last_step_end: float | None = None
         self.after_step = after_step
         self.cancel_marks: collections.deque[CancelMark] = collections.deque(maxlen=1024)   # the latest ones
-        self._cancel_seen: dict[str, int] = {}    # request id -> steps done when its cancel flag was read
+        self._cancel_seen: dict[str, int] = {}    # request id -> steps sent when its cancel flag was read
         self.taken: set[str] = set()              # held requests whose entry another pool holds now
         self.taken_count = 0                      # requests dropped so (for the tests)
         self.redis_failures = 0                   # Redis failures ridden through (for the tests)
@@ -194,6 +201,9 @@ class PoolLoop(ShardSteps):
         finally:
             if refresher is not None:
                 refresher.cancel()
+            if self.ahead is not None:                # a Decode sent ahead, its reply never read
+                self.ahead.call.cancel()
+                self.ahead.span.end()
             self.flusher.cancel()
             for span in self.spans.values():
                 span.set_status(trace.StatusCode.ERROR, "pool stopped")
@@ -305,28 +315,29 @@ class PoolLoop(ShardSteps):
                 depth = await self._redis(self.queue.lag)
                 if depth is not None:
                     self.metrics.queue_depth.set(depth)
+            idle = core.idle and self.ahead is None
             if self.stopping.is_set():
                 drain_until = drain_until or now + o.drain_timeout_s
-                if (core.idle and not self.outbox) or now > drain_until:
+                if (idle and not self.outbox) or now > drain_until:
                     return
-            went_idle = core.idle and not was_idle
-            was_idle = core.idle
+            went_idle = idle and not was_idle
+            was_idle = idle
             if now - last["heartbeat"] >= o.heartbeat_s or went_idle:
                 last["heartbeat"] = now
                 await self._redis(self.queue.heartbeat, {
                     "model": o.model, "capacity": core.capacity, "mode": o.limits.mode.value,
                     "running": snapshot.running, "waiting": snapshot.waiting, **self.counters})
             await self._recover()
-            if core.idle:
+            if idle:
                 await self.flusher.now()        # else the next Decode's flusher publishes it
             self._drop_taken()
             if drain_until is None and not self.degraded and now - last["claim"] >= o.claim_every_s:
                 last["claim"] = now
                 await self._claim()
             room = 0 if drain_until is not None or self.degraded else core.room()
-            for entry in await self._poll(room, o.idle_block_ms if core.idle else None):
+            for entry in await self._poll(room, o.idle_block_ms if idle else None):
                 await self._add(entry)
-            if core.idle:
+            if core.idle and self.ahead is None:
                 self._last_step_end = None
                 if now - last["health"] >= o.health_every_s:
                     last["health"] = now
@@ -351,9 +362,9 @@ class PoolLoop(ShardSteps):
         flags, entries = await self._redis(self.queue.poll, ids, room, block_ms, default=([], []))
         for rid, flag in zip(ids, flags):
             if flag and self.core.cancel(rid):
-                self._cancel_seen[rid] = self.steps
-                log.info("pool %s: request %s cancelled by its caller (before step %d)",
-                         self.options.pool_id, rid, self.steps)
+                self._cancel_seen[rid] = self.sent
+                log.info("pool %s: request %s cancelled by its caller (%d steps sent)",
+                         self.options.pool_id, rid, self.sent)
         return entries
 
     async def _claim(self) -> None:
@@ -414,7 +425,7 @@ class PoolLoop(ShardSteps):
                 self.taken_count += 1
             seen = self._cancel_seen.pop(outcome.request_id, None)
             if seen is not None and not lost:
-                self.cancel_marks.append(CancelMark(outcome.request_id, seen, self.steps))
+                self.cancel_marks.append(CancelMark(outcome.request_id, seen, self.sent))
             self.raw.pop(outcome.request_id, None)
             span = self.spans.pop(outcome.request_id, None)
             if span is not None:

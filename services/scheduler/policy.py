@@ -26,7 +26,8 @@ shard protocol (not a tensor-parallel shard: every rank holds every row). The
 loop uses only the public methods: ``add`` / ``cancel``, ``request_ids`` /
 ``tags`` / ``idle`` / ``room`` / ``snapshot``, then per step ``plan`` and the
 replies (``filtered``, ``prefilled`` or ``prefill_refused``, ``decode_batches``
-with ``request_ids_of``, ``decoded``).
+with ``request_ids_of``, ``decoded``); over paged workers ``rows_after`` and ``ahead``
+say when the next Decode can be sent before the reply (``services.scheduler.ahead``).
 
 A row the workers report failed (``RowFailure``: it failed on its own, e.g. its
 sampling raised, and left their batch) ends its request at once with an INTERNAL
@@ -44,13 +45,14 @@ from model.config import END_IDS
 from model.kv_footprint import blocks_for, padded_kv_slots
 from model.limits import blanks_problem
 from services.common.messages import Event, FinishReason, QueuedRequest
+from services.scheduler.ahead import RunAhead
 from services.scheduler.ops import (BatchingMode, BatchView, FilterOp, Limits, PrefillOp, ShardRequest, Snapshot,
                                     StepOutput, StepPlan)
 from services.scheduler.request import Cancellation, Gen, Outcome, RequestState, RequestStatus
 from services.scheduler.resume import Resumed, ResumeError, apply_events
 
 
-class Scheduler:
+class Scheduler(RunAhead):
     """The requests of one pool and the decisions of every step (see the module docstring)."""
 
     def __init__(self, limits: Limits, capacity: int, *, max_sequence_length: int,

@@ -62,3 +62,8 @@ def batch_pb(op: PrefillOp) -> pb.Batch:
 
 def cached_pb(v: BatchView) -> pb.CachedBatch:
     return pb.CachedBatch(id=v.id, request_ids=v.row_ids, size=v.rows, max_tokens=v.max_tokens, width=v.width)
+
+
+def ahead_pb(batch_id: int) -> list[pb.CachedBatch]:
+    """The batches of a Decode sent ahead: the one the step in flight returns, by id only."""
+    return [pb.CachedBatch(id=batch_id)]
