@@ -1,5 +1,6 @@
-"""The scheduler end to end with the real Redis and a real TP=1 worker pool: requests
-XADDed as the gateway would are served with continuous batching and equal
+"""The scheduler end to end with the real Redis and a real TP=1 worker pool (TP=2 for the
+steps sent ahead of their replies): requests XADDed as the gateway would are served with
+continuous batching and equal
 ``Generator`` (what ``glm generate --greedy`` runs); cancellation, several blanks,
 stop texts, resuming a dead pool's half-done request from its events, poison
 requests (dead letter + error event), a missing worker failing the pool, and the
@@ -30,6 +31,7 @@ from services.common.messages import Event, QueuedRequest, Sampling
 from services.common.tracing import setup_tracing
 from services.scheduler.loop import LoopOptions, PoolFailure, PoolLoop
 from services.scheduler.policy import Limits
+from services.worker.client import ShardClient
 from services.worker.pool import start_pool
 from redis_harness import url
 
@@ -212,6 +214,39 @@ def test_concurrent_greedy_requests_equal_generate(pool, model, tokenizer):
             assert step.parent.span_id == step.links[0].context.span_id
         else:
             assert step.parent is None and step.context.trace_id != parent.get_span_context().trace_id
+
+
+@pytest.fixture(scope="module")
+def pool_tp2(ckpt):
+    handle = start_pool(ckpt, 2, dtype="float32", kv_memory_gib=0.002)
+    yield handle
+    handle.stop()
+
+
+def test_steps_sent_ahead_over_two_ranks_equal_generate(pool_tp2, model, tokenizer):
+    """Over a TP=2 pool most Decodes go out before the reply of the one running; both ranks
+    run them in their order: every request gets ``Generator``'s tokens and the ranks' token
+    digests agree."""
+    prompts = [prepare_text_ids(tokenizer.tokenize("The capital of France is")),
+               [20100, 20200, 20300, 20400, GMASK_ID], prepare_text_ids(tokenizer.tokenize("我们"))]
+    max_new = [14, 11, 6]
+
+    async def body(h):
+        reqs = [h.request(p, n) for p, n in zip(prompts, max_new)]
+        for r in reqs:
+            await h.submit(r)
+        h.start()
+        streams = [await h.events(r.id) for r in reqs]
+        async with ShardClient(pool_tp2.addresses, timeout_s=30) as client:
+            health = await client.health()
+        return streams, dict(h.loop.counters), health
+
+    streams, counters, health = scenario(pool_tp2, tokenizer, body)
+    for prompt, n, events in zip(prompts, max_new, streams):
+        check_stream(events)
+        assert tokens_of(events) == reference(model, tokenizer, prompt, n)[0]
+    assert counters["ahead_steps"] >= 5 and counters["ahead_steps"] < counters["decode_steps"]
+    assert health[0].token_digest == health[1].token_digest
 
 
 def test_cancelled_request_leaves_within_a_step(pool, tokenizer):
