@@ -28,7 +28,15 @@ def decode_with_a_failing_row(ctx, checkpoint: str, rows: list[tuple[list[int], 
                               fail_at: int):
     """Every rank: the row ids of its batch after each step, the ids it failed, and (rank 0)
     the tokens of each row."""
+    plain = Sampler.choose
     Sampler.choose = _poisoned_sample(fail_at)
+    try:                                  # a single rank runs in the caller's process: undo the patch
+        return _decode(ctx, checkpoint, rows, max_new)
+    finally:
+        Sampler.choose = plain
+
+
+def _decode(ctx, checkpoint: str, rows: list[tuple[list[int], dict]], max_new: int):
     engine = Engine(load_model(checkpoint, ctx))
     batch = Batch(1, [RequestState(i, Blank.first(ids), SamplingParams(**params), max_new)
                       for i, (ids, params) in enumerate(rows)])
