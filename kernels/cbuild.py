@@ -46,6 +46,37 @@ static void glm_fan_out(void *(*run)(void *), void *jobs, size_t size, int threa
 }
 """
 
+# C the softmax kernels share (prepend to a source): bf16 loads and an exponential for x <= 0.
+SCALAR_MATH = r"""
+#include <stdint.h>
+#include <string.h>
+static inline float bf16_at(const uint16_t *p, int64_t i) {
+    uint32_t u = ((uint32_t)p[i]) << 16; float f; memcpy(&f, &u, 4); return f;
+}
+
+/* exp(x) for x <= 0 (a score minus the row's maximum), within 2 ulp of expf: x = n ln2 + r,
+   |r| <= ln2/2, a degree-6 polynomial for exp(r) (Cephes' coefficients), times 2^n built in
+   the exponent bits. Below -87 it gives exp(-87) ~ 1.6e-38 where expf underflows further:
+   against a sum >= 1 (the maximum's own term) the difference is below any fp32 rounding.
+   Branch-free, so a loop of it vectorises. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round(x / ln2) */
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale; memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+"""
+
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-shared", "-fPIC")
 CACHE = Path.home() / ".cache" / "glm" / "kernels"
 

@@ -6,28 +6,37 @@ The filtering math is the official GLM-130B ``BaseStrategy`` + SwissArmyTransfor
 * top-k keeps every logit ``>=`` the k-th largest (ties at the threshold survive);
 * top-p sorts the (top-k filtered) logits, takes the cumulative softmax, removes the
   tokens where it exceeds p, shifted right by one so the first token above p is kept;
-* removed logits get the filter value -65504, then ``softmax(fp32)`` and ``multinomial``.
+* removed logits get the filter value -65504, then ``softmax(fp32)`` and a draw from it.
 
 The official top-p step flattens the logits to 1-D and so only works at batch 1. Here
-every row carries its own ``SamplingParams`` and its own seeded ``torch.Generator``, the
-filter is vectorised over rows (one sort per step), and a row's draw never depends on
-which other rows share the batch: a seeded request reproduces whatever it is batched
-with (and its first draw equals the official sampler at batch 1 after
-``torch.manual_seed(seed)``). The draw for a row's k-th generated token uses a generator
-seeded from ``(seed, k)`` alone, so a request resumed elsewhere from its first k tokens
-(another pool, after a failure) continues with exactly the draws it would have made.
+every row carries its own ``SamplingParams`` and its own seed, the filter is vectorised
+over rows (one sort per step for top-p, a partial selection for top-k alone), and a row's
+draw never depends on which other rows share the batch: a seeded request reproduces
+whatever it is batched with.
+
+The draw: the official code calls ``torch.multinomial`` on the global generator, which draws
+one exponential per vocabulary entry (3.4 ms a row of 150 528 on this project's CPUs, ~100 ms
+a 32-row step: docs/benchmarks.md, "Sampled requests") and takes ``argmax(p / q)``. Ours takes
+the same distribution the same way in log form, ``argmax(v + g)`` with Gumbel noise ``g``,
+the noise at each token a hash of the token and the row's keys (``draw_keys``: its seed and
+the number of tokens it generated) instead of a generator's stream (``kernels.cpu_sample`` on
+a CPU, ``gumbel_draw`` elsewhere). The draws are not the official generator's stream (that
+one is global, shared by every request, and no batched server can replay it), but each is a
+function of ``(seed, k)`` and the row's logits alone, so a request resumed elsewhere from its
+first k tokens (another pool, after a failure) continues with exactly the draws it would have
+made; and, as with the exponentials, logits that differ below the winner's lead (another TP
+degree or batch shape) draw the same token.
 
 Extensions the official code lacks (issue #65): a CTRL/HF repetition penalty over
 prompt + output tokens and OpenAI presence/frequency penalties over output tokens.
 
 Numerically safe for every accepted parameter (the ranges are ``model.limits``): the
 processed logits are fp32 with NaN read as the lowest score and every value clamped
-to ``[-LOGIT_BOUND, LOGIT_BOUND]`` after the temperature (a no-op on ordinary logits,
-so those draws stay bit-identical to the official sampler); a row whose scaled logits
-fall below the filter value is filtered with ``-inf`` instead (so a removed token can
-never outrank a kept one); and a row whose distribution still degenerates (not finite,
-or summing to 0) takes its argmax instead of a draw. No accepted request can make
-``multinomial`` raise.
+to ``[-LOGIT_BOUND, LOGIT_BOUND]`` after the temperature (a no-op on ordinary logits);
+a row whose scaled logits fall below the filter value is filtered with ``-inf`` instead
+(so a removed token can never outrank a kept one); and a row whose distribution still
+degenerates (its weights do not sum to a finite positive) takes its argmax instead of a
+draw. No accepted request can make a draw fail.
 """
 
 from __future__ import annotations
@@ -42,11 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_argmax
+from kernels import cpu_argmax, cpu_sample
 from model.limits import (PENALTY_RANGE, TOP_P_RANGE, range_problem, repetition_penalty_problem,
                           temperature_problem)
 
 FILTER_VALUE = -65504.0  # the official filter value (fp16 lowest), not -inf
+TOP_P_MIN_VOCAB = 16384          # from this vocabulary size top-p looks at a sorted prefix first
+TOP_P_CANDIDATES = (1024, 8192)  # the prefixes tried before a full sort
 LOGIT_BOUND = 1e30       # processed fp32 logits are clamped to +-this (fp32 max is 3.4e38)
 
 
@@ -117,25 +128,60 @@ def apply_top_k_top_p(
     softmax is the same either way (``exp`` of either is 0).
     """
     b, vocab = logits.shape
+    k = top_k.to(device=logits.device, dtype=torch.long).clamp(max=vocab)  # [b]
+    k_on = k > 0
+    p = top_p.to(device=logits.device, dtype=torch.float32)  # [b]
+    p_on = (p > 0) & (p < 1)
+    if not bool(p_on.any()) or vocab >= TOP_P_MIN_VOCAB:
+        # the k-th largest from a partial selection (the same value the sort gives), the rule
+        # applied in place of the sorted order: no sort, no scatter
+        low = logits.amin(dim=-1, keepdim=True)
+        fill = torch.where(low > filter_value, torch.full_like(low, filter_value), torch.full_like(low, -math.inf))
+        if bool(k_on.any()):
+            largest = torch.topk(logits, max(1, int(k.max())), dim=-1).values       # [b, max k], descending
+            kth = largest.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+            kth = torch.where(k_on.unsqueeze(1), kth, torch.full_like(kth, -math.inf))
+            logits = torch.where(logits < kth, fill, logits)
+        if not bool(p_on.any()):
+            return logits
+        nucleus = _top_p_from_candidates(logits, p, p_on, fill)
+        if nucleus is not None:
+            return nucleus
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # [b, V]
     low = sorted_logits[:, -1:]                                            # [b, 1] each row's lowest
     fill = torch.where(low > filter_value, torch.full_like(low, filter_value), torch.full_like(low, -math.inf))
-    k = top_k.to(device=logits.device, dtype=torch.long).clamp(max=vocab)  # [b]
-    k_on = k > 0
     # The k-th largest per row; rows with top-k off get a threshold nothing is below.
     kth = sorted_logits.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # [b, 1]
     kth = torch.where(k_on.unsqueeze(1), kth, torch.full_like(kth, -math.inf))
     sorted_logits = torch.where(sorted_logits < kth, fill, sorted_logits)
-
-    p = top_p.to(device=logits.device, dtype=torch.float32)  # [b]
-    p_on = (p > 0) & (p < 1)
-    if bool(p_on.any()):
-        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)  # [b, V]
-        remove = cumulative > p.unsqueeze(1)
-        remove = torch.cat([torch.zeros_like(remove[:, :1]), remove[:, :-1]], dim=1)  # shift right
-        remove &= p_on.unsqueeze(1)
-        sorted_logits = torch.where(remove, fill, sorted_logits)
+    cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)  # [b, V]
+    remove = cumulative > p.unsqueeze(1)
+    remove = torch.cat([torch.zeros_like(remove[:, :1]), remove[:, :-1]], dim=1)  # shift right
+    remove &= p_on.unsqueeze(1)
+    sorted_logits = torch.where(remove, fill, sorted_logits)
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def _top_p_from_candidates(logits: Tensor, p: Tensor, p_on: Tensor, fill: Tensor) -> Tensor | None:
+    """Top-p over a large vocabulary without the full sort: the sorted prefix of the
+    ``TOP_P_CANDIDATES`` largest logits (``topk``) with the cumulative softmax of the whole row;
+    where that prefix's mass passes p in every row that asks, every token after it is removed
+    by the rule anyway, so the rule is applied to the prefix alone. None: a row's nucleus is
+    wider than the widest prefix tried (the caller sorts). The cumulative sums are those of
+    the sorted rule up to rounding (the softmax's total is summed in another order)."""
+    probs = F.softmax(logits, dim=-1)                                         # [b, V]
+    for size in TOP_P_CANDIDATES:
+        if 4 * size > logits.shape[1]:
+            return None
+        values, index = torch.topk(logits, size, dim=-1)                      # [b, M], descending
+        cumulative = probs.gather(1, index).cumsum(dim=-1)
+        if not bool(((cumulative[:, -1] > p) | ~p_on).all()):
+            continue
+        remove = cumulative > p.unsqueeze(1)
+        remove = torch.cat([torch.zeros_like(remove[:, :1]), remove[:, :-1]], dim=1)   # shift right
+        out = fill.expand_as(logits).clone().scatter_(1, index, torch.where(remove, fill, values))
+        return torch.where(p_on.unsqueeze(1), out, logits)
+    return None
 
 
 def apply_penalties(
@@ -215,14 +261,38 @@ def first_argmax(x: Tensor) -> tuple[Tensor, Tensor]:
     return values, start + inside
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The generator seed of a row's ``step``-th draw: ``seed`` itself for the first (as the
-    official sampler after ``torch.manual_seed(seed)``), then a hash of ``(seed, step)``.
-    Any uint64 ``seed`` works: ``torch.Generator.manual_seed`` takes the whole range."""
-    if step == 0:
-        return seed
+def draw_keys(seed: int, step: int) -> tuple[int, int]:
+    """The two 32-bit keys of a row's ``step``-th draw: blake2b over ``(seed, step)``."""
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    """MurmurHash3's finaliser on uint32 values held in int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def gumbel_draw(scores: Tensor, keys: Sequence[tuple[int, int]]) -> Tensor:
+    """Per row of final ``scores [s, V]`` (fp32), ``argmax(score + g)`` for the Gumbel noise
+    of the row's keys (``kernels.cpu_sample``'s rule in torch ops, the same hash); -1 where no
+    score is finite."""
+    s, vocab = scores.shape
+    index = torch.arange(vocab, dtype=torch.int64, device=scores.device)
+    k1 = torch.tensor([k for k, _ in keys], dtype=torch.int64, device=scores.device)[:, None]
+    k2 = torch.tensor([k for _, k in keys], dtype=torch.int64, device=scores.device)[:, None]
+    h = _fmix32(_fmix32(index[None, :] ^ k1) ^ k2)                           # [s, V]
+    u = (h.double() + 0.5) * 2.0**-32
+    q = torch.where(h >= 0xFF000000, (2.0**32 - h.double() - 0.5) * 2.0**-32, -torch.log(u))
+    noisy = torch.where(torch.isfinite(scores), scores.double() - torch.log(q), torch.full_like(q, -math.inf))
+    best = noisy.argmax(dim=-1)
+    return torch.where(torch.isfinite(noisy.amax(dim=-1)), best, torch.full_like(best, -1))
 
 
 class Sampler:
@@ -235,27 +305,21 @@ class Sampler:
         self.seeds: list[int] = [
             p.seed if p.seed is not None else secrets.randbits(63) for p in self.params
         ]
-        self.generators: list[torch.Generator] = [
-            torch.Generator(device=self.device).manual_seed(s) for s in self.seeds
-        ]
 
     @classmethod
-    def _from_parts(cls, params, seeds, generators, device) -> "Sampler":
+    def _from_parts(cls, params, seeds, device) -> "Sampler":
         sampler = cls.__new__(cls)
         sampler.device = torch.device(device)
-        sampler.params, sampler.seeds, sampler.generators = list(params), list(seeds), list(generators)
+        sampler.params, sampler.seeds = list(params), list(seeds)
         return sampler
 
     def __len__(self) -> int:
         return len(self.params)
 
     def rows(self, indices: Sequence[int]) -> "Sampler":
-        """A Sampler for a subset of rows; the generators (and their state) carry over."""
+        """A Sampler for a subset of rows; their seeds carry over."""
         idx = list(indices)
-        return Sampler._from_parts(
-            [self.params[i] for i in idx], [self.seeds[i] for i in idx],
-            [self.generators[i] for i in idx], self.device,
-        )
+        return Sampler._from_parts([self.params[i] for i in idx], [self.seeds[i] for i in idx], self.device)
 
     select = rows
 
@@ -267,10 +331,8 @@ class Sampler:
         devices = {s.device for s in samplers}
         if len(devices) != 1:
             raise ValueError(f"cannot concatenate Samplers on different devices {devices}")
-        return cls._from_parts(
-            [p for s in samplers for p in s.params], [x for s in samplers for x in s.seeds],
-            [g for s in samplers for g in s.generators], samplers[0].device,
-        )
+        return cls._from_parts([p for s in samplers for p in s.params], [x for s in samplers for x in s.seeds],
+                               samplers[0].device)
 
     def choose(self, logits: Tensor, prompt_ids: Sequence[Sequence[int]],
                output_ids: Sequence[Sequence[int]]) -> Tensor:
@@ -301,42 +363,79 @@ class Sampler:
                 tokens[torch.tensor(plain, device=logits.device)] = best
             plain = [i for i, bad in zip(plain, nan.tolist()) if not bad]
         rest = sorted(set(range(b)) - set(plain))
+        if rest and cpu_sample.supports(logits):
+            # sampled rows without penalties or top-p: drawn from the logits as they are
+            bare = [i for i in rest if not self.params[i].is_greedy and not self.params[i].has_penalties
+                    and not self.params[i].top_p_active]
+            kth = self._top_k_floors(logits, bare)
+            bare = [i for i in bare if not math.isnan(kth[i])]         # a NaN logit: the full rule
+            if bare:
+                drawn = cpu_sample.draw(logits, bare, [self.params[i].temperature for i in bare],
+                                        [self._keys(i, output_ids) for i in bare], LOGIT_BOUND,
+                                        [kth[i] for i in bare]).tolist()
+                done = [(i, t) for i, t in zip(bare, drawn) if t >= 0]   # -1: degenerate, the full rule below
+                if done:
+                    tokens[torch.tensor([i for i, _ in done])] = torch.tensor([t for _, t in done])
+                taken = {i for i, _ in done}
+                rest = [i for i in rest if i not in taken]
         if rest:
             tokens[torch.tensor(rest, device=logits.device)] = self._process(logits, rest, prompt_ids, output_ids)
         return tokens
 
+    def _top_k_floors(self, logits: Tensor, rows: list[int]) -> dict[int, float]:
+        """Per row, its top-k threshold: the k-th largest logit (``-inf`` without top-k; NaN when
+        the row holds a NaN, which ``topk`` ranks first), from one partial selection."""
+        floors = {i: -math.inf for i in rows}
+        ranked = [i for i in rows if self.params[i].top_k > 0]
+        if ranked:
+            vocab = logits.shape[1]
+            sub = logits if ranked == list(range(logits.shape[0])) else logits[torch.tensor(ranked)]
+            largest = torch.topk(sub, min(vocab, max(self.params[i].top_k for i in ranked)), dim=-1).values.float()
+            ks = torch.tensor([min(self.params[i].top_k, vocab) - 1 for i in ranked])
+            values = largest.gather(1, ks[:, None])[:, 0]
+            values = torch.where(torch.isnan(largest[:, 0]), torch.full_like(values, math.nan), values)
+            floors.update(zip(ranked, values.tolist()))
+        return floors
+
+    def _keys(self, row: int, output_ids: Sequence[Sequence[int]]) -> tuple[int, int]:
+        """The keys of ``row``'s next draw: a function of its seed and its step alone."""
+        return draw_keys(self.seeds[row], len(output_ids[row]))
+
     def _process(self, logits: Tensor, rows: list[int], prompt_ids, output_ids) -> Tensor:
         """The full rule for ``rows`` of ``logits``: penalties, NaN as the lowest score, then
         the argmax (greedy) or the seeded draw; the chosen tokens ``[len(rows)]``."""
-        index = torch.tensor(rows, device=logits.device)
         params = [self.params[i] for i in rows]
-        processed = apply_penalties(logits[index].float(), params, [prompt_ids[i] for i in rows],
-                                    [output_ids[i] for i in rows])
-        processed = torch.where(torch.isnan(processed), -math.inf, processed)   # NaN: the lowest score
-        tokens = torch.argmax(processed, dim=-1)  # [r], greedy rows keep this
+        if rows == list(range(logits.shape[0])):                # every row: one copy, no gather
+            processed = logits.to(torch.float32, copy=True)
+        else:
+            processed = logits[torch.tensor(rows, device=logits.device)].float()
+        processed = apply_penalties(processed, params, [prompt_ids[i] for i in rows], [output_ids[i] for i in rows])
+        processed.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)   # NaN: the lowest score
         sampled = [j for j, p in enumerate(params) if not p.is_greedy]
+        tokens = (torch.argmax(processed, dim=-1) if len(sampled) < len(rows)    # [r], greedy rows keep this
+                  else torch.zeros(len(rows), dtype=torch.long, device=logits.device))
         if sampled:
-            sub = torch.tensor(sampled, device=logits.device)
             chosen = [params[j] for j in sampled]
             temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
-            scaled = processed[sub] / temperature.unsqueeze(1)  # [s, V]
-            scaled = scaled.clamp(-LOGIT_BOUND, LOGIT_BOUND)    # finite; a no-op on ordinary logits
+            scaled = processed if len(sampled) == len(rows) else processed[torch.tensor(sampled, device=logits.device)]
+            scaled.div_(temperature.unsqueeze(1))                 # [s, V]
+            scaled.clamp_(-LOGIT_BOUND, LOGIT_BOUND)              # finite; a no-op on ordinary logits
             if any(p.top_k > 0 or p.top_p_active for p in chosen):
                 scaled = apply_top_k_top_p(
                     scaled,
                     torch.tensor([p.top_k for p in chosen]),
                     torch.tensor([p.top_p for p in chosen]),
                 )
-            probs = F.softmax(scaled.float(), dim=-1)  # [s, V]
-            usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()  # [s]
+            scaled = scaled.float().contiguous()
+            keys = [self._keys(rows[j], output_ids) for j in sampled]
+            if cpu_sample.supports(scaled):           # the scores are final: temperature 1
+                drawn = cpu_sample.draw(scaled, list(range(len(sampled))), [1.0] * len(sampled), keys,
+                                        LOGIT_BOUND).tolist()
+            else:
+                drawn = gumbel_draw(scaled, keys).tolist()
             for k, j in enumerate(sampled):
-                if not usable[k]:                      # degenerate distribution: its argmax
-                    tokens[j] = torch.argmax(scaled[k])
-                    continue
-                i = rows[j]
-                self.generators[i].manual_seed(step_seed(self.seeds[i], len(output_ids[i])))
-                draw = torch.multinomial(probs[k : k + 1], 1, generator=self.generators[i])  # [1, 1]
-                tokens[j] = draw.view(())
+                # a degenerate distribution (no finite score): its argmax
+                tokens[j] = drawn[k] if drawn[k] >= 0 else torch.argmax(scaled[k])
         return tokens
 
     def sample(
