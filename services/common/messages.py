@@ -89,6 +89,10 @@ class QueuedRequest:
     created_at: float = 0.0       # unix seconds
     deadline: float = 0.0         # unix seconds; 0 = none
 
+    def expired(self, now: float) -> bool:
+        """Its deadline (if any) has passed at unix time ``now``."""
+        return bool(self.deadline) and now > self.deadline
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 

@@ -25,10 +25,10 @@ the step fed it: what the next step sent ahead starts from.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from model.kv_footprint import blocks_for
-from services.scheduler.ops import BatchingMode, BatchView
+from services.scheduler.ops import BatchView
 from services.scheduler.request import RequestState, RequestStatus
 
 Rows = dict[int, tuple[int, int]]
@@ -68,20 +68,15 @@ class RunAhead:
             return None
         return {r: (tokens + 1, left - 1) for r, (tokens, left) in live.items() if left > 1}
 
-    def row_request_ids(self, rows: Rows) -> list[str]:
-        """The requests of ``rows`` still running here."""
+    def row_request_ids(self, rows: Iterable[int]) -> list[str]:
+        """The requests of ``rows`` still running here (in ``rows``' order)."""
         return [self._by_row[r].id for r in rows if r in self._by_row]
 
     def _could_admit(self, keep: list[int]) -> bool:
         """A waiting phase that the plan would admit beside the rows ``keep``."""
-        lim = self.limits
-        if not self._waiting or lim.mode is not BatchingMode.CONTINUOUS:
-            return False
-        if self._blocked_at is not None and len(keep) >= self._blocked_at:
-            return False
-        return bool(self._admit_paged([r for r in keep if r in self._row_tokens], lim.max_batch_size))
+        return not self._admission_closed(len(keep)) and bool(self._admissible(keep))
 
 
 def _ends(state: RequestState, now: float) -> bool:
     """The next plan ends ``state``: cancelled, or past its deadline."""
-    return state.cancelled is not None or bool(state.req.deadline and now > state.req.deadline)
+    return state.cancelled is not None or state.req.expired(now)

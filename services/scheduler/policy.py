@@ -106,7 +106,7 @@ class Scheduler(RunAhead):
         problem = self._invalid(state)
         if problem:
             return self._fail(state, "INVALID_ARGUMENT", problem, dead=True, out=out)
-        if req.deadline and now > req.deadline:
+        if req.expired(now):
             return self._fail(state, "DEADLINE_EXCEEDED", "deadline passed before the request started", out=out)
         if state.phase_complete:
             has_end = bool(state.tokens) and state.tokens[-1] in END_IDS
@@ -195,14 +195,14 @@ class Scheduler(RunAhead):
 
     def request_ids_of(self, views: Sequence[BatchView]) -> list[str]:
         """The requests whose phases are rows of ``views`` (in row order)."""
-        return [self._by_row[r].id for v in views for r in v.row_ids if r in self._by_row]
+        return self.row_request_ids([r for v in views for r in v.row_ids])
 
     # -- one step ---------------------------------------------------------------------------
     def plan(self, now: float) -> StepPlan:
         """Start a step: rows to filter out, phases to prefill; ends cancelled requests."""
         out = StepPlan()
         for state in list(self._requests.values()):
-            if state.req.deadline and now > state.req.deadline and state.cancelled is None:
+            if state.req.expired(now) and state.cancelled is None:
                 state.cancelled = Cancellation.DEADLINE
         for state in [s for s in self._waiting if s.cancelled is not None]:
             self._waiting.remove(state)
@@ -278,16 +278,22 @@ class Scheduler(RunAhead):
     def _longest_remaining(self, rows: Sequence[int]) -> int:
         return max((self._row_remaining.get(r, 0) for r in rows), default=0)
 
+    def _admission_closed(self, rows: int) -> bool:
+        """No phase joins ``rows`` running rows: none waits, the mode admits only into an idle
+        pool, or the workers refused a prefill at this batch size (``_blocked_at``)."""
+        return (not self._waiting or (self.limits.mode is not BatchingMode.CONTINUOUS and rows > 0)
+                or (self._blocked_at is not None and rows > 0 and rows >= self._blocked_at))
+
     def _admit(self, keep: list[int]) -> list[RequestState]:
-        lim = self.limits
-        if not self._waiting:
-            return []
-        rows = len(keep)
-        if lim.mode is not BatchingMode.CONTINUOUS and rows:
-            return []
-        if self._blocked_at is not None and rows and rows >= self._blocked_at:
+        if self._admission_closed(len(keep)):
             return []
         self._blocked_at = None
+        return self._admissible(keep)
+
+    def _admissible(self, keep: list[int]) -> list[RequestState]:
+        """The waiting phases the plan admits beside the rows ``keep`` (admission open)."""
+        lim = self.limits
+        rows = len(keep)
         max_rows = 1 if lim.mode is BatchingMode.SEQUENTIAL else lim.max_batch_size
         if self.paged:
             return self._admit_paged(keep, max_rows)
