@@ -138,9 +138,7 @@ def apply_top_k_top_p(
         low = logits.amin(dim=-1, keepdim=True)
         fill = torch.where(low > filter_value, torch.full_like(low, filter_value), torch.full_like(low, -math.inf))
         if bool(k_on.any()):
-            largest = torch.topk(logits, max(1, int(k.max())), dim=-1).values       # [b, max k], descending
-            kth = largest.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
-            kth = torch.where(k_on.unsqueeze(1), kth, torch.full_like(kth, -math.inf))
+            kth, _ = kth_largest(logits, k)
             logits = torch.where(logits < kth, fill, logits)
         if not bool(p_on.any()):
             return logits
@@ -160,6 +158,15 @@ def apply_top_k_top_p(
     remove &= p_on.unsqueeze(1)
     sorted_logits = torch.where(remove, fill, sorted_logits)
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def kth_largest(logits: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """``(kth, top)`` ``[b, 1]`` each: each row's ``k``-th largest value (``-inf`` where k is 0;
+    ``k`` at most the vocabulary) and its largest, from one partial selection (``topk``: the
+    values the sort gives; a NaN ranks first)."""
+    largest = torch.topk(logits, max(1, int(k.max())), dim=-1).values           # [b, max k], descending
+    kth = largest.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+    return torch.where((k > 0).unsqueeze(1), kth, torch.full_like(kth, -math.inf)), largest[:, :1]
 
 
 def _top_p_from_candidates(logits: Tensor, p: Tensor, p_on: Tensor, fill: Tensor) -> Tensor | None:
@@ -390,10 +397,8 @@ class Sampler:
         if ranked:
             vocab = logits.shape[1]
             sub = logits if ranked == list(range(logits.shape[0])) else logits[torch.tensor(ranked)]
-            largest = torch.topk(sub, min(vocab, max(self.params[i].top_k for i in ranked)), dim=-1).values.float()
-            ks = torch.tensor([min(self.params[i].top_k, vocab) - 1 for i in ranked])
-            values = largest.gather(1, ks[:, None])[:, 0]
-            values = torch.where(torch.isnan(largest[:, 0]), torch.full_like(values, math.nan), values)
+            kth, top = kth_largest(sub, torch.tensor([min(self.params[i].top_k, vocab) for i in ranked]))
+            values = torch.where(torch.isnan(top), torch.full_like(kth, math.nan), kth).float()[:, 0]
             floors.update(zip(ranked, values.tolist()))
         return floors
 
@@ -429,13 +434,14 @@ class Sampler:
             scaled = scaled.float().contiguous()
             keys = [self._keys(rows[j], output_ids) for j in sampled]
             if cpu_sample.supports(scaled):           # the scores are final: temperature 1
-                drawn = cpu_sample.draw(scaled, list(range(len(sampled))), [1.0] * len(sampled), keys,
-                                        LOGIT_BOUND).tolist()
+                drawn = cpu_sample.draw(scaled, list(range(len(sampled))), [1.0] * len(sampled), keys, LOGIT_BOUND)
             else:
-                drawn = gumbel_draw(scaled, keys).tolist()
-            for k, j in enumerate(sampled):
-                # a degenerate distribution (no finite score): its argmax
-                tokens[j] = drawn[k] if drawn[k] >= 0 else torch.argmax(scaled[k])
+                drawn = gumbel_draw(scaled, keys)
+            drawn = drawn.to(scaled.device)
+            degenerate = drawn < 0                    # no finite score: its argmax
+            if bool(degenerate.any()):
+                drawn[degenerate] = torch.argmax(scaled[degenerate], dim=-1)
+            tokens[torch.tensor(sampled, device=logits.device)] = drawn
         return tokens
 
     def sample(
