@@ -6,7 +6,8 @@ compiler, the flags and the CPU's flags, and loads it with ctypes. Concurrent bu
 (the library is moved into place atomically); a later process loads the cached file. Where no
 compiler or no build works it returns None and logs why: every caller has a torch path.
 ``Kernel`` is how a kernel module holds its library (built on first call, its signature set);
-``median_times`` times a kernel against the op it may replace, alternating.
+``median_times`` times a kernel against the op it may replace, alternating, and ``rows_won``
+finds up to how many activation rows the kernel wins.
 """
 
 from __future__ import annotations
@@ -155,3 +156,18 @@ def median_times(calls: dict[str, Callable[[], object]], rounds: int, untimed: i
             if round_ >= untimed:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def rows_won(kernel: Callable[[object], object], other: Callable[[object], object], make_x: Callable[[int], object],
+             max_rows: int, rounds: int, win: float) -> int:
+    """The most rows (0 to ``max_rows``) up to which ``kernel(x)`` beats ``other(x)`` here, for
+    ``x = make_x(rows)``: each row count timed by ``median_times``, the kernel kept while its
+    median is below ``win`` x the other's (the first row count it loses at ends the search)."""
+    best = 0
+    for rows in range(1, max_rows + 1):
+        x = make_x(rows)
+        median = median_times({"kernel": lambda: kernel(x), "other": lambda: other(x)}, rounds)
+        if median["kernel"] >= win * median["other"]:
+            break
+        best = rows
+    return best

@@ -21,6 +21,7 @@ Group-wise INT8 has no torch kernel and always takes the dense path.
 
 import torch
 
+from kernels import cpu_int4
 from kernels.cpu_dense import native_bf16
 from kernels.reference import QuantizedWeight, dequantize, int_values
 
@@ -79,13 +80,21 @@ def pack_int4_kernel(qw: QuantizedWeight, group: int) -> tuple[torch.Tensor, tor
 
 
 class CpuQuantizedLinear:
-    """`op(x) = x @ W.T` for a quantized W on CPU; built once per weight by `prepare_cpu`."""
+    """`op(x) = x @ W.T` for a quantized W on CPU; built once per weight by `prepare_cpu`.
 
-    def __init__(self, qw: QuantizedWeight, *, kernel_max_rows: int = KERNEL_MAX_ROWS, repack: bool = True):
+    INT4 at up to `gemv_rows` bf16 rows (measured, `kernels.cpu_int4.rows_faster`; `gemv=False`
+    leaves it out) takes `kernels.cpu_int4`, which reads the canonical bytes themselves; more rows
+    up to `kernel_max_rows` take torch's kernel, more still the dense path.
+    """
+
+    def __init__(self, qw: QuantizedWeight, *, kernel_max_rows: int = KERNEL_MAX_ROWS, repack: bool = True,
+                 gemv: bool = True):
         self.qw = qw
         self.kernel_max_rows = kernel_max_rows
         self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
         self._int4: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.gemv_rows = 0                     # rows up to which kernels.cpu_int4 serves the call
+        self._gemv_scale: torch.Tensor | None = None
         if not repack:
             pass
         elif qw.bits == 8 and qw.group_size is None:
@@ -95,6 +104,9 @@ class CpuQuantizedLinear:
                 self._int4 = (*pack_int4_kernel(qw, group), group)
             except RuntimeError:  # shape the kernel rejects (N must be a multiple of 16 on AVX2)
                 self._int4 = None
+        if repack and gemv and qw.bits == 4:   # kernels.cpu_int4 on the canonical bytes where it wins
+            self.gemv_rows = cpu_int4.rows_faster(qw, self._torch_int4 if self._int4 is not None else None)
+            self._gemv_scale = cpu_int4.scales(qw) if self.gemv_rows else None
 
     @property
     def has_kernel(self) -> bool:
@@ -102,12 +114,13 @@ class CpuQuantizedLinear:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the canonical weight plus any repacked copy (INT8 shares its values)."""
-        extra = 0
+        """Bytes held: the canonical weight plus any repacked copy (INT8 shares its values; the
+        INT4 GEMV reads the canonical bytes and holds only fp32 scales)."""
+        extra = 0 if self._gemv_scale is None else self._gemv_scale.numel() * 4
         if self._int8 is not None:
-            extra = self._int8[1].numel() * 2
+            extra += self._int8[1].numel() * 2
         if self._int4 is not None:
-            extra = self._int4[0].numel() + self._int4[1].numel() * 2
+            extra += self._int4[0].numel() + self._int4[1].numel() * 2
         return self.qw.nbytes + extra
 
     def uses_kernel(self, rows: int, dtype: torch.dtype) -> bool:
@@ -116,15 +129,24 @@ class CpuQuantizedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.qw.in_features)  # [m, in]; the kernels take 2-D only
-        if not self.uses_kernel(x2.shape[0], x.dtype):
-            compute = bf16_dense_compute() if x.dtype == torch.bfloat16 else x.dtype
-            y = (x2.to(compute) @ dequantize(self.qw, compute).t()).to(x.dtype)  # [m, out]
+        if x.dtype == torch.bfloat16 and x2.shape[0] <= min(self.gemv_rows, self.kernel_max_rows):
+            y = cpu_int4.matmul_t(x2, self.qw, self._gemv_scale)
+        elif not self.uses_kernel(x2.shape[0], x.dtype):
+            y = self._dense(x2)
         elif self._int8 is not None:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), *self._int8)
         else:
-            packed, scale_zeros, group = self._int4
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, scale_zeros)
+            y = self._torch_int4(x2)
         return y.reshape(*x.shape[:-1], self.qw.out_features)
+
+    def _dense(self, x2: torch.Tensor) -> torch.Tensor:
+        """Dequantize (per call) + dense matmul: ``[m, in] -> [m, out]`` in ``x2``'s dtype."""
+        compute = bf16_dense_compute() if x2.dtype == torch.bfloat16 else x2.dtype
+        return (x2.to(compute) @ dequantize(self.qw, compute).t()).to(x2.dtype)
+
+    def _torch_int4(self, x2: torch.Tensor) -> torch.Tensor:
+        packed, scale_zeros, group = self._int4
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, scale_zeros)
 
 
 def prepare_cpu(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> CpuQuantizedLinear:

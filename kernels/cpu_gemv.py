@@ -128,12 +128,7 @@ def rows_faster(weight: torch.Tensor, dense: Callable[[torch.Tensor], torch.Tens
         return 0
     if CHOICE in ("on", "off"):
         return MAX_ROWS if CHOICE == "on" else 0
-    best = 0
     with torch.inference_mode():
-        for rows in range(1, MAX_ROWS + 1):
-            x = torch.randn((rows, weight.shape[1]), dtype=torch.bfloat16)
-            median = cbuild.median_times({"kernel": lambda: matmul_t(x, weight), "dense": lambda: dense(x)}, ROUNDS)
-            if median["kernel"] >= WIN * median["dense"]:
-                break
-            best = rows
-    return best
+        return cbuild.rows_won(lambda x: matmul_t(x, weight), dense,
+                               lambda rows: torch.randn((rows, weight.shape[1]), dtype=torch.bfloat16),
+                               MAX_ROWS, ROUNDS, WIN)

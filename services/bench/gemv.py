@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels.cpu as cpu
-from kernels import cpu_gemv
+from kernels import cpu_gemv, cpu_int4
 from kernels.cpu_dense import CpuDenseLinear, choose_layout, native_bf16
 from kernels.reference import QuantizedWeight, dequantize
 from model.config import GLMConfig
@@ -92,6 +92,7 @@ def _random_quantized(out_f: int, in_f: int, bits: int, seed: int) -> QuantizedW
 
 
 GEMV_NAME = "C GEMV (kernels.cpu_gemv)"
+INT4_GEMV_NAME = "C INT4 GEMV (kernels.cpu_int4)"
 
 
 def _dense_candidates(weight: torch.Tensor, with_compile: bool):
@@ -123,13 +124,17 @@ def _quant_candidates(qw: QuantizedWeight, dtype: torch.dtype):
     kernel = "_weight_int8pack_mm" if qw.bits == 8 else "_weight_int4pack_mm_for_cpu"
 
     def kernel_op():
-        op = cpu.CpuQuantizedLinear(qw, kernel_max_rows=1 << 30)
+        op = cpu.CpuQuantizedLinear(qw, kernel_max_rows=1 << 30, gemv=False)
         if not op.has_kernel:
             raise RuntimeError("no kernel for this shape")
         return op, op.nbytes - (qw.values.numel() if qw.bits == 4 else 0)
 
     if dtype == torch.bfloat16:
         cands.append((kernel, kernel_op))
+        if cpu_int4.supports(qw):
+            scale = cpu_int4.scales(qw)
+            cands.append((INT4_GEMV_NAME, lambda: ((lambda x: cpu_int4.matmul_t(x, qw, scale)),
+                                                   qw.nbytes + scale.numel() * 4 - qw.scale.nbytes)))
     else:
         def cast_op():
             op, nbytes = kernel_op()
@@ -142,9 +147,11 @@ def _quant_candidates(qw: QuantizedWeight, dtype: torch.dtype):
     return cands
 
 
-def model_choice(dtype: torch.dtype, quant: str, batch: int, shape: str = "") -> str:
+def model_choice(dtype: torch.dtype, quant: str, batch: int, shape: str = "", int4_gemv: bool = False) -> str:
     """The candidate name the model's prepared op runs for this case (``shape``: the linear's
-    name; the tied head at one or two bf16 rows takes ``kernels.cpu_gemv`` where it runs)."""
+    name; the tied head at one or two bf16 rows takes ``kernels.cpu_gemv`` where it runs; an INT4
+    linear the INT4 GEMV serves, ``int4_gemv``, takes it up to its ``MAX_ROWS``: both are measured
+    when the model is prepared, so the mark is where they may run)."""
     if (shape == "lm_head" and quant == "none" and dtype == torch.bfloat16 and batch <= cpu_gemv.MAX_ROWS
             and cpu_gemv.kernel() is not None):
         return GEMV_NAME
@@ -152,6 +159,8 @@ def model_choice(dtype: torch.dtype, quant: str, batch: int, shape: str = "") ->
         return {"linear": "F.linear [out,in]", "packed": "oneDNN packed",
                 "transposed": "x @ Wt [in,out]"}[choose_layout(dtype)]
     kernel = "_weight_int8pack_mm" if quant == "int8" else "_weight_int4pack_mm_for_cpu"
+    if quant == "int4" and int4_gemv and dtype == torch.bfloat16 and batch <= cpu_int4.MAX_ROWS:
+        return INT4_GEMV_NAME
     if dtype == torch.bfloat16 and batch <= cpu.KERNEL_MAX_ROWS:
         return kernel
     compute = cpu.bf16_dense_compute() if dtype == torch.bfloat16 else dtype
@@ -176,6 +185,7 @@ def run_case(name: str, out_f: int, in_f: int, dtype: torch.dtype, quant: str, b
     else:
         weight = _random_quantized(out_f, in_f, 8 if quant == "int8" else 4, seed)
         cands = _quant_candidates(weight, dtype)
+    int4_gemv = quant == "int4" and cpu_int4.supports(weight)
     results = []
     for impl, build in cands:
         try:
@@ -202,7 +212,7 @@ def run_case(name: str, out_f: int, in_f: int, dtype: torch.dtype, quant: str, b
         timed = [r for r in results if r.batch == b and r.ms is not None]
         if timed:
             min(timed, key=lambda r: r.ms).winner = True
-        chosen = model_choice(dtype, quant, b, name)
+        chosen = model_choice(dtype, quant, b, name, int4_gemv)
         for r in results:
             r.model = r.model or (r.batch == b and r.impl == chosen)
     return results
