@@ -3,10 +3,10 @@
 ``y [m, n] = x [m, k] @ (q [n, k] * scale)^T`` straight from the canonical INT4 layout
 (docs/quantization.md: byte ``j`` of a row holds column ``2j`` in its high nibble and ``2j + 1``
 in its low one, two's complement), so no second copy of the weight is made. torch's
-``_weight_int4pack_mm_for_cpu`` reads INT4 at 0.51-0.63 of the measured read bandwidth at one
-row (docs/benchmarks.md, "INT4 at one row"): it turns every nibble into an fp32 and multiplies
-it by its scale before the dot. This kernel spends three vector instructions on 64 weights
-before the dot:
+``_weight_int4pack_mm_for_cpu`` read INT4 at 36-38 GB/s on a Zen 5 whatever bandwidth the
+machine had (docs/benchmarks.md, "GEMV at batch 1", its part "INT4 at one row"): it turns every
+nibble into an fp32 and multiplies it by its scale before the dot. This kernel spends three
+vector instructions on 64 weights before the dot:
 
 * ``vpmovzxbw`` widens 32 bytes of the row to 32 16-bit lanes (lane ``j`` = byte ``j``);
 * each lane's low nibble, flipped by ``^ 8`` (``u = q + 8``, 0..15) and or-ed into the bits of
@@ -19,7 +19,9 @@ So a row's sum is ``sum x (q + 136)``, and ``y = scale * (sum - 136 * sum(x))`` 
 group, a multiple of 64 columns), the sums of ``x`` taken once per call, each output rounded once
 to bf16 (round to nearest even). The products are exact in fp32; the shifted sum adds about one
 fp32 rounding of ``136 * |x|`` per term, far below the bf16 rounding of the output
-(``tests/test_cpu_int4.py`` holds it to the exact product).
+(``tests/test_cpu_int4.py`` holds it to the exact product). A thread reads eight rows at once at
+one activation row (four, against two activation rows at a time, above it) and prefetches 1.5 KB
+ahead in each: the streams' own prefetch left one thread at 16 GB/s, this reads at 27-31.
 
 Built on first use by ``kernels.cbuild``; only where the compiler targets AVX-512-BF16 does the
 library report itself usable. ``CpuQuantizedLinear`` measures it against torch's kernel on its
