@@ -115,8 +115,8 @@ class CpuQuantizedLinear:
     @property
     def nbytes(self) -> int:
         """Bytes held: the canonical weight plus any repacked copy (INT8 shares its values; the
-        INT4 GEMV reads the canonical bytes and holds only fp32 scales)."""
-        extra = 0 if self._gemv_scale is None else self._gemv_scale.numel() * 4
+        INT4 GEMV reads the canonical bytes and scales themselves)."""
+        extra = 0
         if self._int8 is not None:
             extra += self._int8[1].numel() * 2
         if self._int4 is not None:

@@ -133,8 +133,7 @@ def _quant_candidates(qw: QuantizedWeight, dtype: torch.dtype):
         cands.append((kernel, kernel_op))
         if cpu_int4.supports(qw):
             scale = cpu_int4.scales(qw)
-            cands.append((INT4_GEMV_NAME, lambda: ((lambda x: cpu_int4.matmul_t(x, qw, scale)),
-                                                   qw.nbytes + scale.numel() * 4 - qw.scale.nbytes)))
+            cands.append((INT4_GEMV_NAME, lambda: ((lambda x: cpu_int4.matmul_t(x, qw, scale)), qw.nbytes)))
     else:
         def cast_op():
             op, nbytes = kernel_op()
