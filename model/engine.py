@@ -107,24 +107,13 @@ def ban_end_tokens(logits: torch.Tensor, ban: Sequence[bool]) -> torch.Tensor:
     return scores
 
 
-def _set_end(logits: torch.Tensor, rows: list[int], value) -> list[torch.Tensor]:
-    """Write ``value`` (a scalar, or what an earlier call returned) at eop/eos of ``rows``, in
-    place; the entries that were there before, one tensor per end id. Each end id's column is a
-    view, so a step that bans every row (the common case: ``min_new_tokens`` = the length)
-    costs a copy and a fill of each column, not an advanced-index gather and scatter."""
-    every = len(rows) == logits.shape[0]
-    index = None if every else torch.tensor(rows, device=logits.device)
-    before = []
-    for k, end in enumerate(END_IDS):
-        column = logits[:, end]
-        before.append(column.clone() if every else column.index_select(0, index))
-        restore = isinstance(value, list)
-        if every:
-            column.copy_(value[k]) if restore else column.fill_(value)
-        elif restore:
-            column.index_copy_(0, index, value[k])
-        else:
-            column.index_fill_(0, index, value)
+def _set_end(logits: torch.Tensor, rows: list[int], value) -> torch.Tensor:
+    """Write ``value`` (a scalar or ``[len(rows), len(END_IDS)]``) at eop/eos of ``rows``,
+    in place; the entries that were there before."""
+    r = torch.tensor(rows, device=logits.device)[:, None]
+    c = torch.tensor(END_IDS, device=logits.device)[None, :]
+    before = logits[r, c]
+    logits[r, c] = value if isinstance(value, torch.Tensor) else torch.full_like(before, value)
     return before
 
 
