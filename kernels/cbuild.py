@@ -47,12 +47,19 @@ static void glm_fan_out(void *(*run)(void *), void *jobs, size_t size, int threa
 }
 """
 
-# C the softmax kernels share (prepend to a source): bf16 loads and an exponential for x <= 0.
+# C the kernels share (prepend to a source): bf16 loads, the bf16 rounding of an fp32 result,
+# and an exponential for x <= 0.
 SCALAR_MATH = r"""
 #include <stdint.h>
 #include <string.h>
 static inline float bf16_at(const uint16_t *p, int64_t i) {
     uint32_t u = ((uint32_t)p[i]) << 16; float f; memcpy(&f, &u, 4); return f;
+}
+
+static inline uint16_t to_bf16(float f) {          /* round to nearest even, as torch does */
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);   /* NaN stays NaN */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
 /* exp(x) for x <= 0 (a score minus the row's maximum), within 2 ulp of expf: x = n ln2 + r,

@@ -35,7 +35,7 @@ WIN = 0.9                    # the kernel is taken where its median time is belo
 ROUNDS = 7                   # alternating timed calls of each, after two untimed ones
 THREAD_WORK = 2_000_000      # weight elements per thread below which a call runs on fewer threads
 
-SOURCE = cbuild.FAN_OUT + r"""
+SOURCE = cbuild.FAN_OUT + cbuild.SCALAR_MATH + r"""
 #include <stdint.h>
 #ifdef __AVX512BF16__
 #include <immintrin.h>
@@ -51,12 +51,6 @@ int glm_gemv_ok(void) {
 
 #ifdef __AVX512BF16__
 typedef struct { const uint16_t *x; const uint16_t *w; uint16_t *y; int64_t begin, end, n; int k, m; } job_t;
-
-static inline uint16_t to_bf16(float f) {          /* round to nearest even, as torch does */
-    union { float f; uint32_t u; } v = {f};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);   /* NaN stays NaN */
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
 
 static void *run(void *arg) {
     const job_t *j = (const job_t *)arg;

@@ -46,7 +46,7 @@ ROUNDS = 7                   # alternating timed calls of each, after two untime
 THREAD_WORK = 4_000_000      # weight elements per thread below which a call runs on fewer threads
 BLOCK = 64                   # columns one step of the kernel reads (32 bytes of a row)
 
-SOURCE = cbuild.FAN_OUT + r"""
+SOURCE = cbuild.FAN_OUT + cbuild.SCALAR_MATH + r"""
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX512BF16__
@@ -73,12 +73,6 @@ typedef struct {
     int64_t begin, end, n;
     int k, m, group;
 } job_t;
-
-static inline uint16_t to_bf16(float f) {          /* round to nearest even, as torch does */
-    union { float f; uint32_t u; } v = {f};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);   /* NaN stays NaN */
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
 
 /* Rows [r0, r0 + R) of w against x rows [x0, x0 + M): y = the sum over groups of
    scale * (dot - bias). R and M are constants at each call, so the accumulators stay in
@@ -158,9 +152,7 @@ int glm_int4_gemv(const uint16_t *x, const uint8_t *w, const uint16_t *scale, ui
         for (int i = 0; i < half; i++) { xe[i] = xr[2 * i]; xo[i] = xr[2 * i + 1]; }
         for (int g = 0; g < groups; g++) {
             float s = 0.0f;
-            for (int i = g * group; i < (g + 1) * group; i++) {
-                uint32_t u = ((uint32_t)xr[i]) << 16; float f; memcpy(&f, &u, 4); s += f;
-            }
+            for (int i = g * group; i < (g + 1) * group; i++) s += bf16_at(xr, i);
             bias[r * groups + g] = 136.0f * s;
         }
     }
@@ -188,7 +180,7 @@ kernel = cbuild.Kernel("int4_gemv", SOURCE, "INT4 GEMV kernel", "glm_int4_gemv",
 
 
 def supports(qw) -> bool:
-    """``matmul_t(x, prepared(qw))`` can run here: an INT4 CPU weight whose columns (and groups)
+    """``matmul_t(x, qw, scales(qw))`` can run here: an INT4 CPU weight whose columns (and groups)
     are multiples of ``BLOCK``."""
     group = qw.in_features if qw.group_size is None else qw.group_size
     return (ENABLED and qw.bits == 4 and qw.values.device.type == "cpu" and qw.values.is_contiguous()
